@@ -1,0 +1,185 @@
+//! The command line: argument definitions and the dispatch from a parsed command
+//! to the library, mapped to the exit codes of DESIGN.md.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Overrides};
+use crate::logging::LogFormat;
+use crate::reconcile::{report, PassOutcome, Reconciler};
+use crate::store::Store;
+
+/// Exit code: the pass failed or was partial.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: bad command line (clap's own).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: bad config (EX_CONFIG from sysexits.h).
+pub const EXIT_CONFIG: u8 = 78;
+
+#[derive(Debug, Parser)]
+#[command(name = "sessiond", version, about = "Reconciles live controller sessions with their PostgreSQL rows")]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "SESSIOND_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: a pass every interval until SIGTERM.
+    Run(ConfigArg),
+    /// Run exactly one pass and print what it found and did.
+    Once {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Find and report, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Override the mass-repair guard for this pass.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create or upgrade the reference schema (idempotent).
+    Migrate(ConfigArg),
+    /// Validate the config and print it, secrets redacted.
+    CheckConfig(ConfigArg),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// The config file (TOML).
+    #[arg(long, short = 'c', env = "SESSIOND_CONFIG")]
+    pub config: PathBuf,
+}
+
+/// Loads the config or prints why not.
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path, &Overrides::from_env()).map_err(|e| {
+        eprintln!("sessiond: bad config: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// Runs a parsed command to completion.
+pub async fn dispatch(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::CheckConfig(c) => match load(&c.config) {
+            Ok(cfg) => {
+                print!("{}", cfg.to_redacted_toml());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Migrate(c) => {
+            let cfg = match load(&c.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match migrate(&cfg).await {
+                Ok(applied) if applied.is_empty() => {
+                    println!("schema is up to date (version {})", crate::store::SCHEMA_VERSION);
+                    ExitCode::SUCCESS
+                }
+                Ok(applied) => {
+                    println!("applied migrations {applied:?}; schema is at version {}", crate::store::SCHEMA_VERSION);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sessiond: migrate failed: {e}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+        }
+        Command::Once { config, dry_run, json, force } => {
+            let cfg = match load(&config.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let mut reconciler = match Reconciler::new(Arc::new(cfg)) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("sessiond: {e}");
+                    return ExitCode::from(EXIT_FAILED);
+                }
+            };
+            let rep = reconciler.pass(dry_run, force, false).await;
+            if json {
+                println!("{}", report::to_json(&rep));
+            } else {
+                print!("{}", report::to_table(&rep));
+            }
+            if rep.outcome == PassOutcome::Ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            }
+        }
+        Command::Run(c) => {
+            let cfg = match load(&c.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            run_daemon(c.config, cfg).await
+        }
+    }
+}
+
+async fn migrate(cfg: &Config) -> Result<Vec<i32>, crate::store::StoreError> {
+    let mut store = Store::connect(&cfg.database).await?;
+    store.migrate().await
+}
+
+async fn run_daemon(path: PathBuf, cfg: Config) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    if let Err(e) = spawn_signal_handlers(shutdown.clone(), reload_tx) {
+        eprintln!("sessiond: cannot install signal handlers: {e}");
+        return ExitCode::from(EXIT_FAILED);
+    }
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %path.display(),
+        mode = ?cfg.daemon.mode,
+        interval = %humantime::format_duration(cfg.daemon.interval),
+        controllers = cfg.controllers.len(),
+        database = %cfg.database.url,
+        "sessiond starting"
+    );
+    let reconciler = match Reconciler::new(Arc::new(cfg)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sessiond: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let source = crate::daemon::ReloadSource { path, overrides: Overrides::from_env() };
+    crate::daemon::run(reconciler, shutdown, reload_rx, source, &mut ()).await;
+    ExitCode::SUCCESS
+}
+
+/// SIGTERM and SIGINT cancel `shutdown`; SIGHUP sends a reload request.
+fn spawn_signal_handlers(shutdown: CancellationToken, reload: tokio::sync::mpsc::Sender<()>) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: finishing the current pass, then exiting"); shutdown.cancel(); }
+                _ = int.recv() => { tracing::info!("SIGINT: finishing the current pass, then exiting"); shutdown.cancel(); }
+                _ = hup.recv() => { let _ = reload.try_send(()); }
+            }
+        }
+    });
+    Ok(())
+}

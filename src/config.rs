@@ -1,0 +1,619 @@
+//! Configuration in two phases: [`RawConfig`] is the TOML file exactly as written
+//! (unknown keys rejected, no I/O), and [`Config`] is the validated result with
+//! parsed durations, URLs, patterns and secrets read from their files.
+//!
+//! Every error names the file, the key and what is wrong with it, because an
+//! operator reading a failed `systemctl start` has nothing else to go on.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+/// A configuration error: the file, the key (dotted path, may be empty) and the problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {}{problem}", file.display(), key.as_deref().map(|k| format!("{k}: ")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: Option<String>,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn at(file: &Path, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError { file: file.to_owned(), key: Some(key.into()), problem: problem.into() }
+    }
+}
+
+/// A secret that never shows up in `Debug`, `Display` or serialized output.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Phase one: the file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub daemon: RawDaemon,
+    pub database: Option<RawDatabase>,
+    #[serde(default)]
+    pub controller: Vec<RawController>,
+    #[serde(default)]
+    pub reconcile: RawReconcile,
+    #[serde(default)]
+    pub sessions: RawSessions,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDaemon {
+    pub interval: Option<String>,
+    pub mode: Option<String>,
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    pub url: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub statement_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawController {
+    pub name: Option<String>,
+    pub url: Option<String>,
+    pub stop_url: Option<String>,
+    pub timeout: Option<String>,
+    pub max_body_bytes: Option<u64>,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReconcile {
+    pub grace: Option<String>,
+    pub confirmations: Option<i64>,
+    pub creating_timeout: Option<String>,
+    pub instance_dead_after: Option<String>,
+    pub max_repairs_per_pass: Option<i64>,
+    pub max_orphan_fraction: Option<f64>,
+    pub guard_min_orphans: Option<i64>,
+    #[serde(default)]
+    pub policy: RawPolicy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub orphaned: Option<String>,
+    pub zombie: Option<String>,
+    pub unpersisted: Option<String>,
+    pub duplicate: Option<String>,
+    pub stuck_creating: Option<String>,
+    pub drift: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSessions {
+    pub id_pattern: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Phase two: the validated config.
+
+/// `repair` changes things; `observe` only finds and exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Repair,
+    Observe,
+}
+
+/// What to do with a finding of one kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    Repair,
+    Report,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Config {
+    /// The file this config came from, for error messages and reloads.
+    pub source: PathBuf,
+    pub daemon: DaemonConfig,
+    pub database: DatabaseConfig,
+    pub controllers: Vec<ControllerConfig>,
+    pub reconcile: ReconcileConfig,
+    pub sessions: SessionsConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DaemonConfig {
+    #[serde(with = "humantime_serde_compat")]
+    pub interval: Duration,
+    pub mode: Mode,
+    pub listen: std::net::SocketAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DatabaseConfig {
+    /// The URL with any password removed; the password lives in `password`.
+    pub url: String,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde_compat")]
+    pub statement_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ControllerConfig {
+    pub name: String,
+    pub url: String,
+    pub stop_url: Option<String>,
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    pub max_body_bytes: u64,
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReconcileConfig {
+    #[serde(with = "humantime_serde_compat")]
+    pub grace: Duration,
+    pub confirmations: u32,
+    #[serde(with = "humantime_serde_compat")]
+    pub creating_timeout: Duration,
+    #[serde(with = "humantime_serde_compat::option")]
+    pub instance_dead_after: Option<Duration>,
+    pub max_repairs_per_pass: usize,
+    pub max_orphan_fraction: f64,
+    pub guard_min_orphans: usize,
+    pub policy: PolicyConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PolicyConfig {
+    pub orphaned: Policy,
+    pub zombie: Policy,
+    pub unpersisted: Policy,
+    pub duplicate: Policy,
+    pub stuck_creating: Policy,
+    pub drift: Policy,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            orphaned: Policy::Repair,
+            zombie: Policy::Repair,
+            unpersisted: Policy::Repair,
+            duplicate: Policy::Repair,
+            stuck_creating: Policy::Repair,
+            drift: Policy::Repair,
+        }
+    }
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        ReconcileConfig {
+            grace: Duration::from_secs(30),
+            confirmations: 2,
+            creating_timeout: Duration::from_secs(120),
+            instance_dead_after: None,
+            max_repairs_per_pass: 1000,
+            max_orphan_fraction: 0.5,
+            guard_min_orphans: 5,
+            policy: PolicyConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionsConfig {
+    #[serde(serialize_with = "serialize_regex")]
+    pub id_pattern: Regex,
+}
+
+impl PartialEq for SessionsConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.id_pattern.as_str() == other.id_pattern.as_str()
+    }
+}
+
+fn serialize_regex<S: serde::Serializer>(re: &Regex, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(re.as_str())
+}
+
+/// The default id pattern: the `exec_YYYYMMDD_HHMMSS_xxxxxxxx` ids of the incident
+/// write-ups, or a canonical lowercase UUID.
+pub const DEFAULT_ID_PATTERN: &str =
+    r"^(exec_[0-9]{8}_[0-9]{6}_[0-9a-f]{8}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$";
+
+/// Environment overrides, passed in rather than read here so loading stays testable.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `DATABASE_URL`, which replaces `database.url`.
+    pub database_url: Option<String>,
+}
+
+impl Overrides {
+    pub fn from_env() -> Overrides {
+        Overrides { database_url: std::env::var("DATABASE_URL").ok().filter(|v| !v.is_empty()) }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: None,
+            problem: format!("cannot read the config file: {e}"),
+        })?;
+        Config::from_toml(path, &text, overrides)
+    }
+
+    /// Parses and validates `text`; `path` is used for messages and to resolve
+    /// nothing else (secret files are read from their own absolute or relative paths).
+    pub fn from_toml(path: &Path, text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: None,
+            problem: format!("invalid TOML: {}", e.to_string().trim_end()),
+        })?;
+        validate(path, raw, overrides)
+    }
+
+    /// The effective config as TOML, with secrets redacted, for `check-config`.
+    pub fn to_redacted_toml(&self) -> String {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            daemon: &'a DaemonConfig,
+            database: &'a DatabaseConfig,
+            controller: &'a [ControllerConfig],
+            reconcile: &'a ReconcileConfig,
+            sessions: &'a SessionsConfig,
+        }
+        let out = Out {
+            daemon: &self.daemon,
+            database: &self.database,
+            controller: &self.controllers,
+            reconcile: &self.reconcile,
+            sessions: &self.sessions,
+        };
+        toml::to_string_pretty(&out).unwrap_or_else(|e| format!("# cannot render the config: {e}\n"))
+    }
+}
+
+fn duration(file: &Path, key: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(v).map_err(|e| {
+            ConfigError::at(file, key, format!("{v:?} is not a duration ({e}); write it like \"15s\" or \"2m\""))
+        }),
+    }
+}
+
+fn positive(file: &Path, key: &str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        Err(ConfigError::at(file, key, "must be greater than zero"))
+    } else {
+        Ok(d)
+    }
+}
+
+fn policy(file: &Path, key: &str, value: Option<&str>) -> Result<Policy, ConfigError> {
+    match value {
+        None | Some("repair") => Ok(Policy::Repair),
+        Some("report") => Ok(Policy::Report),
+        Some(other) => {
+            Err(ConfigError::at(file, key, format!("{other:?} is not a policy; use \"repair\" or \"report\"")))
+        }
+    }
+}
+
+fn read_secret(file: &Path, key: &str, secret_path: &Path) -> Result<Secret, ConfigError> {
+    let resolved = resolve_credential(secret_path);
+    let text = std::fs::read_to_string(&resolved)
+        .map_err(|e| ConfigError::at(file, key, format!("cannot read {}: {e}", resolved.display())))?;
+    let value = text.trim_end_matches(['\n', '\r']).to_owned();
+    if value.is_empty() {
+        return Err(ConfigError::at(file, key, format!("{} is empty", resolved.display())));
+    }
+    Ok(Secret(value))
+}
+
+/// A relative secret path is looked up in `$CREDENTIALS_DIRECTORY` when systemd
+/// provides one, so a unit can say `token_file = "ctrl-token"` with `LoadCredential=`.
+fn resolve_credential(path: &Path) -> PathBuf {
+    if path.is_relative() {
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let candidate = Path::new(&dir).join(path);
+            if candidate.exists() {
+                return candidate;
+            }
+        }
+    }
+    path.to_owned()
+}
+
+fn http_url(file: &Path, key: &str, value: &str) -> Result<reqwest::Url, ConfigError> {
+    let url =
+        reqwest::Url::parse(value).map_err(|e| ConfigError::at(file, key, format!("{value:?} is not a URL: {e}")))?;
+    match url.scheme() {
+        "http" => Ok(url),
+        "https" => Err(ConfigError::at(
+            file,
+            key,
+            "https controller URLs are not supported by this build; put the controller's internal endpoint on http behind loopback or a private network",
+        )),
+        other => Err(ConfigError::at(file, key, format!("scheme {other:?} is not supported; use http"))),
+    }
+}
+
+/// Splits a password out of a PostgreSQL URL so the URL itself can be logged.
+fn split_database_url(file: &Path, key: &str, value: &str) -> Result<(String, Option<Secret>), ConfigError> {
+    let mut url = reqwest::Url::parse(value)
+        .map_err(|_| ConfigError::at(file, key, "is not a URL; write it like postgres://user@host:5432/dbname"))?;
+    if url.scheme() != "postgres" && url.scheme() != "postgresql" {
+        return Err(ConfigError::at(file, key, format!("scheme {:?} is not supported; use postgres://", url.scheme())));
+    }
+    if url.path().trim_start_matches('/').is_empty() {
+        return Err(ConfigError::at(file, key, "names no database; add /dbname to the URL"));
+    }
+    let password = url.password().map(|p| Secret(percent_decode(p)));
+    if password.is_some() {
+        // Setting an empty password cannot fail on a URL that has a host.
+        let _ = url.set_password(None);
+    }
+    Ok((url.to_string(), password))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let daemon = DaemonConfig {
+        interval: positive(
+            file,
+            "daemon.interval",
+            duration(file, "daemon.interval", raw.daemon.interval.as_deref(), Duration::from_secs(15))?,
+        )?,
+        mode: match raw.daemon.mode.as_deref() {
+            None | Some("repair") => Mode::Repair,
+            Some("observe") => Mode::Observe,
+            Some(other) => {
+                return Err(ConfigError::at(
+                    file,
+                    "daemon.mode",
+                    format!("{other:?} is not a mode; use \"repair\" or \"observe\""),
+                ))
+            }
+        },
+        listen: {
+            let v = raw.daemon.listen.as_deref().unwrap_or("127.0.0.1:9817");
+            v.parse().map_err(|_| {
+                ConfigError::at(file, "daemon.listen", format!("{v:?} is not an address like 127.0.0.1:9817"))
+            })?
+        },
+    };
+
+    let raw_db =
+        raw.database.ok_or_else(|| ConfigError::at(file, "database", "is missing; add a [database] table with url"))?;
+    let url_text = match (&overrides.database_url, &raw_db.url) {
+        (Some(env), _) => env.clone(),
+        (None, Some(url)) => url.clone(),
+        (None, None) => return Err(ConfigError::at(file, "database.url", "is missing (and DATABASE_URL is not set)")),
+    };
+    let url_key = if overrides.database_url.is_some() { "DATABASE_URL" } else { "database.url" };
+    let (url, url_password) = split_database_url(file, url_key, &url_text)?;
+    let password = match &raw_db.password_file {
+        Some(p) => Some(read_secret(file, "database.password_file", p)?),
+        None => url_password,
+    };
+    let database = DatabaseConfig {
+        url,
+        password,
+        password_file: raw_db.password_file,
+        statement_timeout: positive(
+            file,
+            "database.statement_timeout",
+            duration(file, "database.statement_timeout", raw_db.statement_timeout.as_deref(), Duration::from_secs(10))?,
+        )?,
+    };
+
+    if raw.controller.is_empty() {
+        return Err(ConfigError::at(file, "controller", "no [[controller]] is configured; add at least one"));
+    }
+    let mut controllers: Vec<ControllerConfig> = Vec::with_capacity(raw.controller.len());
+    for (i, c) in raw.controller.into_iter().enumerate() {
+        let k = |field: &str| format!("controller[{i}].{field}");
+        let name =
+            c.name.filter(|n| !n.trim().is_empty()).ok_or_else(|| ConfigError::at(file, k("name"), "is missing"))?;
+        if controllers.iter().any(|other| other.name == name) {
+            return Err(ConfigError::at(file, k("name"), format!("{name:?} is used by two controllers")));
+        }
+        let url = c.url.ok_or_else(|| ConfigError::at(file, k("url"), "is missing"))?;
+        http_url(file, &k("url"), &url)?;
+        if let Some(stop) = &c.stop_url {
+            if !stop.contains("{session_id}") {
+                return Err(ConfigError::at(file, k("stop_url"), "must contain {session_id}"));
+            }
+            http_url(file, &k("stop_url"), &stop.replace("{session_id}", "x"))?;
+        }
+        let timeout = positive(
+            file,
+            &k("timeout"),
+            duration(file, &k("timeout"), c.timeout.as_deref(), Duration::from_secs(5))?,
+        )?;
+        let max_body_bytes = c.max_body_bytes.unwrap_or(64 * 1024 * 1024);
+        if max_body_bytes == 0 {
+            return Err(ConfigError::at(file, k("max_body_bytes"), "must be greater than zero"));
+        }
+        let token = match &c.token_file {
+            Some(p) => Some(read_secret(file, &k("token_file"), p)?),
+            None => None,
+        };
+        controllers.push(ControllerConfig {
+            name,
+            url,
+            stop_url: c.stop_url,
+            timeout,
+            max_body_bytes,
+            token,
+            token_file: c.token_file,
+        });
+    }
+
+    let r = raw.reconcile;
+    let defaults = ReconcileConfig::default();
+    let instance_dead_after = match r.instance_dead_after.as_deref() {
+        None | Some("off") => None,
+        Some(v) => Some(positive(
+            file,
+            "reconcile.instance_dead_after",
+            duration(file, "reconcile.instance_dead_after", Some(v), Duration::ZERO)?,
+        )?),
+    };
+    let confirmations = match r.confirmations {
+        None => defaults.confirmations,
+        Some(n) if (1..=100).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(ConfigError::at(file, "reconcile.confirmations", format!("{n} is out of range; use 1 to 100")))
+        }
+    };
+    let max_repairs_per_pass = match r.max_repairs_per_pass {
+        None => defaults.max_repairs_per_pass,
+        Some(n) if n >= 1 => n as usize,
+        Some(n) => {
+            return Err(ConfigError::at(file, "reconcile.max_repairs_per_pass", format!("{n} must be at least 1")))
+        }
+    };
+    let max_orphan_fraction = match r.max_orphan_fraction {
+        None => defaults.max_orphan_fraction,
+        Some(f) if f > 0.0 && f <= 1.0 => f,
+        Some(f) => {
+            return Err(ConfigError::at(
+                file,
+                "reconcile.max_orphan_fraction",
+                format!("{f} is out of range; use a fraction greater than 0 and at most 1"),
+            ))
+        }
+    };
+    let guard_min_orphans = match r.guard_min_orphans {
+        None => defaults.guard_min_orphans,
+        Some(n) if n >= 0 => n as usize,
+        Some(n) => {
+            return Err(ConfigError::at(file, "reconcile.guard_min_orphans", format!("{n} must not be negative")))
+        }
+    };
+    let p = r.policy;
+    let reconcile = ReconcileConfig {
+        grace: duration(file, "reconcile.grace", r.grace.as_deref(), defaults.grace)?,
+        confirmations,
+        creating_timeout: positive(
+            file,
+            "reconcile.creating_timeout",
+            duration(file, "reconcile.creating_timeout", r.creating_timeout.as_deref(), defaults.creating_timeout)?,
+        )?,
+        instance_dead_after,
+        max_repairs_per_pass,
+        max_orphan_fraction,
+        guard_min_orphans,
+        policy: PolicyConfig {
+            orphaned: policy(file, "reconcile.policy.orphaned", p.orphaned.as_deref())?,
+            zombie: policy(file, "reconcile.policy.zombie", p.zombie.as_deref())?,
+            unpersisted: policy(file, "reconcile.policy.unpersisted", p.unpersisted.as_deref())?,
+            duplicate: policy(file, "reconcile.policy.duplicate", p.duplicate.as_deref())?,
+            stuck_creating: policy(file, "reconcile.policy.stuck_creating", p.stuck_creating.as_deref())?,
+            drift: policy(file, "reconcile.policy.drift", p.drift.as_deref())?,
+        },
+    };
+
+    let pattern_text = raw.sessions.id_pattern.unwrap_or_else(|| DEFAULT_ID_PATTERN.to_owned());
+    if !pattern_text.starts_with('^') || !pattern_text.ends_with('$') {
+        return Err(ConfigError::at(
+            file,
+            "sessions.id_pattern",
+            "must be anchored with ^ and $, or ids with anything around a match would pass",
+        ));
+    }
+    let id_pattern = Regex::new(&pattern_text)
+        .map_err(|e| ConfigError::at(file, "sessions.id_pattern", format!("is not a valid regular expression: {e}")))?;
+
+    Ok(Config {
+        source: file.to_owned(),
+        daemon,
+        database,
+        controllers,
+        reconcile,
+        sessions: SessionsConfig { id_pattern },
+    })
+}
+
+/// Serializes durations the way they are written in the file ("15s").
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub mod option {
+        use std::time::Duration;
+
+        pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+                None => s.serialize_str("off"),
+            }
+        }
+    }
+}

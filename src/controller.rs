@@ -1,0 +1,297 @@
+//! The controller client: the only code that knows the controller's JSON.
+//!
+//! A pass fetches every instance concurrently. Any failure — a refused
+//! connection, a non-200 answer, a timeout, a body over `max_body_bytes` (checked
+//! while streaming, so an endless body costs at most that much memory), invalid
+//! JSON, a document with no `sessions` array — makes that instance unreachable for
+//! the pass. It is never taken to mean "the controller has no sessions", because
+//! that reading would turn every row of the instance into an orphan.
+//!
+//! One bad entry in an otherwise good list is a finding about that entry only.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use regex::Regex;
+use serde::Deserialize;
+
+use crate::config::ControllerConfig;
+use crate::model::{
+    AppCounters, ControllerList, InstanceSnapshot, InvalidEntry, InvalidEntryKind, LiveSession, LiveState, SessionId,
+};
+
+/// Why an instance could not be read, or a stop request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("GET {url}: {source}")]
+    Request { url: String, source: reqwest::Error },
+    #[error("GET {url}: timed out after {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("GET {url}: answered HTTP {status}, expected 200")]
+    Status { url: String, status: u16 },
+    #[error("GET {url}: body is larger than max_body_bytes ({limit} bytes)")]
+    TooLarge { url: String, limit: u64 },
+    #[error("GET {url}: body is not a session list: {problem}")]
+    Invalid { url: String, problem: String },
+    #[error("GET {url}: document names instance {found:?}, configured as {expected:?}")]
+    WrongInstance { url: String, expected: String, found: String },
+    #[error("POST {url}: {problem}")]
+    Stop { url: String, problem: String },
+}
+
+/// A client for all configured controller instances.
+#[derive(Clone)]
+pub struct ControllerClient {
+    http: reqwest::Client,
+}
+
+impl ControllerClient {
+    pub fn new() -> Result<ControllerClient, ControllerError> {
+        let http = reqwest::Client::builder()
+            // A redirect could send the bearer token, or our trust, somewhere else.
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .user_agent(concat!("sessiond/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|source| ControllerError::Request { url: String::new(), source })?;
+        Ok(ControllerClient { http })
+    }
+
+    /// Fetches every instance concurrently. The result has one snapshot per
+    /// configured instance, in configuration order.
+    pub async fn fetch_all(&self, controllers: &[ControllerConfig], id_pattern: &Regex) -> Vec<InstanceSnapshot> {
+        let fetches = controllers.iter().map(|c| async move {
+            let fetched_at = Utc::now();
+            let result = self.fetch(c, id_pattern).await.map_err(|e| {
+                tracing::warn!(controller = %c.name, error = %e, "controller unreachable for this pass");
+                e.to_string()
+            });
+            InstanceSnapshot { name: c.name.clone(), fetched_at, result }
+        });
+        futures_util::future::join_all(fetches).await
+    }
+
+    /// Fetches one instance's list.
+    pub async fn fetch(&self, c: &ControllerConfig, id_pattern: &Regex) -> Result<ControllerList, ControllerError> {
+        let url = c.url.clone();
+        let work = async {
+            let mut req = self.http.get(&c.url).header("accept", "application/json");
+            if let Some(token) = &c.token {
+                req = req.bearer_auth(token.expose());
+            }
+            let mut resp = req.send().await.map_err(|source| ControllerError::Request { url: url.clone(), source })?;
+            if resp.status().as_u16() != 200 {
+                return Err(ControllerError::Status { url: url.clone(), status: resp.status().as_u16() });
+            }
+            if resp.content_length().is_some_and(|len| len > c.max_body_bytes) {
+                return Err(ControllerError::TooLarge { url: url.clone(), limit: c.max_body_bytes });
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) =
+                resp.chunk().await.map_err(|source| ControllerError::Request { url: url.clone(), source })?
+            {
+                if body.len() as u64 + chunk.len() as u64 > c.max_body_bytes {
+                    return Err(ControllerError::TooLarge { url: url.clone(), limit: c.max_body_bytes });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(body)
+        };
+        let body = tokio::time::timeout(c.timeout, work)
+            .await
+            .map_err(|_| ControllerError::Timeout { url: url.clone(), timeout: c.timeout })??;
+        parse_list(&body, &c.name, id_pattern).map_err(|problem| match problem {
+            ParseProblem::Invalid(problem) => ControllerError::Invalid { url, problem },
+            ParseProblem::WrongInstance(found) => {
+                ControllerError::WrongInstance { url, expected: c.name.clone(), found }
+            }
+        })
+    }
+
+    /// Asks the controller to stop one session. 2xx or 404 means it is gone.
+    pub async fn stop(&self, c: &ControllerConfig, id: &SessionId) -> Result<u16, ControllerError> {
+        let Some(template) = &c.stop_url else {
+            return Err(ControllerError::Stop { url: String::new(), problem: "no stop_url is configured".into() });
+        };
+        // Ids matched the configured pattern; escaping keeps a permissive pattern
+        // from turning an id into a different path.
+        let url = template.replace("{session_id}", &path_escape(id.as_str()));
+        let mut req = self.http.post(&url).header("content-length", "0");
+        if let Some(token) = &c.token {
+            req = req.bearer_auth(token.expose());
+        }
+        let resp = tokio::time::timeout(c.timeout, req.send())
+            .await
+            .map_err(|_| ControllerError::Stop {
+                url: url.clone(),
+                problem: format!("timed out after {:?}", c.timeout),
+            })?
+            .map_err(|e| ControllerError::Stop { url: url.clone(), problem: e.to_string() })?;
+        let status = resp.status().as_u16();
+        if resp.status().is_success() || status == 404 {
+            Ok(status)
+        } else {
+            Err(ControllerError::Stop { url, problem: format!("answered HTTP {status}") })
+        }
+    }
+}
+
+fn path_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// The wire format. Kept private: nothing outside this module sees it.
+
+#[derive(Deserialize)]
+struct WireList {
+    instance: Option<String>,
+    boot_id: Option<String>,
+    #[allow(dead_code)]
+    generated_at: Option<serde_json::Value>,
+    sessions: Option<Vec<serde_json::Value>>,
+    counters: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct WireSession {
+    session_id: Option<serde_json::Value>,
+    owner_id: Option<serde_json::Value>,
+    state: Option<serde_json::Value>,
+    started_at: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct WireCounters {
+    sessions_created: Option<u64>,
+    sessions_reused: Option<u64>,
+    #[serde(default)]
+    lookups: WireLookups,
+    #[serde(default)]
+    cleanups: WireCleanups,
+}
+
+#[derive(Deserialize, Default)]
+struct WireLookups {
+    found: Option<u64>,
+    invalid_format: Option<u64>,
+    never_existed: Option<u64>,
+    deleted: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct WireCleanups {
+    succeeded: Option<u64>,
+    failed: Option<u64>,
+}
+
+enum ParseProblem {
+    Invalid(String),
+    WrongInstance(String),
+}
+
+/// Converts a controller document into domain types. Public for the fuzz-style
+/// tests; the daemon only calls it through [`ControllerClient::fetch`].
+pub fn parse_list_for_test(body: &[u8], instance: &str, id_pattern: &Regex) -> Result<ControllerList, String> {
+    parse_list(body, instance, id_pattern).map_err(|p| match p {
+        ParseProblem::Invalid(s) => s,
+        ParseProblem::WrongInstance(found) => format!("wrong instance {found:?}"),
+    })
+}
+
+fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Result<ControllerList, ParseProblem> {
+    let wire: WireList =
+        serde_json::from_slice(body).map_err(|e| ParseProblem::Invalid(format!("invalid JSON: {e}")))?;
+    let sessions =
+        wire.sessions.ok_or_else(|| ParseProblem::Invalid("the document has no \"sessions\" array".into()))?;
+    let boot_id = wire
+        .boot_id
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| ParseProblem::Invalid("the document has no \"boot_id\"".into()))?;
+    if let Some(found) = wire.instance {
+        if found != instance {
+            return Err(ParseProblem::WrongInstance(found));
+        }
+    }
+    let counters = match wire.counters {
+        None | Some(serde_json::Value::Null) => None,
+        // Counters are optional extras: a malformed block is dropped, not fatal.
+        Some(v) => serde_json::from_value::<WireCounters>(v).ok().map(|c| AppCounters {
+            sessions_created: c.sessions_created.unwrap_or(0),
+            sessions_reused: c.sessions_reused.unwrap_or(0),
+            lookups_found: c.lookups.found.unwrap_or(0),
+            lookups_invalid_format: c.lookups.invalid_format.unwrap_or(0),
+            lookups_never_existed: c.lookups.never_existed.unwrap_or(0),
+            lookups_deleted: c.lookups.deleted.unwrap_or(0),
+            cleanups_succeeded: c.cleanups.succeeded.unwrap_or(0),
+            cleanups_failed: c.cleanups.failed.unwrap_or(0),
+        }),
+    };
+
+    let mut list =
+        ControllerList { boot_id, sessions: Vec::with_capacity(sessions.len()), invalid: Vec::new(), counters };
+    for value in sessions {
+        match convert_session(value, id_pattern) {
+            Ok(s) => list.sessions.push(s),
+            Err(e) => list.invalid.push(e),
+        }
+    }
+    Ok(list)
+}
+
+fn convert_session(value: serde_json::Value, id_pattern: &Regex) -> Result<LiveSession, InvalidEntry> {
+    let wire: WireSession = serde_json::from_value(value).map_err(|e| InvalidEntry {
+        raw_id: None,
+        kind: InvalidEntryKind::InvalidId,
+        problem: format!("entry is not an object: {e}"),
+    })?;
+    let raw_id = match wire.session_id {
+        Some(serde_json::Value::String(s)) => s,
+        _ => {
+            return Err(InvalidEntry {
+                raw_id: None,
+                kind: InvalidEntryKind::InvalidId,
+                problem: "entry has no string session_id".into(),
+            })
+        }
+    };
+    let Some(id) = SessionId::parse(&raw_id, id_pattern) else {
+        return Err(InvalidEntry {
+            raw_id: Some(raw_id),
+            kind: InvalidEntryKind::InvalidId,
+            problem: "session_id does not match sessions.id_pattern".into(),
+        });
+    };
+    let bad =
+        |problem: String| InvalidEntry { raw_id: Some(raw_id.clone()), kind: InvalidEntryKind::InvalidEntry, problem };
+    let owner_id = match wire.owner_id {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => s,
+        _ => return Err(bad("entry has no owner_id".into())),
+    };
+    let state = match wire.state {
+        Some(serde_json::Value::String(s)) => {
+            LiveState::parse(&s).ok_or_else(|| bad(format!("unknown state {s:?}")))?
+        }
+        _ => return Err(bad("entry has no state".into())),
+    };
+    let started_at = match wire.started_at {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(
+            DateTime::parse_from_rfc3339(&s)
+                .map_err(|_| bad(format!("started_at {s:?} is not an RFC 3339 time")))?
+                .with_timezone(&Utc),
+        ),
+        Some(_) => return Err(bad("started_at is not a string".into())),
+    };
+    Ok(LiveSession { id, owner_id, state, started_at })
+}

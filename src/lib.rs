@@ -1,0 +1,18 @@
+//! sessiond reconciles the sessions a controller holds in memory with the rows
+//! that describe them in PostgreSQL, repairs the differences safely, and exports
+//! the health of the session lifecycle to Prometheus.
+//!
+//! See `ARCHITECTURE.md` for the code map and the invariants.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod controller;
+pub mod daemon;
+pub mod logging;
+pub mod model;
+pub mod pgcluster;
+pub mod reconcile;
+pub mod simctl;
+pub mod store;

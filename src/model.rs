@@ -1,0 +1,222 @@
+//! Domain types shared by every part of a pass: session states on both sides,
+//! validated session ids, and the snapshots the classifier compares.
+//!
+//! Wire formats (the controller's JSON, PostgreSQL rows) are converted into these
+//! types at their boundary, so the classifier never sees an unvalidated value.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use regex::Regex;
+use serde::Serialize;
+
+/// A session id that matched `sessions.id_pattern`. Only these ever reach a query.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct SessionId(String);
+
+impl SessionId {
+    /// Validates `raw` against the configured pattern.
+    pub fn parse(raw: &str, pattern: &Regex) -> Option<SessionId> {
+        if pattern.is_match(raw) {
+            Some(SessionId(raw.to_owned()))
+        } else {
+            None
+        }
+    }
+
+    /// Wraps an id read back from the database, which is trusted to be the key of a
+    /// row that exists; it never goes back into a query except as that row's key.
+    pub fn from_row(raw: String) -> SessionId {
+        SessionId(raw)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The state column of a `sessions` row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum RowState {
+    Creating,
+    Active,
+    Paused,
+    Stopped,
+    Failed,
+    Deleted,
+}
+
+impl RowState {
+    pub const ALL: [RowState; 6] = [
+        RowState::Creating,
+        RowState::Active,
+        RowState::Paused,
+        RowState::Stopped,
+        RowState::Failed,
+        RowState::Deleted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowState::Creating => "creating",
+            RowState::Active => "active",
+            RowState::Paused => "paused",
+            RowState::Stopped => "stopped",
+            RowState::Failed => "failed",
+            RowState::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RowState> {
+        RowState::ALL.into_iter().find(|state| state.as_str() == s)
+    }
+
+    /// Live rows are the ones the partial unique index limits to one per owner.
+    pub fn is_live(self) -> bool {
+        matches!(self, RowState::Creating | RowState::Active | RowState::Paused)
+    }
+}
+
+impl fmt::Display for RowState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The state a controller reports for a live session. `running` is the
+/// controller's synonym for `active`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LiveState {
+    Creating,
+    Active,
+    Paused,
+}
+
+impl LiveState {
+    pub fn parse(s: &str) -> Option<LiveState> {
+        match s {
+            "creating" => Some(LiveState::Creating),
+            "active" | "running" => Some(LiveState::Active),
+            "paused" => Some(LiveState::Paused),
+            _ => None,
+        }
+    }
+
+    /// The row state that agrees with this live state.
+    pub fn row_state(self) -> RowState {
+        match self {
+            LiveState::Creating => RowState::Creating,
+            LiveState::Active => RowState::Active,
+            LiveState::Paused => RowState::Paused,
+        }
+    }
+}
+
+/// One well-formed session in a controller's list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveSession {
+    pub id: SessionId,
+    pub owner_id: String,
+    pub state: LiveState,
+    /// When the controller says the session started (the controller's clock).
+    pub started_at: Option<DateTime<Utc>>,
+}
+
+/// An entry of a controller's list that could not be used. Its raw id still counts
+/// as "held by the controller", so the row it names is never taken for an orphan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidEntry {
+    /// The id exactly as sent; never used in a query.
+    pub raw_id: Option<String>,
+    pub kind: InvalidEntryKind,
+    pub problem: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InvalidEntryKind {
+    /// The id does not match `sessions.id_pattern` (or is missing).
+    InvalidId,
+    /// The id is fine but another field is unusable (unknown state, no owner, …).
+    InvalidEntry,
+}
+
+/// The application's own cumulative counters, as the controller reports them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct AppCounters {
+    pub sessions_created: u64,
+    pub sessions_reused: u64,
+    pub lookups_found: u64,
+    pub lookups_invalid_format: u64,
+    pub lookups_never_existed: u64,
+    pub lookups_deleted: u64,
+    pub cleanups_succeeded: u64,
+    pub cleanups_failed: u64,
+}
+
+/// What one controller instance answered in this pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControllerList {
+    pub boot_id: String,
+    pub sessions: Vec<LiveSession>,
+    pub invalid: Vec<InvalidEntry>,
+    pub counters: Option<AppCounters>,
+}
+
+/// One instance's side of the snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceSnapshot {
+    pub name: String,
+    /// When sessiond sent the request: nothing created after this can be in the list.
+    pub fetched_at: DateTime<Utc>,
+    pub result: Result<ControllerList, String>,
+}
+
+impl InstanceSnapshot {
+    pub fn is_reachable(&self) -> bool {
+        self.result.is_ok()
+    }
+}
+
+/// A `sessions` row as read by a pass, with the token that makes a repair a
+/// compare-and-set: the row's `xmin`, which changes on every write to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRow {
+    pub id: SessionId,
+    pub owner_id: String,
+    pub controller_instance: String,
+    pub state: RowState,
+    pub created_at: DateTime<Utc>,
+    /// The latest of created_at, updated_at, ended_at and deleted_at.
+    pub changed_at: DateTime<Utc>,
+    pub version: String,
+}
+
+/// The database side of a pass: every live row, and the row of every session a
+/// controller holds (whatever its state).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DbSnapshot {
+    pub rows: Vec<SessionRow>,
+    pub read_at: DateTime<Utc>,
+}
+
+/// What sessiond remembers about an instance's process across its own restarts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BootRecord {
+    pub boot_id: String,
+    /// When a boot id different from the previous one was first seen; `None` for
+    /// the first boot id ever seen, which explains nothing.
+    pub changed_at: Option<DateTime<Utc>>,
+}
+
+/// Boot records keyed by instance name.
+pub type BootRecords = HashMap<String, BootRecord>;

@@ -1,0 +1,709 @@
+//! The classifier: a pure, synchronous function from the two snapshots, the
+//! memory of earlier passes and the config to a list of findings, each with the
+//! decision taken about it and, where the decision is to repair, the repair.
+//!
+//! Architecture Invariant: nothing here does I/O or reads a clock. Time comes in
+//! as `now`, so every safety rule can be tested by moving a number.
+//!
+//! Rules are applied in this order for each finding: what it is (kind), whether
+//! it may be acted on at all (grace, confirmations), the policy for its kind, and
+//! finally the mass-repair guard over the whole pass.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use serde::Serialize;
+
+use crate::config::{Policy, ReconcileConfig};
+use crate::model::{
+    BootRecord, BootRecords, DbSnapshot, InstanceSnapshot, InvalidEntryKind, LiveSession, LiveState, RowState,
+    SessionId, SessionRow,
+};
+
+/// The kinds of finding. The label values are part of the metrics contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Orphaned,
+    Zombie,
+    Unpersisted,
+    Duplicate,
+    StuckCreating,
+    Drift,
+    InvalidId,
+    InvalidEntry,
+    Unverifiable,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 9] = [
+        Kind::Orphaned,
+        Kind::Zombie,
+        Kind::Unpersisted,
+        Kind::Duplicate,
+        Kind::StuckCreating,
+        Kind::Drift,
+        Kind::InvalidId,
+        Kind::InvalidEntry,
+        Kind::Unverifiable,
+    ];
+
+    /// The kinds that have a repair.
+    pub const REPAIRABLE: [Kind; 6] =
+        [Kind::Orphaned, Kind::Zombie, Kind::Unpersisted, Kind::Duplicate, Kind::StuckCreating, Kind::Drift];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Orphaned => "orphaned",
+            Kind::Zombie => "zombie",
+            Kind::Unpersisted => "unpersisted",
+            Kind::Duplicate => "duplicate",
+            Kind::StuckCreating => "stuck_creating",
+            Kind::Drift => "drift",
+            Kind::InvalidId => "invalid_id",
+            Kind::InvalidEntry => "invalid_entry",
+            Kind::Unverifiable => "unverifiable",
+        }
+    }
+
+    fn policy(self, config: &ReconcileConfig) -> Policy {
+        let p = &config.policy;
+        match self {
+            Kind::Orphaned => p.orphaned,
+            Kind::Zombie => p.zombie,
+            Kind::Unpersisted => p.unpersisted,
+            Kind::Duplicate => p.duplicate,
+            Kind::StuckCreating => p.stuck_creating,
+            Kind::Drift => p.drift,
+            Kind::InvalidId | Kind::InvalidEntry | Kind::Unverifiable => Policy::Report,
+        }
+    }
+}
+
+/// What a pass decided about a finding.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum Decision {
+    /// Repair it now; the plan is in [`Finding::repair`].
+    Repair,
+    /// Not yet: too young, not confirmed, or its evidence is incomplete.
+    Wait { reason: String },
+    /// The mass-repair guard held it back.
+    Guarded,
+    /// Reported only: policy `report`, `observe` mode, `--dry-run`, or no way to repair.
+    Report { reason: String },
+    /// A finding with no repair (invalid ids, unverifiable rows).
+    Note,
+}
+
+/// A change the apply step makes. Row changes carry the version they were
+/// classified against; they apply only if the row still has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Repair {
+    UpdateRow {
+        id: SessionId,
+        version: String,
+        from: RowState,
+        to: RowState,
+        /// Set for drift: the owner the controller reports.
+        owner_id: Option<String>,
+        /// Set for drift: the instance that holds the session.
+        controller_instance: Option<String>,
+        end_reason: Option<&'static str>,
+    },
+    InsertRow {
+        id: SessionId,
+        owner_id: String,
+        controller_instance: String,
+        state: RowState,
+        created_at: DateTime<Utc>,
+    },
+    StopLive {
+        id: SessionId,
+        controller_instance: String,
+        row_version: String,
+        row_state: RowState,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub kind: Kind,
+    /// The session id, or for an invalid id, the raw value (for the report only).
+    pub subject: String,
+    pub instance: Option<String>,
+    pub detail: String,
+    #[serde(flatten)]
+    pub decision: Decision,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<Repair>,
+}
+
+/// How this pass was asked to behave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PassOptions {
+    /// `observe` mode or `--dry-run`: decide, but turn every repair into a report.
+    pub read_only: bool,
+    /// `--force`: the mass-repair guard does not apply to this pass.
+    pub force: bool,
+    /// `once` acts on one pass; the daemon requires `confirmations` passes.
+    pub require_confirmations: bool,
+}
+
+/// What sessiond remembers from one pass to the next (in the daemon's memory).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Consecutive passes each finding has been seen, and when it was first seen.
+    pub streaks: HashMap<(Kind, String), Streak>,
+    /// Since when each unreachable instance has been unreachable.
+    pub unreachable_since: HashMap<String, DateTime<Utc>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Streak {
+    pub passes: u32,
+    pub first_seen: DateTime<Utc>,
+}
+
+/// The application's lookups, replayed: every live controller session looked up
+/// in the database as the application's API would.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Probes {
+    pub found: u64,
+    pub never_existed: u64,
+    pub deleted: u64,
+    pub invalid_format: u64,
+}
+
+/// Everything a classification produces.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Classification {
+    pub findings: Vec<Finding>,
+    pub memory: Memory,
+    /// Instances whose repairs the guard held back, with the kinds held.
+    pub guard_tripped: BTreeMap<String, BTreeSet<Kind>>,
+    pub probes: Probes,
+}
+
+/// Everything the classifier looks at.
+pub struct Input<'a> {
+    pub now: DateTime<Utc>,
+    pub config: &'a ReconcileConfig,
+    pub instances: &'a [InstanceSnapshot],
+    pub db: &'a DbSnapshot,
+    pub memory: &'a Memory,
+    /// Boot records after this pass's lists were observed (see [`observe_boots`]).
+    pub boots: &'a BootRecords,
+    /// Instances with a `stop_url`: zombies elsewhere can only be reported.
+    pub stoppable: &'a BTreeSet<String>,
+    pub options: PassOptions,
+}
+
+/// Updates boot records with the boot ids this pass saw. A boot id different from
+/// the recorded one marks a restart at `now`; the first boot id ever seen for an
+/// instance explains nothing.
+pub fn observe_boots(previous: &BootRecords, instances: &[InstanceSnapshot], now: DateTime<Utc>) -> BootRecords {
+    let mut boots = previous.clone();
+    for inst in instances {
+        let Ok(list) = &inst.result else { continue };
+        match boots.get_mut(&inst.name) {
+            Some(rec) if rec.boot_id == list.boot_id => {}
+            Some(rec) => {
+                rec.boot_id = list.boot_id.clone();
+                rec.changed_at = Some(now);
+            }
+            None => {
+                boots.insert(inst.name.clone(), BootRecord { boot_id: list.boot_id.clone(), changed_at: None });
+            }
+        }
+    }
+    boots
+}
+
+fn to_chrono(d: std::time::Duration) -> ChronoDuration {
+    ChronoDuration::from_std(d).unwrap_or(ChronoDuration::MAX)
+}
+
+/// Where a live session was seen.
+struct Held<'a> {
+    instance: &'a str,
+    /// `None` when the entry itself was unusable (unknown state, no owner, …).
+    session: Option<&'a LiveSession>,
+}
+
+/// Why an orphan is not surprising: the guard does not count explained orphans.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Explained {
+    No,
+    Restart,
+    InstanceDead,
+}
+
+struct Candidate {
+    finding: Finding,
+    /// The moment the finding's subject last changed, for `grace`.
+    changed_at: Option<DateTime<Utc>>,
+    explained: Explained,
+}
+
+/// Classifies one pass. Pure: same input, same output.
+pub fn classify(input: &Input<'_>) -> Classification {
+    let now = input.now;
+    let cfg = input.config;
+    let grace = to_chrono(cfg.grace);
+
+    let mut out = Classification::default();
+    let mut candidates: Vec<Candidate> = Vec::new();
+
+    // Reachability, and how long each unreachable instance has been so.
+    let mut reachable: HashMap<&str, &InstanceSnapshot> = HashMap::new();
+    let mut dead: BTreeSet<&str> = BTreeSet::new();
+    let mut unreachable: HashMap<&str, String> = HashMap::new();
+    for inst in input.instances {
+        match &inst.result {
+            Ok(_) => {
+                reachable.insert(&inst.name, inst);
+            }
+            Err(err) => {
+                let since = input.memory.unreachable_since.get(&inst.name).copied().unwrap_or(inst.fetched_at);
+                out.memory.unreachable_since.insert(inst.name.clone(), since);
+                if let Some(after) = cfg.instance_dead_after {
+                    if now - since >= to_chrono(after) {
+                        dead.insert(&inst.name);
+                    }
+                }
+                unreachable.insert(&inst.name, err.clone());
+            }
+        }
+    }
+
+    // Every id a reachable controller holds, valid or not. Invalid entries still
+    // count as held: their rows must never be taken for orphans.
+    let mut held: HashMap<&str, Held<'_>> = HashMap::new();
+    for inst in input.instances {
+        let Ok(list) = &inst.result else { continue };
+        for s in &list.sessions {
+            if let Some(first) = held.get(s.id.as_str()) {
+                candidates.push(note(
+                    Kind::InvalidEntry,
+                    s.id.as_str(),
+                    Some(&inst.name),
+                    format!("also listed by instance {}", first.instance),
+                ));
+                continue;
+            }
+            held.insert(s.id.as_str(), Held { instance: &inst.name, session: Some(s) });
+        }
+        for bad in &list.invalid {
+            let kind = match bad.kind {
+                InvalidEntryKind::InvalidId => Kind::InvalidId,
+                InvalidEntryKind::InvalidEntry => Kind::InvalidEntry,
+            };
+            if kind == Kind::InvalidId {
+                out.probes.invalid_format += 1;
+            }
+            let subject = bad.raw_id.clone().unwrap_or_else(|| "<missing>".into());
+            candidates.push(note(kind, &subject, Some(&inst.name), bad.problem.clone()));
+            if let Some(raw) = &bad.raw_id {
+                held.entry(raw.as_str()).or_insert(Held { instance: &inst.name, session: None });
+            }
+        }
+    }
+
+    let rows_by_id: HashMap<&str, &SessionRow> = input.db.rows.iter().map(|r| (r.id.as_str(), r)).collect();
+    let mut live_rows_per_instance: HashMap<&str, usize> = HashMap::new();
+    // Rows a row-side finding already deals with; duplicates leave them alone.
+    let mut handled_rows: BTreeSet<&str> = BTreeSet::new();
+
+    // Row side: every live row.
+    for row in input.db.rows.iter().filter(|r| r.state.is_live()) {
+        *live_rows_per_instance.entry(row.controller_instance.as_str()).or_default() += 1;
+        if let Some(h) = held.get(row.id.as_str()) {
+            if let Some(live) = h.session {
+                if let Some(c) = drift(row, live, h.instance) {
+                    candidates.push(c);
+                }
+            }
+            continue;
+        }
+        let instance = row.controller_instance.as_str();
+        let snapshot = reachable.get(instance);
+        let is_dead = dead.contains(instance);
+        if snapshot.is_none() && !is_dead {
+            let why = match unreachable.get(instance) {
+                Some(err) => format!("instance {instance} is unreachable: {err}"),
+                None => format!("instance {instance} is not configured"),
+            };
+            candidates.push(note(Kind::Unverifiable, row.id.as_str(), Some(instance), why));
+            continue;
+        }
+        if row.state == RowState::Creating {
+            if now - row.created_at >= to_chrono(cfg.creating_timeout) {
+                handled_rows.insert(row.id.as_str());
+                candidates.push(Candidate {
+                    finding: Finding {
+                        kind: Kind::StuckCreating,
+                        subject: row.id.to_string(),
+                        instance: Some(instance.to_owned()),
+                        detail: format!("creating since {}, not live", row.created_at.to_rfc3339()),
+                        decision: Decision::Note,
+                        repair: Some(Repair::UpdateRow {
+                            id: row.id.clone(),
+                            version: row.version.clone(),
+                            from: row.state,
+                            to: RowState::Failed,
+                            owner_id: None,
+                            controller_instance: None,
+                            end_reason: Some("stuck_creating"),
+                        }),
+                    },
+                    changed_at: Some(row.changed_at),
+                    explained: Explained::No,
+                });
+            }
+            // A younger 'creating' row is a creation in progress, not an orphan.
+            continue;
+        }
+        // Snapshot skew: a row that changed after (or within grace of) the moment
+        // its instance's list was taken may simply not be in that list yet.
+        let explained = if is_dead {
+            Explained::InstanceDead
+        } else {
+            let snap = snapshot.map(|s| s.fetched_at).unwrap_or(now);
+            if row.changed_at > snap - grace {
+                continue;
+            }
+            match input.boots.get(instance).and_then(|b| b.changed_at) {
+                Some(restart) if row.created_at < restart => Explained::Restart,
+                _ => Explained::No,
+            }
+        };
+        handled_rows.insert(row.id.as_str());
+        let detail = match explained {
+            Explained::InstanceDead => {
+                format!("instance {instance} has been unreachable longer than instance_dead_after")
+            }
+            Explained::Restart => format!("{} but absent from {instance}'s list since it restarted", row.state),
+            Explained::No => format!("{} but absent from {instance}'s list", row.state),
+        };
+        candidates.push(Candidate {
+            finding: Finding {
+                kind: Kind::Orphaned,
+                subject: row.id.to_string(),
+                instance: Some(instance.to_owned()),
+                detail,
+                decision: Decision::Note,
+                repair: Some(Repair::UpdateRow {
+                    id: row.id.clone(),
+                    version: row.version.clone(),
+                    from: row.state,
+                    to: RowState::Stopped,
+                    owner_id: None,
+                    controller_instance: None,
+                    end_reason: Some("orphaned"),
+                }),
+            },
+            changed_at: Some(row.changed_at),
+            explained,
+        });
+    }
+
+    // Controller side: every well-formed live session.
+    for inst in input.instances {
+        let Ok(list) = &inst.result else { continue };
+        for live in &list.sessions {
+            match held.get(live.id.as_str()) {
+                Some(h) if h.instance == inst.name && h.session.is_some_and(|s| std::ptr::eq(s, live)) => {}
+                _ => continue, // a second listing, already reported
+            }
+            match rows_by_id.get(live.id.as_str()) {
+                Some(row) if row.state.is_live() => out.probes.found += 1,
+                Some(row) => {
+                    if row.state == RowState::Deleted {
+                        out.probes.deleted += 1;
+                    } else {
+                        out.probes.found += 1;
+                    }
+                    candidates.push(Candidate {
+                        finding: Finding {
+                            kind: Kind::Zombie,
+                            subject: live.id.to_string(),
+                            instance: Some(inst.name.clone()),
+                            detail: format!("live on {} but the row is {}", inst.name, row.state),
+                            decision: Decision::Note,
+                            repair: Some(Repair::StopLive {
+                                id: live.id.clone(),
+                                controller_instance: inst.name.clone(),
+                                row_version: row.version.clone(),
+                                row_state: row.state,
+                            }),
+                        },
+                        changed_at: Some(row.changed_at),
+                        explained: Explained::No,
+                    });
+                }
+                None => {
+                    out.probes.never_existed += 1;
+                    let key = (Kind::Unpersisted, live.id.to_string());
+                    // Without started_at, age counts from when sessiond first saw it.
+                    let born =
+                        live.started_at.or_else(|| input.memory.streaks.get(&key).map(|s| s.first_seen)).unwrap_or(now);
+                    candidates.push(Candidate {
+                        finding: Finding {
+                            kind: Kind::Unpersisted,
+                            subject: live.id.to_string(),
+                            instance: Some(inst.name.clone()),
+                            detail: format!("live on {} with no row", inst.name),
+                            decision: Decision::Note,
+                            repair: Some(Repair::InsertRow {
+                                id: live.id.clone(),
+                                owner_id: live.owner_id.clone(),
+                                controller_instance: inst.name.clone(),
+                                state: live.state.row_state(),
+                                created_at: live.started_at.unwrap_or(now),
+                            }),
+                        },
+                        changed_at: Some(born),
+                        explained: Explained::No,
+                    });
+                }
+            }
+        }
+    }
+
+    duplicates(input, &held, &handled_rows, &reachable, &dead, &mut candidates);
+
+    // Decide: grace, confirmations, policy.
+    let mut next_streaks = HashMap::new();
+    for c in &mut candidates {
+        let key = (c.finding.kind, c.finding.subject.clone());
+        let previous = input.memory.streaks.get(&key);
+        let streak = Streak {
+            passes: previous.map_or(1, |s| s.passes.saturating_add(1)),
+            first_seen: previous.map_or(now, |s| s.first_seen),
+        };
+        next_streaks.insert(key, streak);
+        if c.finding.repair.is_none() {
+            c.finding.decision = Decision::Note;
+            continue;
+        }
+        if let Decision::Wait { .. } = c.finding.decision {
+            continue; // already held for want of evidence
+        }
+        let young = c.changed_at.is_some_and(|t| now - t < grace);
+        c.finding.decision = if young {
+            Decision::Wait { reason: format!("younger than grace ({})", humantime::format_duration(cfg.grace)) }
+        } else if input.options.require_confirmations && streak.passes < cfg.confirmations {
+            Decision::Wait { reason: format!("seen in {} of {} passes", streak.passes, cfg.confirmations) }
+        } else if c.finding.kind.policy(cfg) == Policy::Report {
+            Decision::Report { reason: "policy is report".into() }
+        } else if c.finding.kind == Kind::Zombie
+            && !c.finding.instance.as_ref().is_some_and(|i| input.stoppable.contains(i))
+        {
+            Decision::Report { reason: "no stop_url is configured for this instance".into() }
+        } else {
+            Decision::Repair
+        };
+    }
+    out.memory.streaks = next_streaks;
+
+    guard(input, &live_rows_per_instance, &mut candidates, &mut out.guard_tripped);
+
+    for c in &mut candidates {
+        if c.finding.decision == Decision::Repair && input.options.read_only {
+            c.finding.decision = Decision::Report { reason: "read-only pass (observe mode or --dry-run)".into() };
+        }
+        // A finding that waits has no repair yet; a guarded or reported one keeps
+        // it, so the report shows what would have been done.
+        if let Decision::Wait { .. } = c.finding.decision {
+            c.finding.repair = None;
+        }
+    }
+    out.findings = candidates.into_iter().map(|c| c.finding).collect();
+    out.findings.sort_by(|a, b| (a.kind, &a.subject).cmp(&(b.kind, &b.subject)));
+    out
+}
+
+fn note(kind: Kind, subject: &str, instance: Option<&str>, detail: String) -> Candidate {
+    Candidate {
+        finding: Finding {
+            kind,
+            subject: subject.to_owned(),
+            instance: instance.map(str::to_owned),
+            detail,
+            decision: Decision::Note,
+            repair: None,
+        },
+        changed_at: None,
+        explained: Explained::No,
+    }
+}
+
+/// A live row and its live session disagree on state, owner or instance.
+fn drift(row: &SessionRow, live: &LiveSession, instance: &str) -> Option<Candidate> {
+    let want_state = live.state.row_state();
+    let mut diffs = Vec::new();
+    if row.state != want_state {
+        diffs.push(format!("state {} vs {}", row.state, live_state_name(live.state)));
+    }
+    if row.owner_id != live.owner_id {
+        diffs.push("owner differs".to_owned());
+    }
+    if row.controller_instance != instance {
+        diffs.push(format!("instance {} vs {}", row.controller_instance, instance));
+    }
+    if diffs.is_empty() {
+        return None;
+    }
+    Some(Candidate {
+        finding: Finding {
+            kind: Kind::Drift,
+            subject: row.id.to_string(),
+            instance: Some(instance.to_owned()),
+            detail: diffs.join(", "),
+            decision: Decision::Note,
+            repair: Some(Repair::UpdateRow {
+                id: row.id.clone(),
+                version: row.version.clone(),
+                from: row.state,
+                to: want_state,
+                owner_id: (row.owner_id != live.owner_id).then(|| live.owner_id.clone()),
+                controller_instance: (row.controller_instance != instance).then(|| instance.to_owned()),
+                end_reason: None,
+            }),
+        },
+        changed_at: Some(row.changed_at),
+        explained: Explained::No,
+    })
+}
+
+fn live_state_name(s: LiveState) -> &'static str {
+    match s {
+        LiveState::Creating => "creating",
+        LiveState::Active => "active",
+        LiveState::Paused => "paused",
+    }
+}
+
+/// More than one live row for an owner: keep the one the controller holds (the
+/// newest of those if it holds several, else the newest row) and stop the rest.
+/// Rows that another finding already stops are left to it, and a group with a
+/// row on an unreachable instance waits: we cannot know what that instance holds.
+fn duplicates(
+    input: &Input<'_>,
+    held: &HashMap<&str, Held<'_>>,
+    handled: &BTreeSet<&str>,
+    reachable: &HashMap<&str, &InstanceSnapshot>,
+    dead: &BTreeSet<&str>,
+    candidates: &mut Vec<Candidate>,
+) {
+    let mut by_owner: BTreeMap<&str, Vec<&SessionRow>> = BTreeMap::new();
+    for row in input.db.rows.iter().filter(|r| r.state.is_live() && !handled.contains(r.id.as_str())) {
+        // The owner the row will have once drift is repaired.
+        let owner =
+            held.get(row.id.as_str()).and_then(|h| h.session).map_or(row.owner_id.as_str(), |s| s.owner_id.as_str());
+        by_owner.entry(owner).or_default().push(row);
+    }
+    for rows in by_owner.values().filter(|rows| rows.len() > 1) {
+        let verifiable = rows.iter().all(|r| {
+            held.contains_key(r.id.as_str())
+                || reachable.contains_key(r.controller_instance.as_str())
+                || dead.contains(r.controller_instance.as_str())
+        });
+        let newest = |rs: &mut dyn Iterator<Item = &&SessionRow>| -> Option<SessionId> {
+            rs.max_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id))).map(|r| r.id.clone())
+        };
+        let held_newest = newest(&mut rows.iter().filter(|r| held.contains_key(r.id.as_str())));
+        let keep = held_newest.or_else(|| newest(&mut rows.iter()));
+        for row in rows.iter().filter(|r| Some(&r.id) != keep.as_ref()) {
+            let decision = if verifiable {
+                Decision::Note
+            } else {
+                Decision::Wait { reason: "another row of this owner is on an unreachable instance".into() }
+            };
+            candidates.push(Candidate {
+                finding: Finding {
+                    kind: Kind::Duplicate,
+                    subject: row.id.to_string(),
+                    instance: Some(row.controller_instance.clone()),
+                    detail: format!(
+                        "{} live rows for one owner; keeping {}",
+                        rows.len(),
+                        keep.as_ref().map_or("none", |k| k.as_str())
+                    ),
+                    decision,
+                    repair: Some(Repair::UpdateRow {
+                        id: row.id.clone(),
+                        version: row.version.clone(),
+                        from: row.state,
+                        to: RowState::Stopped,
+                        owner_id: None,
+                        controller_instance: None,
+                        end_reason: Some("duplicate"),
+                    }),
+                },
+                changed_at: Some(row.changed_at),
+                explained: Explained::No,
+            });
+        }
+    }
+}
+
+/// The mass-repair guard. Two limits, both lifted by `--force`:
+/// - more than `guard_min_orphans - 1` unexplained orphans that are also more than
+///   `max_orphan_fraction` of an instance's live rows hold back that instance's
+///   orphan repairs (a restart or a declared-dead instance explains orphans);
+/// - more than `max_repairs_per_pass` repairs of one kind hold back that kind.
+fn guard(
+    input: &Input<'_>,
+    live_rows: &HashMap<&str, usize>,
+    candidates: &mut [Candidate],
+    tripped: &mut BTreeMap<String, BTreeSet<Kind>>,
+) {
+    let cfg = input.config;
+    let mut unexplained: BTreeMap<String, usize> = BTreeMap::new();
+    for c in candidates.iter() {
+        if c.finding.kind == Kind::Orphaned && c.explained == Explained::No {
+            if let Some(inst) = &c.finding.instance {
+                *unexplained.entry(inst.clone()).or_default() += 1;
+            }
+        }
+    }
+    let mut held_instances: BTreeSet<String> = BTreeSet::new();
+    for (inst, &n) in &unexplained {
+        let total = live_rows.get(inst.as_str()).copied().unwrap_or(0).max(1);
+        if n >= cfg.guard_min_orphans && n as f64 / total as f64 > cfg.max_orphan_fraction {
+            held_instances.insert(inst.clone());
+        }
+    }
+    for c in candidates.iter_mut() {
+        if c.finding.kind == Kind::Orphaned && c.explained == Explained::No {
+            if let Some(inst) = &c.finding.instance {
+                if held_instances.contains(inst) && c.finding.decision == Decision::Repair {
+                    tripped.entry(inst.clone()).or_default().insert(Kind::Orphaned);
+                    if !input.options.force {
+                        c.finding.decision = Decision::Guarded;
+                    }
+                }
+            }
+        }
+    }
+
+    let mut per_kind: BTreeMap<Kind, usize> = BTreeMap::new();
+    for c in candidates.iter().filter(|c| c.finding.decision == Decision::Repair) {
+        *per_kind.entry(c.finding.kind).or_default() += 1;
+    }
+    for c in candidates.iter_mut() {
+        if per_kind.get(&c.finding.kind).is_some_and(|&n| n > cfg.max_repairs_per_pass)
+            && c.finding.decision == Decision::Repair
+        {
+            if let Some(inst) = &c.finding.instance {
+                tripped.entry(inst.clone()).or_default().insert(c.finding.kind);
+            }
+            if !input.options.force {
+                c.finding.decision = Decision::Guarded;
+            }
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! One reconciliation pass, as data flow:
+//!
+//! ```text
+//! controllers ──fetch_all──┐
+//!                          ├─► classify (pure) ─► plan ─► apply ─► PassReport
+//! PostgreSQL ──snapshot────┘        ▲                         │
+//!                         Memory ───┘◄────────────────────────┘
+//! ```
+//!
+//! [`Reconciler`] owns what lives between passes: the database connection, the
+//! memory of earlier passes (confirmation streaks, unreachable-since times) and
+//! the boot ids of the controllers. A failed pass never poisons the next: the
+//! connection is dropped and re-made, and the memory of a pass that could not
+//! classify is left as it was.
+
+pub mod apply;
+pub mod classify;
+pub mod report;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::{Config, Mode};
+use crate::controller::ControllerClient;
+use crate::model::{BootRecords, InstanceSnapshot, RowState};
+use crate::store::{AuditContext, Outcome, Store, StoreError};
+use classify::{Decision, Finding, Kind, Memory, PassOptions, Probes};
+
+/// How a pass ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PassOutcome {
+    /// Everything was read and every repair attempted got an answer.
+    Ok,
+    /// Something could not be read (an instance) or a repair batch failed.
+    Partial,
+    /// The database could not be read: nothing was classified.
+    Failed,
+}
+
+impl PassOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PassOutcome::Ok => "ok",
+            PassOutcome::Partial => "partial",
+            PassOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// One instance, as this pass saw it.
+#[derive(Clone, Debug, Serialize)]
+pub struct InstanceReport {
+    pub name: String,
+    pub reachable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub sessions: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// The boot id changed since an earlier pass (the controller restarted).
+    pub restarted: bool,
+    #[serde(skip)]
+    pub counters: Option<crate::model::AppCounters>,
+    #[serde(skip)]
+    pub live_states: BTreeMap<&'static str, u64>,
+}
+
+/// A finding and what became of it.
+#[derive(Clone, Debug, Serialize)]
+pub struct FindingResult {
+    #[serde(flatten)]
+    pub finding: Finding,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Everything a pass found and did; rendered by `once`, logged by `run`, exported
+/// as metrics.
+#[derive(Clone, Debug, Serialize)]
+pub struct PassReport {
+    pub pass_id: String,
+    pub started_at: DateTime<Utc>,
+    pub duration_seconds: f64,
+    pub outcome: PassOutcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub mode: Mode,
+    pub dry_run: bool,
+    pub forced: bool,
+    pub database_up: bool,
+    pub instances: Vec<InstanceReport>,
+    /// Database rows read, by state.
+    pub rows_by_state: BTreeMap<&'static str, u64>,
+    pub findings: Vec<FindingResult>,
+    pub guard_tripped: BTreeMap<String, BTreeSet<Kind>>,
+    pub probes: Probes,
+}
+
+impl PassReport {
+    /// Findings per kind.
+    pub fn findings_by_kind(&self) -> BTreeMap<Kind, u64> {
+        let mut m = BTreeMap::new();
+        for f in &self.findings {
+            *m.entry(f.finding.kind).or_default() += 1;
+        }
+        m
+    }
+
+    /// Repair outcomes per kind, in the metric's vocabulary: repaired, conflict,
+    /// failed, guarded, reported.
+    pub fn outcomes_by_kind(&self) -> BTreeMap<(Kind, &'static str), u64> {
+        let mut m = BTreeMap::new();
+        for f in &self.findings {
+            let label = match (&f.finding.decision, f.outcome) {
+                (Decision::Repair, Some(Outcome::Repaired)) => "repaired",
+                (Decision::Repair, Some(Outcome::Conflict)) => "conflict",
+                (Decision::Repair, Some(Outcome::Failed)) => "failed",
+                (Decision::Guarded, _) => "guarded",
+                (Decision::Report { .. }, _) => "reported",
+                _ => continue,
+            };
+            *m.entry((f.finding.kind, label)).or_default() += 1;
+        }
+        m
+    }
+}
+
+/// Holds what lives between passes and runs them.
+pub struct Reconciler {
+    config: Arc<Config>,
+    client: ControllerClient,
+    store: Option<Store>,
+    memory: Memory,
+    /// `None` until read from the database.
+    boots: Option<BootRecords>,
+    actor: String,
+}
+
+impl Reconciler {
+    pub fn new(config: Arc<Config>) -> Result<Reconciler, crate::controller::ControllerError> {
+        Ok(Reconciler {
+            config,
+            client: ControllerClient::new()?,
+            store: None,
+            memory: Memory::default(),
+            boots: None,
+            actor: format!("sessiond@{}", hostname()),
+        })
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// Takes a new config from the next pass on. Memory is kept: findings keep
+    /// their confirmation streaks across a reload.
+    pub fn set_config(&mut self, config: Arc<Config>) {
+        if config.database != self.config.database {
+            self.store = None;
+        }
+        self.config = config;
+    }
+
+    /// Runs one pass. `require_confirmations` is true for the daemon and false for
+    /// `once`, which acts on what it sees in its one pass.
+    pub async fn pass(&mut self, dry_run: bool, force: bool, require_confirmations: bool) -> PassReport {
+        let started = Instant::now();
+        let started_at = Utc::now();
+        let cfg = Arc::clone(&self.config);
+        let read_only = dry_run || cfg.daemon.mode == Mode::Observe;
+        let mut report = PassReport {
+            pass_id: uuid::Uuid::new_v4().to_string(),
+            started_at,
+            duration_seconds: 0.0,
+            outcome: PassOutcome::Ok,
+            error: None,
+            mode: cfg.daemon.mode,
+            dry_run,
+            forced: force,
+            database_up: false,
+            instances: Vec::new(),
+            rows_by_state: BTreeMap::new(),
+            findings: Vec::new(),
+            guard_tripped: BTreeMap::new(),
+            probes: Probes::default(),
+        };
+
+        // Controllers first, then the database: a row written between the two
+        // reads is protected by the snapshot-skew rule, and a session created
+        // between them is protected by grace.
+        let instances = self.client.fetch_all(&cfg.controllers, &cfg.sessions.id_pattern).await;
+        report.instances = instances.iter().map(instance_report).collect();
+
+        match self.read_and_classify(&cfg, &instances, &mut report, read_only, force, require_confirmations).await {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "pass failed: database unavailable");
+                report.outcome = PassOutcome::Failed;
+                report.error = Some(e.to_string());
+                self.store = None;
+            }
+        }
+        if report.outcome == PassOutcome::Ok && instances.iter().any(|i| !i.is_reachable()) {
+            report.outcome = PassOutcome::Partial;
+        }
+        report.duration_seconds = started.elapsed().as_secs_f64();
+        report::log_summary(&report);
+        report
+    }
+
+    async fn read_and_classify(
+        &mut self,
+        cfg: &Config,
+        instances: &[InstanceSnapshot],
+        report: &mut PassReport,
+        read_only: bool,
+        force: bool,
+        require_confirmations: bool,
+    ) -> Result<(), StoreError> {
+        if self.store.as_ref().is_none_or(Store::is_closed) {
+            let store = Store::connect(&cfg.database).await?;
+            store.check_schema().await?;
+            self.store = Some(store);
+        }
+        let Some(store) = self.store.as_mut() else { unreachable!("the store was connected just above") };
+        if self.boots.is_none() {
+            self.boots = Some(store.load_boots().await?);
+        }
+        let live_ids: Vec<&str> = instances
+            .iter()
+            .filter_map(|i| i.result.as_ref().ok())
+            .flat_map(|l| l.sessions.iter().map(|s| s.id.as_str()))
+            .collect();
+        let db = store.snapshot(&live_ids).await?;
+        report.database_up = true;
+        for row in &db.rows {
+            *report.rows_by_state.entry(row.state.as_str()).or_default() += 1;
+        }
+
+        let now = Utc::now();
+        let previous_boots = self.boots.clone().unwrap_or_default();
+        let boots = classify::observe_boots(&previous_boots, instances, now);
+        for inst in &mut report.instances {
+            let before = previous_boots.get(&inst.name).map(|b| b.boot_id.as_str());
+            inst.restarted = matches!((before, inst.boot_id.as_deref()), (Some(a), Some(b)) if a != b);
+        }
+        let stoppable: BTreeSet<String> =
+            cfg.controllers.iter().filter(|c| c.stop_url.is_some()).map(|c| c.name.clone()).collect();
+        let classification = classify::classify(&classify::Input {
+            now,
+            config: &cfg.reconcile,
+            instances,
+            db: &db,
+            memory: &self.memory,
+            boots: &boots,
+            stoppable: &stoppable,
+            options: PassOptions { read_only, force, require_confirmations },
+        });
+        drop(db);
+        self.memory = classification.memory;
+        report.guard_tripped = classification.guard_tripped;
+        report.probes = classification.probes;
+        for (inst, kinds) in &report.guard_tripped {
+            let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+            if force {
+                tracing::warn!(controller = %inst, kinds = ?kinds, "mass-repair guard overridden by --force");
+            } else {
+                tracing::warn!(controller = %inst, kinds = ?kinds, "mass-repair guard tripped: repairs held back");
+            }
+        }
+
+        if read_only {
+            self.boots = Some(boots);
+            report.findings = classification
+                .findings
+                .into_iter()
+                .map(|finding| FindingResult { finding, outcome: None, error: None })
+                .collect();
+            return Ok(());
+        }
+        if boots != previous_boots {
+            store.save_boots(&boots).await?;
+        }
+        self.boots = Some(boots);
+
+        let audit = AuditContext { actor: self.actor.clone(), pass_id: report.pass_id.clone() };
+        let applied = apply::apply(store, &self.client, cfg, &audit, classification.findings).await;
+        if applied.store_failed {
+            // The connection may be gone; make a new one next pass.
+            self.store = None;
+        }
+        if applied.any_failed {
+            report.outcome = PassOutcome::Partial;
+        }
+        report.findings = applied.results;
+        Ok(())
+    }
+}
+
+fn instance_report(s: &InstanceSnapshot) -> InstanceReport {
+    match &s.result {
+        Ok(list) => {
+            let mut live_states = BTreeMap::new();
+            for sess in &list.sessions {
+                *live_states.entry(sess.state.row_state().as_str()).or_default() += 1;
+            }
+            InstanceReport {
+                name: s.name.clone(),
+                reachable: true,
+                error: None,
+                sessions: list.sessions.len() + list.invalid.len(),
+                boot_id: Some(list.boot_id.clone()),
+                restarted: false,
+                counters: list.counters.clone(),
+                live_states,
+            }
+        }
+        Err(e) => InstanceReport {
+            name: s.name.clone(),
+            reachable: false,
+            error: Some(e.clone()),
+            sessions: 0,
+            boot_id: None,
+            restarted: false,
+            counters: None,
+            live_states: BTreeMap::new(),
+        },
+    }
+}
+
+/// The host name for the audit trail's `actor`.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The live-row states, for reports.
+pub const LIVE_ROW_STATES: [RowState; 3] = [RowState::Creating, RowState::Active, RowState::Paused];

@@ -1,0 +1,143 @@
+//! Rendering a [`PassReport`]: the one summary log line per pass, the human table
+//! `once` prints, and its JSON form.
+
+use std::fmt::Write as _;
+
+use super::{PassOutcome, PassReport};
+use crate::reconcile::classify::Decision;
+
+/// Logs one structured line for the pass. Per-session details stay at debug.
+pub fn log_summary(report: &PassReport) {
+    let findings = kv(report.findings_by_kind().iter().map(|(k, n)| (k.as_str().to_owned(), *n)));
+    let repairs = kv(report.outcomes_by_kind().iter().map(|((k, o), n)| (format!("{}.{o}", k.as_str()), *n)));
+    let up = report.instances.iter().filter(|i| i.reachable).count();
+    for f in &report.findings {
+        tracing::debug!(
+            pass_id = %report.pass_id,
+            kind = f.finding.kind.as_str(),
+            session_id = %f.finding.subject,
+            controller = f.finding.instance.as_deref().unwrap_or(""),
+            decision = ?f.finding.decision,
+            outcome = ?f.outcome,
+            detail = %f.finding.detail,
+            "finding"
+        );
+    }
+    let rows: u64 = report.rows_by_state.values().sum();
+    if report.outcome == PassOutcome::Failed {
+        tracing::error!(
+            pass_id = %report.pass_id,
+            outcome = report.outcome.as_str(),
+            duration_ms = (report.duration_seconds * 1000.0) as u64,
+            controllers_up = up,
+            controllers = report.instances.len(),
+            error = report.error.as_deref().unwrap_or(""),
+            "pass failed"
+        );
+    } else {
+        tracing::info!(
+            pass_id = %report.pass_id,
+            outcome = report.outcome.as_str(),
+            duration_ms = (report.duration_seconds * 1000.0) as u64,
+            controllers_up = up,
+            controllers = report.instances.len(),
+            rows,
+            findings = %findings,
+            repairs = %repairs,
+            read_only = report.dry_run || report.mode == crate::config::Mode::Observe,
+            "pass complete"
+        );
+    }
+}
+
+fn kv(items: impl Iterator<Item = (String, u64)>) -> String {
+    let parts: Vec<String> = items.map(|(k, v)| format!("{k}={v}")).collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// The report as pretty JSON.
+pub fn to_json(report: &PassReport) -> String {
+    serde_json::to_string_pretty(report).unwrap_or_else(|e| format!("{{\"error\": \"cannot render report: {e}\"}}"))
+}
+
+/// The report as a human-readable table.
+pub fn to_table(report: &PassReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "pass {}  outcome={}  {:.3}s{}{}",
+        report.pass_id,
+        report.outcome.as_str(),
+        report.duration_seconds,
+        if report.dry_run { "  (dry run: nothing changed)" } else { "" },
+        if report.mode == crate::config::Mode::Observe { "  (observe mode: nothing changed)" } else { "" },
+    );
+    if let Some(e) = &report.error {
+        let _ = writeln!(s, "error: {e}");
+    }
+    let _ = writeln!(s, "\nCONTROLLER           STATUS       SESSIONS  NOTE");
+    for i in &report.instances {
+        let note = match (&i.error, i.restarted) {
+            (Some(e), _) => e.clone(),
+            (None, true) => "restarted (new boot_id)".into(),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "{:<20} {:<12} {:>8}  {}",
+            i.name,
+            if i.reachable { "up" } else { "UNREACHABLE" },
+            i.sessions,
+            note
+        );
+    }
+    let rows: u64 = report.rows_by_state.values().sum();
+    let _ = writeln!(s, "database             {:<12} {:>8}", if report.database_up { "up" } else { "DOWN" }, rows);
+    for (inst, kinds) in &report.guard_tripped {
+        let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+        let _ = writeln!(
+            s,
+            "\nGUARD {} on {inst} for {}{}",
+            if report.forced { "overridden (--force)" } else { "TRIPPED" },
+            kinds.join(", "),
+            if report.forced { "" } else { ": repairs held back; re-run with --force once you have checked" }
+        );
+    }
+    if report.findings.is_empty() {
+        let _ = writeln!(s, "\nno findings");
+        return s;
+    }
+    let _ = writeln!(s, "\nKIND             SESSION                                CONTROLLER   RESULT         DETAIL");
+    for f in &report.findings {
+        let result = match (&f.finding.decision, f.outcome) {
+            (_, Some(o)) => format!("{o:?}").to_lowercase(),
+            (Decision::Wait { reason }, None) => format!("waiting: {reason}"),
+            (Decision::Guarded, None) => "guarded".into(),
+            (Decision::Report { reason }, None) => format!("reported: {reason}"),
+            (Decision::Repair, None) => "planned".into(),
+            (Decision::Note, None) => "noted".into(),
+        };
+        let detail = match &f.error {
+            Some(e) => format!("{}; error: {e}", f.finding.detail),
+            None => f.finding.detail.clone(),
+        };
+        let _ = writeln!(
+            s,
+            "{:<16} {:<38} {:<12} {:<14} {}",
+            f.finding.kind.as_str(),
+            f.finding.subject,
+            f.finding.instance.as_deref().unwrap_or("-"),
+            result,
+            detail
+        );
+    }
+    let _ = writeln!(s);
+    for ((kind, outcome), n) in report.outcomes_by_kind() {
+        let _ = writeln!(s, "{:<16} {outcome:<10} {n}", kind.as_str());
+    }
+    s
+}

@@ -1,0 +1,310 @@
+//! A simulated controller: a real HTTP server that speaks the controller contract
+//! of DESIGN.md exactly, so it doubles as an executable example of it.
+//!
+//! ```text
+//! GET  /internal/sessions                     the live list
+//! POST /internal/sessions/{session_id}/stop   stop one (200, or 404 if unknown)
+//! ```
+//!
+//! Tests (and the demo) drive it: add and remove sessions, restart it (a new
+//! `boot_id` and an empty memory), or make it misbehave in the ways real
+//! controllers do — an error status, a hang, garbage, an endless body.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::{Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How the simulated controller misbehaves on `GET`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// Answer with this status and an empty list.
+    Status(u16),
+    /// Never answer.
+    Hang,
+    /// Answer 200 with a body that is not JSON.
+    Garbage,
+    /// Answer 200 with an endless body.
+    Endless,
+    /// Answer 200 with valid JSON but no `sessions` array.
+    NoSessions,
+    /// Answer 302 to another URL.
+    Redirect,
+    /// Answer 200 with exactly this body.
+    Raw(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct SimSession {
+    pub owner_id: String,
+    pub state: String,
+    pub started_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug)]
+struct State {
+    instance: String,
+    boot_id: String,
+    sessions: BTreeMap<String, SimSession>,
+    fault: Fault,
+    stop_status: Option<u16>,
+    stops: Vec<String>,
+    token: Option<String>,
+    created: u64,
+    reused: u64,
+}
+
+/// A running simulated controller.
+#[derive(Clone)]
+pub struct SimController {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    shutdown: CancellationToken,
+}
+
+fn new_boot_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+impl SimController {
+    /// Starts a controller for `instance` on a free loopback port.
+    pub async fn start(instance: &str) -> std::io::Result<SimController> {
+        Self::start_on(instance, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    pub async fn start_on(instance: &str, addr: SocketAddr) -> std::io::Result<SimController> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State {
+            instance: instance.to_owned(),
+            boot_id: new_boot_id(),
+            sessions: BTreeMap::new(),
+            fault: Fault::None,
+            stop_status: None,
+            stops: Vec::new(),
+            token: None,
+            created: 0,
+            reused: 0,
+        }));
+        let shutdown = CancellationToken::new();
+        let sim = SimController { addr, state, shutdown: shutdown.clone() };
+        let served = sim.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => { tracing::debug!(error = %e, "simctl accept failed"); continue; }
+                    },
+                };
+                let sim = served.clone();
+                let conn_shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let sim = sim.clone();
+                        async move { Ok::<_, Infallible>(sim.handle(req).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = conn_shutdown.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Ok(sim)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock can only come from a test assertion;
+        // the state is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    pub fn url(&self) -> String {
+        format!("http://{}/internal/sessions", self.addr)
+    }
+    pub fn stop_url(&self) -> String {
+        format!("http://{}/internal/sessions/{{session_id}}/stop", self.addr)
+    }
+    pub fn instance(&self) -> String {
+        self.lock().instance.clone()
+    }
+    pub fn boot_id(&self) -> String {
+        self.lock().boot_id.clone()
+    }
+
+    /// Adds (or replaces) a live session.
+    pub fn add(&self, id: &str, owner: &str, state: &str, started_at: Option<DateTime<Utc>>) {
+        let mut s = self.lock();
+        s.created += 1;
+        s.sessions
+            .insert(id.to_owned(), SimSession { owner_id: owner.to_owned(), state: state.to_owned(), started_at });
+    }
+    /// Counts a reuse of an existing session (for the application counters).
+    pub fn reuse(&self) {
+        self.lock().reused += 1;
+    }
+    /// Forgets a session (as a cleanup that cleared memory would).
+    pub fn remove(&self, id: &str) -> bool {
+        self.lock().sessions.remove(id).is_some()
+    }
+    pub fn ids(&self) -> Vec<String> {
+        self.lock().sessions.keys().cloned().collect()
+    }
+    pub fn holds(&self, id: &str) -> bool {
+        self.lock().sessions.contains_key(id)
+    }
+    /// Simulates a process restart: a new boot id and an empty memory.
+    pub fn restart(&self) {
+        let mut s = self.lock();
+        s.boot_id = new_boot_id();
+        s.sessions.clear();
+        s.created = 0;
+        s.reused = 0;
+    }
+    pub fn set_fault(&self, fault: Fault) {
+        self.lock().fault = fault;
+    }
+    /// Makes stop requests answer this status instead of stopping.
+    pub fn set_stop_status(&self, status: Option<u16>) {
+        self.lock().stop_status = status;
+    }
+    /// Requires `Authorization: Bearer <token>` on every request.
+    pub fn require_token(&self, token: Option<&str>) {
+        self.lock().token = token.map(str::to_owned);
+    }
+    /// The ids stop requests were received for, in order.
+    pub fn stops(&self) -> Vec<String> {
+        self.lock().stops.clone()
+    }
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    fn document(&self) -> serde_json::Value {
+        let s = self.lock();
+        let sessions: Vec<serde_json::Value> = s
+            .sessions
+            .iter()
+            .map(|(id, sess)| {
+                let mut v = serde_json::json!({"session_id": id, "owner_id": sess.owner_id, "state": sess.state});
+                if let Some(t) = sess.started_at {
+                    v["started_at"] = serde_json::json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+                }
+                v
+            })
+            .collect();
+        serde_json::json!({
+            "instance": s.instance,
+            "boot_id": s.boot_id,
+            "generated_at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "sessions": sessions,
+            "counters": {
+                "sessions_created": s.created,
+                "sessions_reused": s.reused,
+                "lookups": {"found": 0, "invalid_format": 0, "never_existed": 0, "deleted": 0},
+                "cleanups": {"succeeded": 0, "failed": 0}
+            }
+        })
+    }
+
+    async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
+        let (token, fault) = {
+            let s = self.lock();
+            (s.token.clone(), s.fault.clone())
+        };
+        if let Some(t) = token {
+            let ok = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v == format!("Bearer {t}"));
+            if !ok {
+                return reply(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            }
+        }
+        let path = req.uri().path().to_owned();
+        if req.method() == hyper::Method::GET && path == "/internal/sessions" {
+            return match fault {
+                Fault::None => json(self.document().to_string()),
+                Fault::Status(code) => {
+                    reply(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), "{\"sessions\": []}")
+                }
+                Fault::Hang => {
+                    self.shutdown.cancelled().await;
+                    reply(StatusCode::SERVICE_UNAVAILABLE, "")
+                }
+                Fault::Garbage => json("<html>not json</html>".to_owned()),
+                Fault::NoSessions => {
+                    json(serde_json::json!({"instance": self.instance(), "boot_id": self.boot_id()}).to_string())
+                }
+                Fault::Redirect => Response::builder()
+                    .status(StatusCode::FOUND)
+                    .header("location", "http://127.0.0.1:1/elsewhere")
+                    .body(Full::new(Bytes::new()).boxed())
+                    .unwrap_or_else(|_| reply(StatusCode::INTERNAL_SERVER_ERROR, "")),
+                Fault::Endless => {
+                    let chunk = Bytes::from(vec![b' '; 64 * 1024]);
+                    let head = futures_util::stream::once(async {
+                        Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"{\"sessions\": [")))
+                    });
+                    let tail = futures_util::stream::repeat_with(move || Ok(Frame::data(chunk.clone())));
+                    use futures_util::StreamExt;
+                    Response::builder()
+                        .status(StatusCode::OK)
+                        .header("content-type", "application/json")
+                        .body(BodyExt::boxed(StreamBody::new(head.chain(tail))))
+                        .unwrap_or_else(|_| reply(StatusCode::INTERNAL_SERVER_ERROR, ""))
+                }
+                Fault::Raw(body) => json(body),
+            };
+        }
+        if req.method() == hyper::Method::POST {
+            if let Some(id) = path.strip_prefix("/internal/sessions/").and_then(|r| r.strip_suffix("/stop")) {
+                let mut s = self.lock();
+                s.stops.push(id.to_owned());
+                if let Some(code) = s.stop_status {
+                    return reply(
+                        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                        "stop refused",
+                    );
+                }
+                return if s.sessions.remove(id).is_some() {
+                    reply(StatusCode::OK, "{\"stopped\": true}")
+                } else {
+                    reply(StatusCode::NOT_FOUND, "{\"error\": \"session not found\"}")
+                };
+            }
+        }
+        reply(StatusCode::NOT_FOUND, "no such endpoint")
+    }
+}
+
+fn json(body: String) -> Response<BoxBody<Bytes, Infallible>> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)).boxed())
+        .unwrap_or_else(|_| reply(StatusCode::INTERNAL_SERVER_ERROR, ""))
+}
+
+fn reply(status: StatusCode, body: &'static str) -> Response<BoxBody<Bytes, Infallible>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed());
+    *r.status_mut() = status;
+    r
+}
