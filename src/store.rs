@@ -543,7 +543,6 @@ impl Store {
                 "SELECT s.session_id FROM sessions s
                    JOIN unnest($1::text[], $2::text[]) AS i(session_id, version) ON i.session_id = s.session_id
                   WHERE s.xmin = i.version::xid
-                    AND s.state IN ('stopped', 'failed', 'deleted')
                     FOR UPDATE OF s",
                 &[&ids, &versions],
             ),
@@ -564,38 +563,51 @@ pub struct ZombieBatch<'a> {
     timeout: Duration,
 }
 
-/// A stopped zombie, for its audit row.
+/// A session the controller stopped, for its row and audit row.
 pub struct StoppedZombie {
     pub id: String,
+    /// The row's state as classified.
     pub state: RowState,
+    /// Also mark the row stopped (a duplicate); otherwise only touch it.
+    pub end_row: bool,
+    /// The finding kind, for the audit row.
+    pub reason: &'static str,
     pub details: serde_json::Value,
 }
 
 impl ZombieBatch<'_> {
-    /// Marks the stopped zombies' rows as touched (so their version changes) and
-    /// writes their audit rows, then commits.
+    /// Updates the rows of the stopped sessions — touched, so their version
+    /// changes, or ended for duplicates — and writes their audit rows, then commits.
     pub async fn finish(self, stopped: &[StoppedZombie], audit: &AuditContext) -> Result<(), StoreError> {
-        const WHAT: &str = "record stopped zombies";
+        const WHAT: &str = "record stopped sessions";
         let ids: Vec<&str> = stopped.iter().map(|z| z.id.as_str()).collect();
         let states: Vec<&str> = stopped.iter().map(|z| z.state.as_str()).collect();
+        let ends: Vec<bool> = stopped.iter().map(|z| z.end_row).collect();
+        let reasons: Vec<&str> = stopped.iter().map(|z| z.reason).collect();
         let details: Vec<String> = stopped.iter().map(|z| z.details.to_string()).collect();
         let timeout = self.timeout;
         if !stopped.is_empty() {
+            let params: [&(dyn ToSql + Sync); 6] = [&ids, &states, &ends, &reasons, &details, &audit.actor];
             tokio::time::timeout(
                 timeout,
                 self.tx.execute(
                     "WITH input AS (
-                         SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS t(session_id, state, details)
+                         SELECT * FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[], $5::text[])
+                             AS t(session_id, state, end_row, reason, details)
                      ),
                      touched AS (
-                         UPDATE sessions s SET updated_at = now()
+                         UPDATE sessions s
+                            SET updated_at = now(),
+                                state = CASE WHEN i.end_row THEN 'stopped' ELSE s.state END,
+                                ended_at = CASE WHEN i.end_row THEN coalesce(s.ended_at, now()) ELSE s.ended_at END,
+                                end_reason = CASE WHEN i.end_row THEN i.reason ELSE s.end_reason END
                            FROM input i WHERE s.session_id = i.session_id
-                         RETURNING s.session_id
+                         RETURNING s.session_id, s.state
                      )
                      INSERT INTO session_audit (session_id, old_state, new_state, trigger, actor, reason, details)
-                     SELECT i.session_id, i.state, i.state, 'reconciler', $4, 'zombie', i.details::jsonb
+                     SELECT i.session_id, i.state, t.state, 'reconciler', $6, i.reason, i.details::jsonb
                        FROM touched t JOIN input i ON i.session_id = t.session_id",
-                    &[&ids, &states, &details, &audit.actor],
+                    &params,
                 ),
             )
             .await

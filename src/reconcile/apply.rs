@@ -12,6 +12,7 @@ use futures_util::StreamExt;
 
 use crate::config::Config;
 use crate::controller::ControllerClient;
+use crate::model::{RowState, SessionId};
 use crate::reconcile::classify::{Decision, Finding, Repair};
 use crate::reconcile::FindingResult;
 use crate::store::{AuditContext, Outcome, RowInsert, RowUpdate, StoppedZombie, Store};
@@ -163,47 +164,49 @@ pub async fn apply(
                 }
             };
             // Stop only the zombies whose rows are still as classified.
-            let to_stop: Vec<(usize, crate::model::SessionId, crate::model::RowState)> = chunk
+            let to_stop: Vec<(usize, SessionId, RowState, bool)> = chunk
                 .iter()
                 .filter_map(|&i| match &results[i].finding.repair {
-                    Some(Repair::StopLive { id, row_state, .. }) if batch.locked.contains(id.as_str()) => {
-                        Some((i, id.clone(), *row_state))
+                    Some(Repair::StopLive { id, row_state, end_row, .. }) if batch.locked.contains(id.as_str()) => {
+                        Some((i, id.clone(), *row_state, *end_row))
                     }
                     _ => None,
                 })
                 .collect();
-            let answers: Vec<(usize, crate::model::RowState, Result<u16, String>)> =
-                futures_util::stream::iter(to_stop.into_iter().map(|(i, id, state)| async move {
-                    (i, state, client.stop(ctrl, &id).await.map_err(|e| e.to_string()))
+            let answers: Vec<(usize, RowState, bool, Result<u16, String>)> =
+                futures_util::stream::iter(to_stop.into_iter().map(|(i, id, state, end_row)| async move {
+                    (i, state, end_row, client.stop(ctrl, &id).await.map_err(|e| e.to_string()))
                 }))
                 .buffer_unordered(STOP_CONCURRENCY)
                 .collect()
                 .await;
             let mut stopped = Vec::new();
-            for (i, state, answer) in &answers {
+            let mut stopped_idx = Vec::new();
+            for (i, state, end_row, answer) in answers {
                 match answer {
                     Ok(status) => {
-                        let mut d = details(&results[*i].finding);
+                        let mut d = details(&results[i].finding);
                         d["stop_status"] = serde_json::json!(status);
+                        stopped_idx.push(i);
                         stopped.push(StoppedZombie {
-                            id: results[*i].finding.subject.clone(),
-                            state: *state,
+                            id: results[i].finding.subject.clone(),
+                            state,
+                            end_row,
+                            reason: results[i].finding.kind.as_str(),
                             details: d,
                         });
                     }
                     Err(e) => {
                         tracing::warn!(controller = %instance, error = %e, "stop request failed");
-                        results[*i].outcome = Some(Outcome::Failed);
-                        results[*i].error = Some(e.clone());
+                        results[i].outcome = Some(Outcome::Failed);
+                        results[i].error = Some(e);
                     }
                 }
             }
             match batch.finish(&stopped, audit).await {
                 Ok(()) => {
-                    for (i, _, answer) in &answers {
-                        if answer.is_ok() {
-                            results[*i].outcome = Some(Outcome::Repaired);
-                        }
+                    for &i in &stopped_idx {
+                        results[i].outcome = Some(Outcome::Repaired);
                     }
                     for &i in chunk {
                         if results[i].outcome.is_none() {
@@ -212,12 +215,11 @@ pub async fn apply(
                     }
                 }
                 Err(e) => {
-                    // The stops went out but their audit rows did not commit. The
-                    // controller reports them gone next pass, so nothing repeats.
-                    tracing::error!(error = %e, "recording stopped zombies failed");
+                    // The stops went out but their rows and audit rows did not
+                    // commit. The controller reports them gone next pass, so
+                    // nothing is stopped twice; the audit gap is logged here.
+                    tracing::error!(error = %e, stopped = stopped_idx.len(), "recording stopped sessions failed");
                     let unset: Vec<usize> = chunk.iter().copied().filter(|&i| results[i].outcome.is_none()).collect();
-                    let stopped_idx: Vec<usize> =
-                        answers.iter().filter(|(_, _, a)| a.is_ok()).map(|(i, _, _)| *i).collect();
                     fail(&mut results, &stopped_idx, &e.to_string());
                     fail(&mut results, &unset, &e.to_string());
                     store_failed = true;

@@ -119,12 +119,10 @@ pub enum Repair {
         state: RowState,
         created_at: DateTime<Utc>,
     },
-    StopLive {
-        id: SessionId,
-        controller_instance: String,
-        row_version: String,
-        row_state: RowState,
-    },
+    /// Ask the controller to stop a session; with `end_row`, also mark its row
+    /// stopped (a duplicate the controller holds). Applies only if the row still
+    /// has `row_version`.
+    StopLive { id: SessionId, controller_instance: String, row_version: String, row_state: RowState, end_row: bool },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -321,7 +319,13 @@ pub fn classify(input: &Input<'_>) -> Classification {
         *live_rows_per_instance.entry(row.controller_instance.as_str()).or_default() += 1;
         if let Some(h) = held.get(row.id.as_str()) {
             if let Some(live) = h.session {
-                if let Some(c) = drift(row, live, h.instance) {
+                if let Some(mut c) = drift(row, live, h.instance) {
+                    let claimed_by = row.controller_instance.as_str();
+                    if claimed_by != h.instance && !reachable.contains_key(claimed_by) {
+                        // The instance the row names may hold the session too.
+                        c.finding.decision =
+                            Decision::Wait { reason: format!("the row's instance {claimed_by} is unreachable") };
+                    }
                     candidates.push(c);
                 }
             }
@@ -437,6 +441,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
                                 controller_instance: inst.name.clone(),
                                 row_version: row.version.clone(),
                                 row_state: row.state,
+                                end_row: false,
                             }),
                         },
                         changed_at: Some(row.changed_at),
@@ -472,6 +477,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
         }
     }
 
+    unpersisted_duplicates(input, &held, &handled_rows, &mut candidates);
     duplicates(input, &held, &handled_rows, &reachable, &dead, &mut candidates);
 
     // Decide: grace, confirmations, policy.
@@ -498,8 +504,8 @@ pub fn classify(input: &Input<'_>) -> Classification {
             Decision::Wait { reason: format!("seen in {} of {} passes", streak.passes, cfg.confirmations) }
         } else if c.finding.kind.policy(cfg) == Policy::Report {
             Decision::Report { reason: "policy is report".into() }
-        } else if c.finding.kind == Kind::Zombie
-            && !c.finding.instance.as_ref().is_some_and(|i| input.stoppable.contains(i))
+        } else if matches!(&c.finding.repair, Some(Repair::StopLive { controller_instance, .. })
+            if !input.stoppable.contains(controller_instance))
         {
             Decision::Report { reason: "no stop_url is configured for this instance".into() }
         } else {
@@ -586,6 +592,50 @@ fn live_state_name(s: LiveState) -> &'static str {
     }
 }
 
+/// A live session with no row whose owner already has a live row that stays, or
+/// that shares its owner with another such session, cannot be inserted: the
+/// one-live-session-per-owner index would refuse it on every pass. It is a
+/// duplicate held by the controller, reported for an operator to resolve, and
+/// the newest session of a row-less owner is the one inserted.
+fn unpersisted_duplicates(
+    input: &Input<'_>,
+    held: &HashMap<&str, Held<'_>>,
+    handled: &BTreeSet<&str>,
+    candidates: &mut [Candidate],
+) {
+    let mut owners_with_row: HashMap<&str, &str> = HashMap::new();
+    for row in input.db.rows.iter().filter(|r| r.state.is_live() && !handled.contains(r.id.as_str())) {
+        let owner =
+            held.get(row.id.as_str()).and_then(|h| h.session).map_or(row.owner_id.as_str(), |s| s.owner_id.as_str());
+        owners_with_row.insert(owner, row.id.as_str());
+    }
+    let mut newest: HashMap<String, (Option<DateTime<Utc>>, String)> = HashMap::new();
+    for c in candidates.iter() {
+        if let (Kind::Unpersisted, Some(Repair::InsertRow { owner_id, .. })) = (c.finding.kind, &c.finding.repair) {
+            let entry = newest.entry(owner_id.clone()).or_insert((c.changed_at, c.finding.subject.clone()));
+            if (c.changed_at, &c.finding.subject) > (entry.0, &entry.1) {
+                *entry = (c.changed_at, c.finding.subject.clone());
+            }
+        }
+    }
+    for c in candidates.iter_mut() {
+        let Some(Repair::InsertRow { owner_id, .. }) = &c.finding.repair else { continue };
+        let detail = if let Some(row) = owners_with_row.get(owner_id.as_str()) {
+            format!("live with no row while its owner has live row {row}; not inserted")
+        } else if newest.get(owner_id).is_some_and(|(_, keep)| keep != &c.finding.subject) {
+            format!(
+                "live with no row, as is a newer session of its owner ({}); only that one is inserted",
+                newest.get(owner_id).map_or("", |(_, k)| k.as_str())
+            )
+        } else {
+            continue;
+        };
+        c.finding.kind = Kind::Duplicate;
+        c.finding.detail = detail;
+        c.finding.repair = None;
+    }
+}
+
 /// More than one live row for an owner: keep the one the controller holds (the
 /// newest of those if it holds several, else the newest row) and stop the rest.
 /// Rows that another finding already stops are left to it, and a group with a
@@ -622,6 +672,28 @@ fn duplicates(
             } else {
                 Decision::Wait { reason: "another row of this owner is on an unreachable instance".into() }
             };
+            // Stopping a row supersedes making it follow the controller.
+            candidates.retain(|c| !(c.finding.kind == Kind::Drift && c.finding.subject == row.id.as_str()));
+            let holder = held.get(row.id.as_str()).map(|h| h.instance);
+            let repair = match holder {
+                // The controller runs it: stop it there, and end its row.
+                Some(instance) => Repair::StopLive {
+                    id: row.id.clone(),
+                    controller_instance: instance.to_owned(),
+                    row_version: row.version.clone(),
+                    row_state: row.state,
+                    end_row: true,
+                },
+                None => Repair::UpdateRow {
+                    id: row.id.clone(),
+                    version: row.version.clone(),
+                    from: row.state,
+                    to: RowState::Stopped,
+                    owner_id: None,
+                    controller_instance: None,
+                    end_reason: Some("duplicate"),
+                },
+            };
             candidates.push(Candidate {
                 finding: Finding {
                     kind: Kind::Duplicate,
@@ -633,15 +705,7 @@ fn duplicates(
                         keep.as_ref().map_or("none", |k| k.as_str())
                     ),
                     decision,
-                    repair: Some(Repair::UpdateRow {
-                        id: row.id.clone(),
-                        version: row.version.clone(),
-                        from: row.state,
-                        to: RowState::Stopped,
-                        owner_id: None,
-                        controller_instance: None,
-                        end_reason: Some("duplicate"),
-                    }),
+                    repair: Some(repair),
                 },
                 changed_at: Some(row.changed_at),
                 explained: Explained::No,

@@ -1,0 +1,220 @@
+//! Test harness: every test gets its own throw-away database on a real
+//! PostgreSQL server, and real simulated controllers over HTTP.
+//!
+//! The server is `SESSIOND_TEST_DATABASE_URL` (default the local one on
+//! 127.0.0.1:5432). If nothing answers there, the harness starts a private server
+//! from the installed binaries in `/tmp/sessiond-test-pg-<uid>` (port
+//! `SESSIOND_TEST_PG_PORT`, default 54329), shared by all test processes through
+//! a file lock and left running for the next run. If there are no binaries
+//! either, the test fails with what to install: it never skips.
+
+#![allow(dead_code)]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sessiond::config::{Config, Overrides};
+use sessiond::pgcluster::PrivateCluster;
+use sessiond::simctl::SimController;
+use tokio_postgres::NoTls;
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+static SERVER: OnceLock<String> = OnceLock::new();
+
+fn probe(url: &str) -> bool {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return false };
+        rt.block_on(async {
+            matches!(
+                tokio::time::timeout(Duration::from_secs(3), tokio_postgres::connect(&url, NoTls)).await,
+                Ok(Ok(_))
+            )
+        })
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+/// The admin URL of the server tests use, starting a private one if needed.
+pub fn server_url() -> String {
+    SERVER
+        .get_or_init(|| {
+            let url = std::env::var("SESSIOND_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+            if probe(&url) {
+                return url;
+            }
+            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+            let dir = PathBuf::from(format!("/tmp/sessiond-test-pg-{uid}"));
+            let port: u16 = std::env::var("SESSIOND_TEST_PG_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(54329);
+            std::fs::create_dir_all("/tmp").ok();
+            let lock_path = PathBuf::from(format!("/tmp/sessiond-test-pg-{uid}.lock"));
+            let lock = std::fs::File::create(&lock_path)
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", lock_path.display()));
+            lock.lock().unwrap_or_else(|e| panic!("cannot lock {}: {e}", lock_path.display()));
+            let cluster = PrivateCluster::new(&dir, port).unwrap_or_else(|e| {
+                panic!("no PostgreSQL answers at {url} and no private server can be started: {e}")
+            });
+            let private = cluster.url("postgres");
+            if !probe(&private) {
+                cluster.start().unwrap_or_else(|e| panic!("no PostgreSQL answers at {url}; starting a private one failed: {e}"));
+            }
+            drop(lock);
+            assert!(probe(&private), "the private PostgreSQL at {private} does not answer");
+            private
+        })
+        .clone()
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    let mut u = reqwest::Url::parse(url).unwrap_or_else(|e| panic!("bad server URL {url}: {e}"));
+    u.set_path(&format!("/{db}"));
+    u.to_string()
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&server_url(), NoTls).await.expect("connect to the admin database");
+    tokio::spawn(conn);
+    client
+}
+
+/// A throw-away database, dropped when this value is.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// A new empty database.
+    pub async fn empty() -> TestDb {
+        let name = format!("sessiond_test_{}", uuid::Uuid::new_v4().simple());
+        admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create the test database");
+        let url = with_db(&server_url(), &name);
+        TestDb { name, url }
+    }
+
+    /// A new database with the reference schema applied.
+    pub async fn migrated() -> TestDb {
+        let db = TestDb::empty().await;
+        let cfg = sessiond::config::DatabaseConfig {
+            url: db.url.clone(),
+            password: None,
+            password_file: None,
+            statement_timeout: Duration::from_secs(10),
+        };
+        let mut store = sessiond::store::Store::connect(&cfg).await.expect("connect");
+        store.migrate().await.expect("migrate");
+        db
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, NoTls).await.expect("connect to the test database");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// Inserts a row with explicit timestamps.
+    pub async fn insert(&self, id: &str, owner: &str, instance: &str, state: &str, created_at: DateTime<Utc>) {
+        let deleted_at = (state == "deleted").then_some(created_at);
+        self.client()
+            .await
+            .execute(
+                "INSERT INTO sessions (session_id, owner_id, controller_instance, state, created_at, updated_at, deleted_at)
+                 VALUES ($1, $2, $3, $4, $5, $5, $6)",
+                &[&id, &owner, &instance, &state, &created_at, &deleted_at],
+            )
+            .await
+            .expect("insert a session row");
+    }
+
+    /// The state of a row, or None if it does not exist.
+    pub async fn state(&self, id: &str) -> Option<String> {
+        self.client()
+            .await
+            .query_opt("SELECT state FROM sessions WHERE session_id = $1", &[&id])
+            .await
+            .expect("read a row")
+            .map(|r| r.get(0))
+    }
+
+    /// (old_state, new_state, reason) of every audit row for `id`, oldest first.
+    pub async fn audit(&self, id: &str) -> Vec<(Option<String>, Option<String>, String)> {
+        self.client()
+            .await
+            .query(
+                "SELECT old_state, new_state, reason FROM session_audit WHERE session_id = $1 ORDER BY id",
+                &[&id],
+            )
+            .await
+            .expect("read the audit trail")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    pub async fn audit_count(&self) -> i64 {
+        self.client().await.query_one("SELECT count(*) FROM session_audit", &[]).await.expect("count audit").get(0)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let url = server_url();
+        // Drop runs outside any runtime (or while one unwinds): use a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async {
+                if let Ok((client, conn)) = tokio_postgres::connect(&url, NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// A valid session id, distinct per `n`.
+pub fn sid(n: u32) -> String {
+    format!("exec_20261121_095958_{n:08x}")
+}
+
+/// `seconds` ago.
+pub fn ago(seconds: i64) -> DateTime<Utc> {
+    Utc::now() - chrono::Duration::seconds(seconds)
+}
+
+/// A config for these controllers and this database. `extra` is TOML appended
+/// under `[reconcile]` (e.g. `"grace = \"0s\""`).
+pub fn config_text(db: &TestDb, ctrls: &[&SimController], reconcile: &str) -> String {
+    let mut s = format!(
+        "[daemon]\ninterval = \"1s\"\n\n[database]\nurl = \"{}\"\nstatement_timeout = \"5s\"\n\n",
+        db.url
+    );
+    for c in ctrls {
+        s.push_str(&format!(
+            "[[controller]]\nname = \"{}\"\nurl = \"{}\"\nstop_url = \"{}\"\ntimeout = \"2s\"\n\n",
+            c.instance(),
+            c.url(),
+            c.stop_url()
+        ));
+    }
+    s.push_str(&format!("[reconcile]\n{reconcile}\n"));
+    s
+}
+
+pub fn config(db: &TestDb, ctrls: &[&SimController], reconcile: &str) -> Arc<Config> {
+    let text = config_text(db, ctrls, reconcile);
+    Arc::new(
+        Config::from_toml(std::path::Path::new("test.toml"), &text, &Overrides::default())
+            .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{text}")),
+    )
+}
+
+/// Settings that let a single `once`-style pass act immediately.
+pub const IMMEDIATE: &str = "grace = \"0s\"\nconfirmations = 1";
