@@ -56,12 +56,13 @@ pub fn server_url() -> String {
             let lock = std::fs::File::create(&lock_path)
                 .unwrap_or_else(|e| panic!("cannot create {}: {e}", lock_path.display()));
             lock.lock().unwrap_or_else(|e| panic!("cannot lock {}: {e}", lock_path.display()));
-            let cluster = PrivateCluster::new(&dir, port).unwrap_or_else(|e| {
-                panic!("no PostgreSQL answers at {url} and no private server can be started: {e}")
-            });
+            let cluster = PrivateCluster::new(&dir, port)
+                .unwrap_or_else(|e| panic!("no PostgreSQL answers at {url} and no private server can be started: {e}"));
             let private = cluster.url("postgres");
             if !probe(&private) {
-                cluster.start().unwrap_or_else(|e| panic!("no PostgreSQL answers at {url}; starting a private one failed: {e}"));
+                cluster
+                    .start()
+                    .unwrap_or_else(|e| panic!("no PostgreSQL answers at {url}; starting a private one failed: {e}"));
             }
             drop(lock);
             assert!(probe(&private), "the private PostgreSQL at {private} does not answer");
@@ -145,10 +146,7 @@ impl TestDb {
     pub async fn audit(&self, id: &str) -> Vec<(Option<String>, Option<String>, String)> {
         self.client()
             .await
-            .query(
-                "SELECT old_state, new_state, reason FROM session_audit WHERE session_id = $1 ORDER BY id",
-                &[&id],
-            )
+            .query("SELECT old_state, new_state, reason FROM session_audit WHERE session_id = $1 ORDER BY id", &[&id])
             .await
             .expect("read the audit trail")
             .iter()
@@ -192,10 +190,8 @@ pub fn ago(seconds: i64) -> DateTime<Utc> {
 /// A config for these controllers and this database. `extra` is TOML appended
 /// under `[reconcile]` (e.g. `"grace = \"0s\""`).
 pub fn config_text(db: &TestDb, ctrls: &[&SimController], reconcile: &str) -> String {
-    let mut s = format!(
-        "[daemon]\ninterval = \"1s\"\n\n[database]\nurl = \"{}\"\nstatement_timeout = \"5s\"\n\n",
-        db.url
-    );
+    let mut s =
+        format!("[daemon]\ninterval = \"1s\"\n\n[database]\nurl = \"{}\"\nstatement_timeout = \"5s\"\n\n", db.url);
     for c in ctrls {
         s.push_str(&format!(
             "[[controller]]\nname = \"{}\"\nurl = \"{}\"\nstop_url = \"{}\"\ntimeout = \"2s\"\n\n",
