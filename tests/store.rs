@@ -1,0 +1,109 @@
+//! The store's write paths at the edges: the one-live-session-per-owner index
+//! refusing a repair is a conflict for that row only, never a failed batch.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{ago, config, sid, TestDb, IMMEDIATE};
+use sessiond::config::DatabaseConfig;
+use sessiond::model::{RowState, SessionId};
+use sessiond::reconcile::Reconciler;
+use sessiond::simctl::SimController;
+use sessiond::store::{AuditContext, Outcome, RowUpdate, Store};
+
+async fn store(db: &TestDb) -> Store {
+    let cfg = DatabaseConfig {
+        url: db.url.clone(),
+        password: None,
+        password_file: None,
+        statement_timeout: Duration::from_secs(5),
+    };
+    Store::connect(&cfg).await.expect("connect")
+}
+
+async fn version(db: &TestDb, id: &str) -> String {
+    db.client()
+        .await
+        .query_one("SELECT xmin::text FROM sessions WHERE session_id = $1", &[&id])
+        .await
+        .expect("read xmin")
+        .get(0)
+}
+
+#[tokio::test]
+async fn an_owner_change_onto_an_owner_with_a_live_row_is_a_conflict_and_the_rest_of_the_batch_applies() {
+    let db = TestDb::migrated().await;
+    db.insert(&sid(1), "u1", "a", "active", ago(600)).await;
+    db.insert(&sid(2), "u2", "a", "active", ago(600)).await;
+    db.insert(&sid(3), "u3", "a", "active", ago(600)).await;
+    let update = |id: u32, v: String, owner: Option<&str>, to: RowState| RowUpdate {
+        id: SessionId::from_row(sid(id)),
+        version: v,
+        from: RowState::Active,
+        to,
+        owner_id: owner.map(str::to_owned),
+        controller_instance: None,
+        end_reason: None,
+        reason: "drift",
+        details: serde_json::json!({}),
+    };
+    let batch = vec![
+        update(1, version(&db, &sid(1)).await, Some("u2"), RowState::Active), // u2 already has a live row
+        update(3, version(&db, &sid(3)).await, None, RowState::Paused),
+    ];
+    let audit = AuditContext { actor: "test".into(), pass_id: "p".into() };
+
+    let outcomes = store(&db).await.update_rows(&batch, &audit).await.expect("no error for a unique violation");
+
+    assert_eq!(outcomes, [Outcome::Conflict, Outcome::Repaired]);
+    assert_eq!(db.state(&sid(3)).await.as_deref(), Some("paused"));
+    assert_eq!(db.audit(&sid(1)).await, []);
+    assert_eq!(db.audit(&sid(3)).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_backfill_racing_the_applications_own_insert_for_that_owner_is_a_conflict() {
+    let db = TestDb::migrated().await;
+    let a = SimController::start("ctrl-a").await.expect("controller");
+    a.add(&sid(1), "u1", "running", Some(ago(600)));
+    let cfg = config(&db, &[&a], IMMEDIATE);
+
+    // The application inserts a live row for the same owner and has not committed yet.
+    let mut app = db.client().await;
+    let tx = app.transaction().await.expect("begin");
+    tx.execute(
+        "INSERT INTO sessions (session_id, owner_id, controller_instance, state) VALUES ($1, 'u1', 'ctrl-a', 'active')",
+        &[&sid(2)],
+    )
+    .await
+    .expect("the application's insert");
+    let pass = tokio::spawn(async move { Reconciler::new(cfg).expect("reconciler").pass(false, false, false).await });
+    let c = db.client().await;
+    let mut blocked = false;
+    for _ in 0..200 {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                   AND application_name = 'sessiond' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if n > 0 {
+            blocked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(blocked, "the backfill waited on the application's insert");
+    tx.commit().await.expect("commit");
+    let rep = pass.await.expect("the pass");
+
+    let outcomes: Vec<String> =
+        rep.outcomes_by_kind().into_iter().map(|((k, o), n)| format!("{}.{o}={n}", k.as_str())).collect();
+    assert_eq!(outcomes, ["unpersisted.conflict=1"]);
+    assert_eq!(db.state(&sid(1)).await, None);
+    assert_eq!(db.state(&sid(2)).await.as_deref(), Some("active"), "the application's row stands");
+}
