@@ -154,6 +154,20 @@ async fn run_daemon(path: PathBuf, cfg: Config) -> ExitCode {
         database = %cfg.database.url,
         "sessiond starting"
     );
+    let listener = match crate::http::bind(cfg.daemon.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("sessiond: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let shared = match crate::http::Shared::new(&cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sessiond: cannot set up metrics: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
     let reconciler = match Reconciler::new(Arc::new(cfg)) {
         Ok(r) => r,
         Err(e) => {
@@ -161,8 +175,14 @@ async fn run_daemon(path: PathBuf, cfg: Config) -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
+    tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics /healthz /readyz /status");
+    let server = tokio::spawn(crate::http::serve(listener, Arc::clone(&shared), shutdown.clone()));
     let source = crate::daemon::ReloadSource { path, overrides: Overrides::from_env() };
-    crate::daemon::run(reconciler, shutdown, reload_rx, source, &mut ()).await;
+    let mut observer = Arc::clone(&shared);
+    crate::daemon::run(reconciler, shutdown, reload_rx, source, &mut observer).await;
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "http server task failed");
+    }
     ExitCode::SUCCESS
 }
 

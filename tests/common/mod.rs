@@ -214,3 +214,98 @@ pub fn config(db: &TestDb, ctrls: &[&SimController], reconcile: &str) -> Arc<Con
 
 /// Settings that let a single `once`-style pass act immediately.
 pub const IMMEDIATE: &str = "grace = \"0s\"\nconfirmations = 1";
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A `sessiond run` process, killed on drop.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `sessiond run` with `config` (its `[daemon]` table is replaced so the
+    /// daemon listens on a free port) and waits until /healthz answers.
+    pub async fn start(config: &str) -> Daemon {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut text = String::new();
+        let mut skipping = false;
+        for line in config.lines() {
+            if line.starts_with('[') {
+                skipping = line == "[daemon]";
+            }
+            if !skipping {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        let text = format!("[daemon]\ninterval = \"500ms\"\nlisten = \"127.0.0.1:{port}\"\n\n{text}");
+        let path = dir.path().join("sessiond.toml");
+        std::fs::write(&path, text).expect("write the config");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sessiond"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("SESSIOND_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn sessiond run");
+        let d = Daemon { child, port, dir };
+        for _ in 0..100 {
+            if d.get("/healthz").await.is_some() {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("sessiond run never answered /healthz on port {port}");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// (status, content type, body) of a GET, or None if nothing answered.
+    pub async fn get(&self, path: &str) -> Option<(u16, String, String)> {
+        let resp = reqwest::get(self.url(path)).await.ok()?;
+        let status = resp.status().as_u16();
+        let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        Some((status, ct, resp.text().await.ok()?))
+    }
+
+    /// Waits until /readyz says ready.
+    pub async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if let Some((200, _, _)) = self.get("/readyz").await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("sessiond never became ready: {:?}", self.get("/readyz").await);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The path of an external tool the tests need, or a failure saying what to install.
+pub fn tool(name: &str, package: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "{name} is not installed: install Debian's `{package}` package (apt-get install {package}); .ci/run does this"
+    );
+}

@@ -1,0 +1,240 @@
+//! The HTTP endpoints: `/metrics`, `/healthz` (the process is alive), `/readyz` (a
+//! pass completed recently and could read the database), and `/status` (the last
+//! pass as JSON).
+//!
+//! Every answer comes from memory: what the last pass recorded. A scrape never
+//! waits on the database or a controller. Connections get a header-read timeout,
+//! a per-connection failure is logged and never stops the accept loop, and on
+//! shutdown open connections are drained gracefully, with a bound on the wait.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::daemon::PassObserver;
+use crate::metrics::{Metrics, CONTENT_TYPE};
+use crate::reconcile::PassReport;
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a whole connection may stay open; scrapers reconnect.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+/// How long shutdown waits for open connections to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct LastPass {
+    ended: Instant,
+    database_up: bool,
+    outcome: &'static str,
+    status: serde_json::Value,
+}
+
+/// What the endpoints serve, shared between the pass loop and the server.
+pub struct Shared {
+    pub metrics: Metrics,
+    interval: RwLock<Duration>,
+    last: RwLock<Option<LastPass>>,
+    started: Instant,
+}
+
+impl Shared {
+    pub fn new(cfg: &Config) -> Result<Arc<Shared>, prometheus::Error> {
+        let metrics = Metrics::new()?;
+        metrics.observe_config(cfg);
+        Ok(Arc::new(Shared {
+            metrics,
+            interval: RwLock::new(cfg.daemon.interval),
+            last: RwLock::new(None),
+            started: Instant::now(),
+        }))
+    }
+
+    /// Records a finished pass for metrics, readiness and status.
+    pub fn record(&self, report: &PassReport) {
+        let ended_unix = report.started_at.timestamp_millis() as f64 / 1000.0 + report.duration_seconds;
+        self.metrics.record_pass(report, ended_unix);
+        let status = status_document(report);
+        *self.last.write().unwrap_or_else(|p| p.into_inner()) = Some(LastPass {
+            ended: Instant::now(),
+            database_up: report.database_up,
+            outcome: report.outcome.as_str(),
+            status,
+        });
+    }
+
+    pub fn set_config(&self, cfg: &Config) {
+        self.metrics.observe_config(cfg);
+        *self.interval.write().unwrap_or_else(|p| p.into_inner()) = cfg.daemon.interval;
+    }
+
+    /// `Ok` when a pass ended recently and could read the database; otherwise why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        let interval = *self.interval.read().unwrap_or_else(|p| p.into_inner());
+        let stale_after = (interval * 3).max(Duration::from_secs(30));
+        let last = self.last.read().unwrap_or_else(|p| p.into_inner());
+        match &*last {
+            None => Err(format!(
+                "no pass has completed yet (running for {})",
+                humantime::format_duration(Duration::from_secs(self.started.elapsed().as_secs()))
+            )),
+            Some(p) if !p.database_up => {
+                Err(format!("the last pass could not read the database (outcome {})", p.outcome))
+            }
+            Some(p) if p.ended.elapsed() > stale_after => Err(format!(
+                "the last pass ended {} ago, more than {} (3 intervals)",
+                humantime::format_duration(Duration::from_secs(p.ended.elapsed().as_secs())),
+                humantime::format_duration(stale_after)
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let last = self.last.read().unwrap_or_else(|p| p.into_inner());
+        let ready = self.readiness();
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "ready": ready.is_ok(),
+            "not_ready_reason": ready.err(),
+            "last_pass": last.as_ref().map(|p| p.status.clone()),
+        })
+    }
+}
+
+/// The daemon loop reports passes and reloads here.
+impl PassObserver for Arc<Shared> {
+    fn pass_finished(&mut self, report: &PassReport) {
+        self.record(report);
+    }
+    fn config_reloaded(&mut self, config: &Arc<Config>) {
+        self.set_config(config);
+    }
+}
+
+/// The `/status` document for a pass: the summary, not every finding.
+pub fn status_document(r: &PassReport) -> serde_json::Value {
+    let findings: serde_json::Map<String, serde_json::Value> =
+        r.findings_by_kind().into_iter().map(|(k, n)| (k.as_str().to_owned(), n.into())).collect();
+    let mut repairs = serde_json::Map::new();
+    for ((k, o), n) in r.outcomes_by_kind() {
+        let entry = repairs.entry(k.as_str().to_owned()).or_insert_with(|| serde_json::json!({}));
+        entry[o] = n.into();
+    }
+    let guard: serde_json::Map<String, serde_json::Value> = r
+        .guard_tripped
+        .iter()
+        .map(|(c, kinds)| (c.clone(), kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>().into()))
+        .collect();
+    serde_json::json!({
+        "pass_id": r.pass_id,
+        "started_at": r.started_at,
+        "duration_seconds": r.duration_seconds,
+        "outcome": r.outcome.as_str(),
+        "error": r.error,
+        "mode": r.mode,
+        "database_up": r.database_up,
+        "controllers": r.instances.iter().map(|i| serde_json::json!({
+            "name": i.name,
+            "up": i.reachable,
+            "error": i.error,
+            "sessions": i.sessions,
+            "restarted": i.restarted,
+        })).collect::<Vec<_>>(),
+        "rows_by_state": r.rows_by_state,
+        "findings_by_kind": findings,
+        "repairs_by_kind": repairs,
+        "guard_tripped": guard,
+        "probes": r.probes,
+    })
+}
+
+fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+const INDEX: &str = "sessiond\n\n/metrics  Prometheus metrics\n/healthz  liveness\n/readyz   readiness\n/status   the last pass, as JSON\n";
+
+/// Answers one request.
+pub fn handle(shared: &Shared, req: &Request<impl hyper::body::Body>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "method not allowed\n");
+        r.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    match req.uri().path() {
+        "/metrics" => text(StatusCode::OK, CONTENT_TYPE, shared.metrics.render()),
+        "/healthz" => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
+        "/readyz" => match shared.readiness() {
+            Ok(()) => text(StatusCode::OK, "text/plain; charset=utf-8", "ready\n"),
+            Err(why) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", format!("not ready: {why}\n"))
+            }
+        },
+        "/status" => text(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_vec_pretty(&shared.status()).unwrap_or_else(|_| b"{}".to_vec()),
+        ),
+        "/" => text(StatusCode::OK, "text/plain; charset=utf-8", INDEX),
+        _ => text(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n"),
+    }
+}
+
+/// Binds the listen address, naming it in the error.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// Serves until `shutdown` fires, then drains open connections.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = Arc::clone(&shared);
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let resp = handle(&shared, &req);
+            async move { Ok::<_, Infallible>(resp) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "http connection ended with an error"),
+                Err(_) => tracing::debug!(peer = %peer, "http connection closed after its lifetime"),
+            }
+        });
+    }
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("http connections did not drain in time; closing them");
+    }
+}

@@ -1,0 +1,303 @@
+//! The Prometheus metrics: one struct of typed handles, registered once, updated
+//! from each pass's report. A scrape only renders what the last pass recorded; it
+//! never waits on the database or a controller.
+//!
+//! Labels are bounded: finding kinds, outcomes, states and configured controller
+//! names. No label ever carries a session id or an owner id. The label for a
+//! controller is `controller`, because Prometheus owns `instance` and `job`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::config::Config;
+use crate::model::AppCounters;
+use crate::reconcile::classify::Kind;
+use crate::reconcile::{PassOutcome, PassReport, LIVE_ROW_STATES};
+
+/// The content type of `/metrics`: the text exposition format 0.0.4.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Repair outcomes, the values of `sessiond_repairs_total{outcome}`.
+pub const REPAIR_OUTCOMES: [&str; 5] = ["repaired", "conflict", "failed", "guarded", "reported"];
+
+/// Lookup results and reasons, as the application's API would answer.
+const LOOKUP_LABELS: [(&str, &str); 4] =
+    [("found", "exists"), ("not_found", "never_existed"), ("not_found", "deleted"), ("not_found", "invalid_format")];
+
+pub struct Metrics {
+    registry: Registry,
+    passes: IntCounterVec,
+    duration: Histogram,
+    last_success: Gauge,
+    interval: Gauge,
+    controller_up: IntGaugeVec,
+    database_up: IntGauge,
+    sessions: IntGaugeVec,
+    discrepancies: IntGaugeVec,
+    repairs: IntCounterVec,
+    guard: IntGaugeVec,
+    probes: IntCounterVec,
+    app_created: IntCounterVec,
+    app_reused: IntCounterVec,
+    app_lookups: IntCounterVec,
+    app_cleanups: IntCounterVec,
+    /// The last counters seen per controller, with the boot id they belong to.
+    app_last: Mutex<HashMap<String, (String, AppCounters)>>,
+    controllers: Mutex<BTreeSet<String>>,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help)
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let build_info = IntGaugeVec::new(
+            opts("sessiond_build_info", "Always 1; the version label is the running sessiond's version."),
+            &["version"],
+        )?;
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let m = Metrics {
+            passes: IntCounterVec::new(
+                opts("sessiond_reconcile_passes_total", "Reconciliation passes, by outcome (ok, partial, failed)."),
+                &["outcome"],
+            )?,
+            duration: Histogram::with_opts(
+                HistogramOpts::new("sessiond_reconcile_pass_duration_seconds", "Duration of a reconciliation pass.")
+                    .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
+            )?,
+            last_success: Gauge::with_opts(opts(
+                "sessiond_reconcile_last_success_timestamp_seconds",
+                "Unix time at which the last pass that read the database and classified (ok or partial) ended.",
+            ))?,
+            interval: Gauge::with_opts(opts(
+                "sessiond_reconcile_interval_seconds",
+                "The configured time between pass starts.",
+            ))?,
+            controller_up: IntGaugeVec::new(
+                opts(
+                    "sessiond_controller_up",
+                    "1 if the controller instance answered the last pass with a usable list.",
+                ),
+                &["controller"],
+            )?,
+            database_up: IntGauge::with_opts(opts(
+                "sessiond_database_up",
+                "1 if the last pass could read the database.",
+            ))?,
+            sessions: IntGaugeVec::new(
+                opts(
+                    "sessiond_sessions",
+                    "Live sessions in the last pass: held by the controllers (source=controller), \
+                     or live rows (source=database), by state.",
+                ),
+                &["source", "state"],
+            )?,
+            discrepancies: IntGaugeVec::new(
+                opts("sessiond_discrepancies", "Findings of the last pass, by kind."),
+                &["kind"],
+            )?,
+            repairs: IntCounterVec::new(
+                opts(
+                    "sessiond_repairs_total",
+                    "What became of findings that have a repair: repaired, conflict (the row changed since it was \
+                     read), failed, guarded (held back by the mass-repair guard) or reported (policy, observe mode \
+                     or dry run).",
+                ),
+                &["kind", "outcome"],
+            )?,
+            guard: IntGaugeVec::new(
+                opts(
+                    "sessiond_repair_guard_tripped",
+                    "1 if the mass-repair guard held back repairs for the controller in the last pass.",
+                ),
+                &["controller"],
+            )?,
+            probes: IntCounterVec::new(
+                opts(
+                    "sessiond_lookup_probes_total",
+                    "Every live controller session looked up in the database each pass, as the application's API \
+                     would: found, or not_found with the reason.",
+                ),
+                &["result", "reason"],
+            )?,
+            app_created: IntCounterVec::new(
+                opts(
+                    "sessiond_app_sessions_created_total",
+                    "Sessions the application created, as its controller reports.",
+                ),
+                &["controller"],
+            )?,
+            app_reused: IntCounterVec::new(
+                opts(
+                    "sessiond_app_sessions_reused_total",
+                    "Sessions the application reused instead of creating, as its controller reports.",
+                ),
+                &["controller"],
+            )?,
+            app_lookups: IntCounterVec::new(
+                opts(
+                    "sessiond_app_lookups_total",
+                    "Session lookups the application answered, as its controller reports.",
+                ),
+                &["controller", "result", "reason"],
+            )?,
+            app_cleanups: IntCounterVec::new(
+                opts("sessiond_app_cleanups_total", "Session cleanups the application ran, as its controller reports."),
+                &["controller", "outcome"],
+            )?,
+            app_last: Mutex::new(HashMap::new()),
+            controllers: Mutex::new(BTreeSet::new()),
+            registry,
+        };
+        m.registry.register(Box::new(build_info))?;
+        m.registry.register(Box::new(m.passes.clone()))?;
+        m.registry.register(Box::new(m.duration.clone()))?;
+        m.registry.register(Box::new(m.last_success.clone()))?;
+        m.registry.register(Box::new(m.interval.clone()))?;
+        m.registry.register(Box::new(m.controller_up.clone()))?;
+        m.registry.register(Box::new(m.database_up.clone()))?;
+        m.registry.register(Box::new(m.sessions.clone()))?;
+        m.registry.register(Box::new(m.discrepancies.clone()))?;
+        m.registry.register(Box::new(m.repairs.clone()))?;
+        m.registry.register(Box::new(m.guard.clone()))?;
+        m.registry.register(Box::new(m.probes.clone()))?;
+        m.registry.register(Box::new(m.app_created.clone()))?;
+        m.registry.register(Box::new(m.app_reused.clone()))?;
+        m.registry.register(Box::new(m.app_lookups.clone()))?;
+        m.registry.register(Box::new(m.app_cleanups.clone()))?;
+
+        // Every bounded series exists from the start, so rate() and absent()
+        // behave before the first event of each kind.
+        for outcome in [PassOutcome::Ok, PassOutcome::Partial, PassOutcome::Failed] {
+            m.passes.with_label_values(&[outcome.as_str()]);
+        }
+        for kind in Kind::ALL {
+            m.discrepancies.with_label_values(&[kind.as_str()]).set(0);
+        }
+        for kind in Kind::REPAIRABLE {
+            for outcome in REPAIR_OUTCOMES {
+                m.repairs.with_label_values(&[kind.as_str(), outcome]);
+            }
+        }
+        for (result, reason) in LOOKUP_LABELS {
+            m.probes.with_label_values(&[result, reason]);
+        }
+        for source in ["controller", "database"] {
+            for state in LIVE_ROW_STATES {
+                m.sessions.with_label_values(&[source, state.as_str()]).set(0);
+            }
+        }
+        Ok(m)
+    }
+
+    /// Applies a (re)loaded config: the interval, and the set of controller labels
+    /// (series of controllers no longer configured are removed).
+    pub fn observe_config(&self, cfg: &Config) {
+        self.interval.set(cfg.daemon.interval.as_secs_f64());
+        let wanted: BTreeSet<String> = cfg.controllers.iter().map(|c| c.name.clone()).collect();
+        let mut known = self.controllers.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in known.difference(&wanted) {
+            let _ = self.controller_up.remove_label_values(&[gone]);
+            let _ = self.guard.remove_label_values(&[gone]);
+            let _ = self.app_created.remove_label_values(&[gone]);
+            let _ = self.app_reused.remove_label_values(&[gone]);
+            for (result, reason) in LOOKUP_LABELS {
+                let _ = self.app_lookups.remove_label_values(&[gone, result, reason]);
+            }
+            for outcome in ["succeeded", "failed"] {
+                let _ = self.app_cleanups.remove_label_values(&[gone, outcome]);
+            }
+        }
+        for name in wanted.difference(&known) {
+            self.controller_up.with_label_values(&[name]).set(0);
+            self.guard.with_label_values(&[name]).set(0);
+        }
+        *known = wanted;
+    }
+
+    /// Records one pass.
+    pub fn record_pass(&self, report: &PassReport, ended_unix: f64) {
+        self.passes.with_label_values(&[report.outcome.as_str()]).inc();
+        self.duration.observe(report.duration_seconds);
+        self.database_up.set(i64::from(report.database_up));
+        if report.outcome != PassOutcome::Failed {
+            self.last_success.set(ended_unix);
+        }
+        for inst in &report.instances {
+            self.controller_up.with_label_values(&[&inst.name]).set(i64::from(inst.reachable));
+            self.guard.with_label_values(&[&inst.name]).set(i64::from(report.guard_tripped.contains_key(&inst.name)));
+            if let (Some(boot), Some(c)) = (&inst.boot_id, &inst.counters) {
+                self.record_app_counters(&inst.name, boot, c);
+            }
+        }
+        if report.outcome == PassOutcome::Failed {
+            // Nothing was classified: keep the last known picture of the fleet.
+            return;
+        }
+        for state in LIVE_ROW_STATES {
+            let s = state.as_str();
+            let held: u64 = report.instances.iter().map(|i| i.live_states.get(s).copied().unwrap_or(0)).sum();
+            self.sessions.with_label_values(&["controller", s]).set(held as i64);
+            let rows = report.rows_by_state.get(s).copied().unwrap_or(0);
+            self.sessions.with_label_values(&["database", s]).set(rows as i64);
+        }
+        let by_kind = report.findings_by_kind();
+        for kind in Kind::ALL {
+            self.discrepancies.with_label_values(&[kind.as_str()]).set(by_kind.get(&kind).copied().unwrap_or(0) as i64);
+        }
+        for ((kind, outcome), n) in report.outcomes_by_kind() {
+            self.repairs.with_label_values(&[kind.as_str(), outcome]).inc_by(n);
+        }
+        let p = &report.probes;
+        self.probes.with_label_values(&["found", "exists"]).inc_by(p.found);
+        self.probes.with_label_values(&["not_found", "never_existed"]).inc_by(p.never_existed);
+        self.probes.with_label_values(&["not_found", "deleted"]).inc_by(p.deleted);
+        self.probes.with_label_values(&["not_found", "invalid_format"]).inc_by(p.invalid_format);
+    }
+
+    /// Re-exports the application's cumulative counters. They restart from zero
+    /// when the controller does (a new boot id); we add only what is new since the
+    /// last pass, so the exported counters stay monotonic and `rate()` is right
+    /// across controller restarts.
+    fn record_app_counters(&self, controller: &str, boot: &str, now: &AppCounters) {
+        let mut last = self.app_last.lock().unwrap_or_else(|p| p.into_inner());
+        let zero = AppCounters::default();
+        let prev = match last.get(controller) {
+            Some((b, c)) if b == boot => c,
+            _ => &zero,
+        };
+        let delta = |new: u64, old: u64| if new >= old { new - old } else { new };
+        self.app_created.with_label_values(&[controller]).inc_by(delta(now.sessions_created, prev.sessions_created));
+        self.app_reused.with_label_values(&[controller]).inc_by(delta(now.sessions_reused, prev.sessions_reused));
+        let lookups = [
+            (("found", "exists"), now.lookups_found, prev.lookups_found),
+            (("not_found", "never_existed"), now.lookups_never_existed, prev.lookups_never_existed),
+            (("not_found", "deleted"), now.lookups_deleted, prev.lookups_deleted),
+            (("not_found", "invalid_format"), now.lookups_invalid_format, prev.lookups_invalid_format),
+        ];
+        for ((result, reason), new, old) in lookups {
+            self.app_lookups.with_label_values(&[controller, result, reason]).inc_by(delta(new, old));
+        }
+        self.app_cleanups
+            .with_label_values(&[controller, "succeeded"])
+            .inc_by(delta(now.cleanups_succeeded, prev.cleanups_succeeded));
+        self.app_cleanups
+            .with_label_values(&[controller, "failed"])
+            .inc_by(delta(now.cleanups_failed, prev.cleanups_failed));
+        last.insert(controller.to_owned(), (boot.to_owned(), now.clone()));
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        if let Err(e) = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        buf
+    }
+}
