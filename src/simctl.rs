@@ -159,6 +159,12 @@ impl SimController {
     pub fn reuse(&self) {
         self.lock().reused += 1;
     }
+    /// Advances the application counters without touching the session list.
+    pub fn count(&self, created: u64, reused: u64) {
+        let mut s = self.lock();
+        s.created += created;
+        s.reused += reused;
+    }
     /// Forgets a session (as a cleanup that cleared memory would).
     pub fn remove(&self, id: &str) -> bool {
         self.lock().sessions.remove(id).is_some()

@@ -231,6 +231,11 @@ impl Daemon {
     /// Starts `sessiond run` with `config` (its `[daemon]` table is replaced so the
     /// daemon listens on a free port) and waits until /healthz answers.
     pub async fn start(config: &str) -> Daemon {
+        Daemon::start_with(config, "").await
+    }
+
+    /// As [`Daemon::start`], with extra `[daemon]` keys (e.g. `mode = "observe"`).
+    pub async fn start_with(config: &str, daemon_extra: &str) -> Daemon {
         let port = free_port();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut text = String::new();
@@ -244,7 +249,7 @@ impl Daemon {
                 text.push('\n');
             }
         }
-        let text = format!("[daemon]\ninterval = \"500ms\"\nlisten = \"127.0.0.1:{port}\"\n\n{text}");
+        let text = format!("[daemon]\ninterval = \"500ms\"\nlisten = \"127.0.0.1:{port}\"\n{daemon_extra}\n\n{text}");
         let path = dir.path().join("sessiond.toml");
         std::fs::write(&path, text).expect("write the config");
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_sessiond"))
