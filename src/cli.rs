@@ -161,7 +161,17 @@ async fn run_daemon(path: PathBuf, cfg: Config) -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    let shared = match crate::http::Shared::new(&cfg) {
+    let web = match &cfg.daemon.web_config_file {
+        Some(p) => match crate::web::WebConfig::load(p) {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("sessiond: bad config: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => crate::web::WebConfig::plain(),
+    };
+    let shared = match crate::http::Shared::new(&cfg, web) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("sessiond: cannot set up metrics: {e}");

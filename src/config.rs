@@ -75,6 +75,7 @@ pub struct RawDaemon {
     pub interval: Option<String>,
     pub mode: Option<String>,
     pub listen: Option<String>,
+    pub web_config_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +164,9 @@ pub struct DaemonConfig {
     pub interval: Duration,
     pub mode: Mode,
     pub listen: std::net::SocketAddr,
+    /// TLS and basic auth for the HTTP endpoints, in the Prometheus
+    /// exporter-toolkit web config format (see `web.rs`).
+    pub web_config_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -442,6 +446,14 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
             v.parse().map_err(|_| {
                 ConfigError::at(file, "daemon.listen", format!("{v:?} is not an address like 127.0.0.1:9817"))
             })?
+        },
+        web_config_file: match raw.daemon.web_config_file {
+            Some(p) => {
+                crate::web::WebConfig::load(&p)
+                    .map_err(|e| ConfigError::at(file, "daemon.web_config_file", e.to_string()))?;
+                Some(p)
+            }
+            None => None,
         },
     };
 

@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::daemon::PassObserver;
 use crate::metrics::{Metrics, CONTENT_TYPE};
 use crate::reconcile::PassReport;
+use crate::web::WebConfig;
 
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,17 +43,20 @@ struct LastPass {
 /// What the endpoints serve, shared between the pass loop and the server.
 pub struct Shared {
     pub metrics: Metrics,
+    web: RwLock<WebConfig>,
     interval: RwLock<Duration>,
     last: RwLock<Option<LastPass>>,
     started: Instant,
 }
 
 impl Shared {
-    pub fn new(cfg: &Config) -> Result<Arc<Shared>, prometheus::Error> {
+    /// Metrics and endpoint state for `cfg`, serving with `web` (TLS, basic auth).
+    pub fn new(cfg: &Config, web: WebConfig) -> Result<Arc<Shared>, prometheus::Error> {
         let metrics = Metrics::new()?;
         metrics.observe_config(cfg);
         Ok(Arc::new(Shared {
             metrics,
+            web: RwLock::new(web),
             interval: RwLock::new(cfg.daemon.interval),
             last: RwLock::new(None),
             started: Instant::now(),
@@ -72,9 +76,27 @@ impl Shared {
         });
     }
 
+    /// Applies a reloaded config. The web config file is read again, so new
+    /// certificates and users take effect for new connections; if it no longer
+    /// loads, the running one stays.
     pub fn set_config(&self, cfg: &Config) {
         self.metrics.observe_config(cfg);
         *self.interval.write().unwrap_or_else(|p| p.into_inner()) = cfg.daemon.interval;
+        let web = match &cfg.daemon.web_config_file {
+            Some(path) => match WebConfig::load(path) {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::error!(error = %e, "web config reload rejected; the running one stays");
+                    return;
+                }
+            },
+            None => WebConfig::plain(),
+        };
+        *self.web.write().unwrap_or_else(|p| p.into_inner()) = web;
+    }
+
+    fn web(&self) -> WebConfig {
+        self.web.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// `Ok` when a pass ended recently and could read the database; otherwise why not.
@@ -176,7 +198,19 @@ pub fn handle(shared: &Shared, req: &Request<impl hyper::body::Body>) -> Respons
         r.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
         return r;
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if matches!(path, "/metrics" | "/status") {
+        let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if !shared.web().authorized(header) {
+            let mut r = text(StatusCode::UNAUTHORIZED, "text/plain; charset=utf-8", "unauthorized\n");
+            r.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Basic realm=\"sessiond\""),
+            );
+            return r;
+        }
+    }
+    match path {
         "/metrics" => text(StatusCode::OK, CONTENT_TYPE, shared.metrics.render()),
         "/healthz" => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
         "/readyz" => match shared.readiness() {
@@ -200,6 +234,48 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
+/// The endpoints as a hyper service: every answer is computed in memory.
+#[derive(Clone)]
+struct Endpoints(Arc<Shared>);
+
+impl hyper::service::Service<Request<hyper::body::Incoming>> for Endpoints {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
+        std::future::ready(Ok(handle(&self.0, &req)))
+    }
+}
+
+fn connection<S>(io: S, shared: Arc<Shared>) -> hyper::server::conn::http1::Connection<TokioIo<S>, Endpoints>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(io), Endpoints(shared))
+}
+
+fn spawn_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+) {
+    let conn = graceful.watch(connection(stream, shared));
+    tokio::spawn(finish(conn, peer));
+}
+
+async fn finish(conn: impl std::future::Future<Output = Result<(), hyper::Error>>, peer: SocketAddr) {
+    match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "http connection ended with an error"),
+        Err(_) => tracing::debug!(peer = %peer, "http connection closed after its lifetime"),
+    }
+}
+
 /// Serves until `shutdown` fires, then drains open connections.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -216,23 +292,26 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
                 }
             },
         };
+        let tls = shared.web().tls;
         let shared = Arc::clone(&shared);
-        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            let resp = handle(&shared, &req);
-            async move { Ok::<_, Infallible>(resp) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "http connection ended with an error"),
-                Err(_) => tracing::debug!(peer = %peer, "http connection closed after its lifetime"),
+        match tls {
+            None => spawn_connection(stream, peer, shared, &graceful),
+            Some(acceptor) => {
+                // The handshake runs in its own task, bounded, so a slow client
+                // cannot stall the accept loop.
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            let conn = connection(tls_stream, shared);
+                            finish(watcher.watch(conn), peer).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+                    }
+                });
             }
-        });
+        }
     }
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
         tracing::warn!("http connections did not drain in time; closing them");

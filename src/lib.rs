@@ -18,3 +18,4 @@ pub mod pgcluster;
 pub mod reconcile;
 pub mod simctl;
 pub mod store;
+pub mod web;
