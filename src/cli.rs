@@ -12,6 +12,7 @@ use crate::config::{Config, Overrides};
 use crate::logging::LogFormat;
 use crate::reconcile::{report, PassOutcome, Reconciler};
 use crate::store::Store;
+use crate::systemd::Notifier;
 
 /// Exit code: the pass failed or was partial.
 pub const EXIT_FAILED: u8 = 1;
@@ -138,10 +139,36 @@ async fn migrate(cfg: &Config) -> Result<Vec<i32>, crate::store::StoreError> {
     store.migrate().await
 }
 
+/// What the daemon loop reports to: the exporter's state and systemd.
+struct Hooks {
+    shared: Arc<crate::http::Shared>,
+    notifier: Notifier,
+}
+
+impl crate::daemon::PassObserver for Hooks {
+    fn pass_finished(&mut self, report: &crate::reconcile::PassReport) {
+        self.shared.record(report);
+        self.notifier.status(&report::status_line(report));
+    }
+    fn reloading(&mut self) {
+        self.notifier.reloading();
+    }
+    fn config_reloaded(&mut self, config: &Arc<Config>) {
+        self.shared.set_config(config);
+        self.notifier.ready();
+        self.notifier.status("config reloaded; takes effect at the next pass");
+    }
+    fn reload_rejected(&mut self, error: &str) {
+        self.notifier.ready();
+        self.notifier.status(&format!("config reload rejected, running config kept: {error}"));
+    }
+}
+
 async fn run_daemon(path: PathBuf, cfg: Config) -> ExitCode {
+    let notifier = Notifier::from_env();
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-    if let Err(e) = spawn_signal_handlers(shutdown.clone(), reload_tx) {
+    if let Err(e) = spawn_signal_handlers(shutdown.clone(), reload_tx, notifier) {
         eprintln!("sessiond: cannot install signal handlers: {e}");
         return ExitCode::from(EXIT_FAILED);
     }
@@ -187,28 +214,52 @@ async fn run_daemon(path: PathBuf, cfg: Config) -> ExitCode {
     };
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics /healthz /readyz /status");
     let server = tokio::spawn(crate::http::serve(listener, Arc::clone(&shared), shutdown.clone()));
+
+    // Ready: the config is loaded and the endpoints listen. The database may
+    // still be down; /readyz says so until a pass can read it.
+    notifier.ready();
+    notifier.status("started; first pass running");
+    let progress = crate::daemon::Progress::new();
+    progress.tick();
+    let watchdog = crate::systemd::spawn_watchdog(notifier, progress.clone(), shutdown.clone());
+
     let source = crate::daemon::ReloadSource { path, overrides: Overrides::from_env() };
-    let mut observer = Arc::clone(&shared);
-    crate::daemon::run(reconciler, shutdown, reload_rx, source, &mut observer).await;
+    let mut hooks = Hooks { shared, notifier };
+    crate::daemon::run(reconciler, shutdown, reload_rx, source, &mut hooks, progress).await;
     if let Err(e) = server.await {
         tracing::error!(error = %e, "http server task failed");
+    }
+    if let Some(w) = watchdog {
+        w.abort();
     }
     ExitCode::SUCCESS
 }
 
-/// SIGTERM and SIGINT cancel `shutdown`; SIGHUP sends a reload request.
-fn spawn_signal_handlers(shutdown: CancellationToken, reload: tokio::sync::mpsc::Sender<()>) -> std::io::Result<()> {
+/// SIGTERM and SIGINT tell systemd we are stopping and cancel `shutdown` (the
+/// current pass finishes first); SIGHUP sends a reload request.
+fn spawn_signal_handlers(
+    shutdown: CancellationToken,
+    reload: tokio::sync::mpsc::Sender<()>,
+    notifier: Notifier,
+) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         loop {
-            tokio::select! {
-                _ = term.recv() => { tracing::info!("SIGTERM: finishing the current pass, then exiting"); shutdown.cancel(); }
-                _ = int.recv() => { tracing::info!("SIGINT: finishing the current pass, then exiting"); shutdown.cancel(); }
-                _ = hup.recv() => { let _ = reload.try_send(()); }
-            }
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => {
+                    let _ = reload.try_send(());
+                    continue;
+                }
+            };
+            tracing::info!(signal = name, "finishing the current pass, then exiting");
+            notifier.stopping();
+            notifier.status("stopping");
+            shutdown.cancel();
         }
     });
     Ok(())

@@ -3,10 +3,14 @@
 //! A pass is never cut short: shutdown is only observed between passes, so a
 //! batch in flight commits or rolls back on its own. A failed pass never ends
 //! the loop; repeated failures back off (doubling, capped) so a database outage
-//! is not hammered. SIGHUP re-reads the config: a valid one takes effect at the
-//! next pass, an invalid one is logged and the running config stays.
+//! is not hammered. A reload request re-reads the config: a valid one takes
+//! effect at the next pass, an invalid one is logged and the running config stays.
+//!
+//! The loop ticks a [`Progress`] while it waits and (through the reconciler) at
+//! every stage of a pass; the systemd watchdog is fed from it.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +22,8 @@ use crate::reconcile::{PassOutcome, PassReport, Reconciler};
 
 /// The longest a run of failures stretches the time between passes.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How often the idle loop reports that it is alive.
+const HEARTBEAT: Duration = Duration::from_millis(250);
 
 /// The delay before the next pass after `failures` consecutive failed passes.
 pub fn next_delay(interval: Duration, failures: u32) -> Duration {
@@ -28,11 +34,45 @@ pub fn next_delay(interval: Duration, failures: u32) -> Duration {
     interval.saturating_mul(factor).min(MAX_BACKOFF.max(interval))
 }
 
-/// Hooks the loop calls, so the exporter and systemd integration can observe
-/// passes without the loop knowing about them.
+/// When the pass loop last showed it was making progress.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    base: std::time::Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::new()
+    }
+}
+
+impl Progress {
+    pub fn new() -> Progress {
+        Progress { base: std::time::Instant::now(), last_ms: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// Records progress now.
+    pub fn tick(&self) {
+        let ms = self.base.elapsed().as_millis().min(u128::from(u64::MAX)) as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the last tick.
+    pub fn since_last(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(last)
+    }
+}
+
+/// Hooks the loop calls, so the exporter and the systemd integration can follow
+/// the daemon without the loop knowing about them.
 pub trait PassObserver: Send {
     fn pass_finished(&mut self, _report: &PassReport) {}
+    /// A reload request is being handled.
+    fn reloading(&mut self) {}
     fn config_reloaded(&mut self, _config: &Arc<Config>) {}
+    fn reload_rejected(&mut self, _error: &str) {}
 }
 
 impl PassObserver for () {}
@@ -50,11 +90,17 @@ pub async fn run(
     mut reload: tokio::sync::mpsc::Receiver<()>,
     source: ReloadSource,
     observer: &mut dyn PassObserver,
+    progress: Progress,
 ) {
+    reconciler.set_progress(progress.clone());
     let mut failures: u32 = 0;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let started = Instant::now();
+        progress.tick();
         let report = reconciler.pass(false, false, true).await;
+        progress.tick();
         failures = if report.outcome == PassOutcome::Failed { failures.saturating_add(1) } else { 0 };
         observer.pass_finished(&report);
 
@@ -70,7 +116,9 @@ pub async fn run(
                     return;
                 }
                 _ = tokio::time::sleep_until(next) => break,
+                _ = heartbeat.tick() => progress.tick(),
                 Some(()) = reload.recv() => {
+                    observer.reloading();
                     match Config::load(&source.path, &source.overrides) {
                         Ok(cfg) => {
                             let cfg = Arc::new(cfg);
@@ -78,7 +126,10 @@ pub async fn run(
                             observer.config_reloaded(&cfg);
                             tracing::info!(config = %source.path.display(), "config reloaded; takes effect at the next pass");
                         }
-                        Err(e) => tracing::error!(error = %e, "config reload rejected; the running config stays"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "config reload rejected; the running config stays");
+                            observer.reload_rejected(&e.to_string());
+                        }
                     }
                 }
             }

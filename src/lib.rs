@@ -18,4 +18,5 @@ pub mod pgcluster;
 pub mod reconcile;
 pub mod simctl;
 pub mod store;
+pub mod systemd;
 pub mod web;

@@ -1,19 +1,51 @@
-//! Log set-up: human text or JSON lines on stderr, filtered by `SESSIOND_LOG`
-//! (an `EnvFilter` directive, default `info`).
+//! Log set-up. Under systemd, when `JOURNAL_STREAM` says stderr is the journal,
+//! events go to journald with their fields as journal fields (`PASS_ID=`,
+//! `OUTCOME=`, …) so `journalctl -o verbose` and field matches work. Otherwise
+//! human text or JSON lines on stderr. `SESSIOND_LOG` filters (an `EnvFilter`
+//! directive, default `info`).
 
+use std::os::unix::fs::MetadataExt;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-/// The log line format.
+/// The log line format on stderr.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
 }
 
+fn filter() -> EnvFilter {
+    EnvFilter::try_from_env("SESSIOND_LOG").unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// Whether `JOURNAL_STREAM` (`device:inode`) names the file stderr is connected to.
+pub fn stderr_is_journal() -> bool {
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else { return false };
+    let Some((dev, ino)) = v.split_once(':') else { return false };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else { return false };
+    dev.parse::<u64>().ok() == Some(meta.dev()) && ino.parse::<u64>().ok() == Some(meta.ino())
+}
+
 /// Installs the global subscriber. Calling it twice is harmless (tests do).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("SESSIOND_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if stderr_is_journal() {
+        match tracing_journald::layer() {
+            Ok(journal) => {
+                let _ = tracing_subscriber::registry()
+                    .with(filter())
+                    .with(journal.with_syslog_identifier("sessiond".into()))
+                    .try_init();
+                return;
+            }
+            Err(e) => {
+                eprintln!("sessiond: JOURNAL_STREAM is set but the journal cannot be reached ({e}); logging to stderr")
+            }
+        }
+    }
+    let builder = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.with_target(false).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),

@@ -25,11 +25,11 @@ use crate::model::{BootRecord, BootRecords, DbSnapshot, RowState, SessionId, Ses
 /// A database failure, naming the operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("connect to {url}: {source}")]
+    #[error("connect to {url}: {}", describe(.source))]
     Connect { url: String, source: tokio_postgres::Error },
     #[error("connect to {url}: timed out after {timeout:?}")]
     ConnectTimeout { url: String, timeout: Duration },
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", describe(.source))]
     Query { what: &'static str, source: tokio_postgres::Error },
     #[error("{what}: timed out after {timeout:?}")]
     Timeout { what: &'static str, timeout: Duration },
@@ -39,6 +39,25 @@ pub enum StoreError {
     SchemaTooNew { found: i32, wanted: i32 },
     #[error("row {id} has an unknown state {state:?}")]
     BadRow { id: String, state: String },
+}
+
+/// The server's own words for a database error (its `Display` is only "db
+/// error"), or the client-side cause for anything else.
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(detail) = db.detail() {
+            s.push_str(&format!("; {detail}"));
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        s.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    s
 }
 
 impl StoreError {

@@ -40,7 +40,13 @@ pub async fn apply(
     cfg: &Config,
     audit: &AuditContext,
     findings: Vec<Finding>,
+    progress: Option<&crate::daemon::Progress>,
 ) -> Applied {
+    let tick = || {
+        if let Some(p) = progress {
+            p.tick();
+        }
+    };
     let mut results: Vec<FindingResult> =
         findings.into_iter().map(|finding| FindingResult { finding, outcome: None, error: None }).collect();
     let mut updates: Vec<usize> = Vec::new();
@@ -95,7 +101,9 @@ pub async fn apply(
                 _ => None,
             })
             .collect();
-        match store.update_rows(&batch, audit).await {
+        let result = store.update_rows(&batch, audit).await;
+        tick();
+        match result {
             Ok(outcomes) => record(&mut results, chunk, &outcomes),
             Err(e) => {
                 tracing::error!(error = %e, rows = chunk.len(), "repair batch failed and was rolled back");
@@ -124,7 +132,9 @@ pub async fn apply(
                 _ => None,
             })
             .collect();
-        match store.insert_rows(&batch, audit).await {
+        let result = store.insert_rows(&batch, audit).await;
+        tick();
+        match result {
             Ok(outcomes) => record(&mut results, chunk, &outcomes),
             Err(e) => {
                 tracing::error!(error = %e, rows = chunk.len(), "insert batch failed and was rolled back");
@@ -203,7 +213,9 @@ pub async fn apply(
                     }
                 }
             }
-            match batch.finish(&stopped, audit).await {
+            let result = batch.finish(&stopped, audit).await;
+            tick();
+            match result {
                 Ok(()) => {
                     for &i in &stopped_idx {
                         results[i].outcome = Some(Outcome::Repaired);

@@ -141,6 +141,8 @@ pub struct Reconciler {
     /// `None` until read from the database.
     boots: Option<BootRecords>,
     actor: String,
+    /// Ticked at every stage of a pass, for the watchdog.
+    progress: Option<crate::daemon::Progress>,
 }
 
 impl Reconciler {
@@ -152,11 +154,23 @@ impl Reconciler {
             memory: Memory::default(),
             boots: None,
             actor: format!("sessiond@{}", hostname()),
+            progress: None,
         })
     }
 
     pub fn config(&self) -> &Arc<Config> {
         &self.config
+    }
+
+    /// Reports progress through `progress` at every stage of a pass.
+    pub fn set_progress(&mut self, progress: crate::daemon::Progress) {
+        self.progress = Some(progress);
+    }
+
+    fn tick(&self) {
+        if let Some(p) = &self.progress {
+            p.tick();
+        }
     }
 
     /// Takes a new config from the next pass on. Memory is kept: findings keep
@@ -196,6 +210,7 @@ impl Reconciler {
         // reads is protected by the snapshot-skew rule, and a session created
         // between them is protected by grace.
         let instances = self.client.fetch_all(&cfg.controllers, &cfg.sessions.id_pattern).await;
+        self.tick();
         report.instances = instances.iter().map(instance_report).collect();
 
         match self.read_and_classify(&cfg, &instances, &mut report, read_only, force, require_confirmations).await {
@@ -239,6 +254,9 @@ impl Reconciler {
             .flat_map(|l| l.sessions.iter().map(|s| s.id.as_str()))
             .collect();
         let db = store.snapshot(&live_ids).await?;
+        if let Some(p) = &self.progress {
+            p.tick();
+        }
         report.database_up = true;
         for row in &db.rows {
             *report.rows_by_state.entry(row.state.as_str()).or_default() += 1;
@@ -291,7 +309,8 @@ impl Reconciler {
         self.boots = Some(boots);
 
         let audit = AuditContext { actor: self.actor.clone(), pass_id: report.pass_id.clone() };
-        let applied = apply::apply(store, &self.client, cfg, &audit, classification.findings).await;
+        let applied =
+            apply::apply(store, &self.client, cfg, &audit, classification.findings, self.progress.as_ref()).await;
         if applied.store_failed {
             // The connection may be gone; make a new one next pass.
             self.store = None;
@@ -337,10 +356,12 @@ fn instance_report(s: &InstanceSnapshot) -> InstanceReport {
 
 /// The host name for the audit trail's `actor`.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
+    // /proc/sys is hidden under the unit's ProcSubset=pid; /etc/hostname is not.
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
         .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
+        .find(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "unknown".into())
 }

@@ -59,6 +59,24 @@ fn kv(items: impl Iterator<Item = (String, u64)>) -> String {
     }
 }
 
+/// A one-line summary for systemd's `STATUS=`.
+pub fn status_line(report: &PassReport) -> String {
+    let up = report.instances.iter().filter(|i| i.reachable).count();
+    let findings = kv(report.findings_by_kind().iter().map(|(k, n)| (k.as_str().to_owned(), *n)));
+    let repaired: u64 = report.outcomes_by_kind().iter().filter(|((_, o), _)| *o == "repaired").map(|(_, n)| *n).sum();
+    let mut line = format!(
+        "last pass {} in {:.2}s: {up}/{} controllers up, database {}, findings: {findings}, repaired {repaired}",
+        report.outcome.as_str(),
+        report.duration_seconds,
+        report.instances.len(),
+        if report.database_up { "up" } else { "DOWN" },
+    );
+    if !report.guard_tripped.is_empty() {
+        line.push_str(", GUARD TRIPPED");
+    }
+    line
+}
+
 /// The report as pretty JSON.
 pub fn to_json(report: &PassReport) -> String {
     serde_json::to_string_pretty(report).unwrap_or_else(|e| format!("{{\"error\": \"cannot render report: {e}\"}}"))

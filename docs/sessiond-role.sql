@@ -1,0 +1,29 @@
+-- The least-privileged database role for the sessiond daemon (`run` and `once`).
+--
+-- Run it as the owner of the schema (the role that ran `sessiond migrate`), in
+-- the application database, after `sessiond migrate`:
+--
+--   psql -d app -v role=sessiond -f docs/sessiond-role.sql
+--   psql -d app -c "ALTER ROLE sessiond PASSWORD '...'"   -- or use certificates
+--
+-- What the daemon does, and the privilege it needs for it:
+--   read live rows and the rows of live sessions    SELECT on sessions
+--   repair rows (compare-and-set on xmin)           UPDATE on sessions
+--   insert rows for unpersisted sessions            INSERT on sessions
+--   append the audit trail                          INSERT on session_audit, and
+--                                                   SELECT on its session_id (the
+--                                                   repair reads back what it audited)
+--   check the schema version                        SELECT on sessiond_schema_migrations
+--   remember controller boot ids                    SELECT, INSERT, UPDATE on
+--                                                   sessiond_instance_state
+-- It never deletes anything, never changes the schema, and never touches the
+-- audit trail after writing it (the trail is append-only for everyone).
+
+CREATE ROLE :"role" LOGIN;
+GRANT CONNECT ON DATABASE :"DBNAME" TO :"role";
+GRANT USAGE ON SCHEMA public TO :"role";
+GRANT SELECT, INSERT, UPDATE ON sessions TO :"role";
+GRANT INSERT ON session_audit TO :"role";
+GRANT SELECT (session_id) ON session_audit TO :"role";
+GRANT SELECT ON sessiond_schema_migrations TO :"role";
+GRANT SELECT, INSERT, UPDATE ON sessiond_instance_state TO :"role";

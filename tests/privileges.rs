@@ -1,0 +1,117 @@
+//! The daemon under exactly the least-privileged role of `docs/sessiond-role.sql`:
+//! every kind of repair works, and without a privilege it needs the pass says
+//! clearly which one is missing.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{ago, config_text, server_url, sid, tool, TestDb, IMMEDIATE};
+use sessiond::config::{Config, Overrides};
+use sessiond::reconcile::{PassOutcome, Reconciler};
+use sessiond::simctl::SimController;
+
+/// A role created from the shipped SQL, dropped (after its database) on drop.
+struct Role {
+    name: String,
+}
+
+impl Role {
+    fn create(db: &TestDb) -> Role {
+        let name = format!("sessiond_role_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let sql = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/sessiond-role.sql");
+        let out = std::process::Command::new(tool("psql", "postgresql-client"))
+            .args(["-X", "-v", "ON_ERROR_STOP=1", "-v"])
+            .arg(format!("role={name}"))
+            .arg("-d")
+            .arg(&db.url)
+            .arg("-f")
+            .arg(&sql)
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "the role SQL failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        Role { name }
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let url = server_url();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async {
+                if let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = c.batch_execute(&format!("DROP ROLE IF EXISTS {name}")).await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+fn as_role(db: &TestDb, role: &Role, a: &SimController) -> Arc<Config> {
+    let mut url = reqwest::Url::parse(&db.url).expect("url");
+    let _ = url.set_username(&role.name);
+    let text = config_text(db, &[a], IMMEDIATE).replace(&db.url, url.as_str());
+    Arc::new(Config::from_toml(std::path::Path::new("t.toml"), &text, &Overrides::default()).expect("config"))
+}
+
+#[tokio::test]
+async fn the_least_privileged_role_repairs_every_kind() {
+    // Declared first so it is dropped after the database that refers to it.
+    let role;
+    let db = TestDb::migrated().await;
+    role = Role::create(&db);
+    let a = SimController::start("ctrl-a").await.expect("controller");
+    db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await; // orphaned
+    db.insert(&sid(2), "u2", "ctrl-a", "stopped", ago(600)).await; // zombie
+    a.add(&sid(2), "u2", "running", Some(ago(700)));
+    a.add(&sid(3), "u3", "running", Some(ago(600))); // unpersisted
+    db.insert(&sid(4), "u4", "ctrl-a", "creating", ago(600)).await; // stuck
+    db.insert(&sid(5), "u5", "ctrl-a", "active", ago(600)).await; // drift
+    a.add(&sid(5), "u5", "paused", Some(ago(600)));
+
+    let rep = Reconciler::new(as_role(&db, &role, &a)).expect("reconciler").pass(false, false, false).await;
+
+    assert_eq!(rep.outcome, PassOutcome::Ok, "{:?} {:?}", rep.error, rep.findings);
+    let outcomes: Vec<String> =
+        rep.outcomes_by_kind().into_iter().map(|((k, o), n)| format!("{}.{o}={n}", k.as_str())).collect();
+    assert_eq!(
+        outcomes,
+        [
+            "orphaned.repaired=1",
+            "zombie.repaired=1",
+            "unpersisted.repaired=1",
+            "stuck_creating.repaired=1",
+            "drift.repaired=1"
+        ]
+    );
+    assert_eq!(db.audit_count().await, 5);
+    let saved: i64 =
+        db.client().await.query_one("SELECT count(*) FROM sessiond_instance_state", &[]).await.expect("count").get(0);
+    assert_eq!(saved, 1, "the boot id was remembered");
+}
+
+#[tokio::test]
+async fn a_missing_privilege_fails_clearly_naming_the_table() {
+    let role;
+    let db = TestDb::migrated().await;
+    role = Role::create(&db);
+    let a = SimController::start("ctrl-a").await.expect("controller");
+    db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await;
+    let admin = db.client().await;
+
+    admin.batch_execute(&format!("REVOKE UPDATE ON sessions FROM {}", role.name)).await.expect("revoke");
+    let rep = Reconciler::new(as_role(&db, &role, &a)).expect("reconciler").pass(false, false, false).await;
+    assert_eq!(rep.outcome, PassOutcome::Partial);
+    let err = rep.findings.iter().find_map(|f| f.error.clone()).unwrap_or_default();
+    assert!(err.contains("permission denied for table sessions"), "{err}");
+    assert_eq!(db.state(&sid(1)).await.as_deref(), Some("active"));
+
+    admin.batch_execute(&format!("REVOKE SELECT ON sessions FROM {}", role.name)).await.expect("revoke");
+    let rep = Reconciler::new(as_role(&db, &role, &a)).expect("reconciler").pass(false, false, false).await;
+    assert_eq!(rep.outcome, PassOutcome::Failed);
+    assert!(rep.error.as_deref().unwrap_or("").contains("permission denied for table sessions"), "{:?}", rep.error);
+}
