@@ -53,6 +53,29 @@ pub enum Command {
     Migrate(ConfigArg),
     /// Validate the config and print it, secrets redacted.
     CheckConfig(ConfigArg),
+    /// Everything on one machine: a private PostgreSQL, simulated controllers
+    /// and application with faults, the daemon and its endpoints.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Users of the simulated application (one session each at most).
+    #[arg(long, default_value_t = 300)]
+    pub sessions: usize,
+    /// Probability that a create or a stop goes wrong the way the incidents did.
+    #[arg(long, default_value_t = 0.03)]
+    pub fault_rate: f64,
+    /// Seed of the simulation, for a reproducible run (random by default).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop after this long (e.g. "2m") and exit 1 unless every injected fault
+    /// was repaired and nothing else was; by default run until Ctrl-C.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<std::time::Duration>,
+    /// Where to serve /metrics and /status.
+    #[arg(long, default_value = "127.0.0.1:9817")]
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -124,12 +147,50 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
                 ExitCode::from(EXIT_FAILED)
             }
         }
+        Command::Demo(args) => demo(args).await,
         Command::Run(c) => {
             let cfg = match load(&c.config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             run_daemon(c.config, cfg).await
+        }
+    }
+}
+
+async fn demo(args: DemoArgs) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+        token.cancel();
+    });
+    let opts = crate::demo::DemoOptions {
+        sessions: args.sessions,
+        fault_rate: args.fault_rate,
+        seed: args.seed.unwrap_or_else(|| fastrand::u64(..)),
+        duration: args.duration,
+        listen: args.listen,
+    };
+    let timed = opts.duration.is_some();
+    match crate::demo::run(opts, shutdown).await {
+        Ok(verdict) if timed && !verdict.ok() => ExitCode::from(EXIT_FAILED),
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sessiond demo: {e:#}");
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }

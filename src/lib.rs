@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod daemon;
+pub mod demo;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -17,8 +17,8 @@ pub enum LogFormat {
     Json,
 }
 
-fn filter() -> EnvFilter {
-    EnvFilter::try_from_env("SESSIOND_LOG").unwrap_or_else(|_| EnvFilter::new("info"))
+fn filter(default: &str) -> EnvFilter {
+    EnvFilter::try_from_env("SESSIOND_LOG").unwrap_or_else(|_| EnvFilter::new(default))
 }
 
 /// Whether `JOURNAL_STREAM` (`device:inode`) names the file stderr is connected to.
@@ -29,13 +29,19 @@ pub fn stderr_is_journal() -> bool {
     dev.parse::<u64>().ok() == Some(meta.dev()) && ino.parse::<u64>().ok() == Some(meta.ino())
 }
 
-/// Installs the global subscriber. Calling it twice is harmless (tests do).
+/// Installs the global subscriber at `info` (unless `SESSIOND_LOG` says otherwise).
 pub fn init(format: LogFormat) {
+    init_with_default(format, "info");
+}
+
+/// Installs the global subscriber, with `default` as the filter when
+/// `SESSIOND_LOG` is not set. Calling it twice is harmless (tests do).
+pub fn init_with_default(format: LogFormat, default: &str) {
     if stderr_is_journal() {
         match tracing_journald::layer() {
             Ok(journal) => {
                 let _ = tracing_subscriber::registry()
-                    .with(filter())
+                    .with(filter(default))
                     .with(journal.with_syslog_identifier("sessiond".into()))
                     .try_init();
                 return;
@@ -45,7 +51,7 @@ pub fn init(format: LogFormat) {
             }
         }
     }
-    let builder = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter(default)).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.with_target(false).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),

@@ -9,7 +9,9 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = sessiond::cli::Cli::parse();
-    sessiond::logging::init(cli.log_format);
+    // The demo prints a line per pass of its own; its logs default to warnings.
+    let default_filter = if matches!(cli.command, sessiond::cli::Command::Demo(_)) { "warn" } else { "info" };
+    sessiond::logging::init_with_default(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -23,6 +23,15 @@ use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// What a lookup by the application found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Found,
+    InvalidFormat,
+    NeverExisted,
+    Deleted,
+}
+
 /// How the simulated controller misbehaves on `GET`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -59,8 +68,7 @@ struct State {
     stop_status: Option<u16>,
     stops: Vec<String>,
     token: Option<String>,
-    created: u64,
-    reused: u64,
+    counters: crate::model::AppCounters,
 }
 
 /// A running simulated controller.
@@ -92,8 +100,7 @@ impl SimController {
             stop_status: None,
             stops: Vec::new(),
             token: None,
-            created: 0,
-            reused: 0,
+            counters: crate::model::AppCounters::default(),
         }));
         let shutdown = CancellationToken::new();
         let sim = SimController { addr, state, shutdown: shutdown.clone() };
@@ -151,19 +158,39 @@ impl SimController {
     /// Adds (or replaces) a live session.
     pub fn add(&self, id: &str, owner: &str, state: &str, started_at: Option<DateTime<Utc>>) {
         let mut s = self.lock();
-        s.created += 1;
+        s.counters.sessions_created += 1;
         s.sessions
             .insert(id.to_owned(), SimSession { owner_id: owner.to_owned(), state: state.to_owned(), started_at });
     }
     /// Counts a reuse of an existing session (for the application counters).
     pub fn reuse(&self) {
-        self.lock().reused += 1;
+        self.lock().counters.sessions_reused += 1;
+    }
+    /// Counts a lookup the application answered, as the contract's counters do.
+    pub fn count_lookup(&self, outcome: Lookup) {
+        let mut s = self.lock();
+        let c = &mut s.counters;
+        match outcome {
+            Lookup::Found => c.lookups_found += 1,
+            Lookup::InvalidFormat => c.lookups_invalid_format += 1,
+            Lookup::NeverExisted => c.lookups_never_existed += 1,
+            Lookup::Deleted => c.lookups_deleted += 1,
+        }
+    }
+    /// Counts a cleanup the application ran.
+    pub fn count_cleanup(&self, succeeded: bool) {
+        let mut s = self.lock();
+        if succeeded {
+            s.counters.cleanups_succeeded += 1;
+        } else {
+            s.counters.cleanups_failed += 1;
+        }
     }
     /// Advances the application counters without touching the session list.
     pub fn count(&self, created: u64, reused: u64) {
         let mut s = self.lock();
-        s.created += created;
-        s.reused += reused;
+        s.counters.sessions_created += created;
+        s.counters.sessions_reused += reused;
     }
     /// Forgets a session (as a cleanup that cleared memory would).
     pub fn remove(&self, id: &str) -> bool {
@@ -175,13 +202,18 @@ impl SimController {
     pub fn holds(&self, id: &str) -> bool {
         self.lock().sessions.contains_key(id)
     }
+    pub fn len(&self) -> usize {
+        self.lock().sessions.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Simulates a process restart: a new boot id and an empty memory.
     pub fn restart(&self) {
         let mut s = self.lock();
         s.boot_id = new_boot_id();
         s.sessions.clear();
-        s.created = 0;
-        s.reused = 0;
+        s.counters = crate::model::AppCounters::default();
     }
     pub fn set_fault(&self, fault: Fault) {
         self.lock().fault = fault;
@@ -221,10 +253,15 @@ impl SimController {
             "generated_at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             "sessions": sessions,
             "counters": {
-                "sessions_created": s.created,
-                "sessions_reused": s.reused,
-                "lookups": {"found": 0, "invalid_format": 0, "never_existed": 0, "deleted": 0},
-                "cleanups": {"succeeded": 0, "failed": 0}
+                "sessions_created": s.counters.sessions_created,
+                "sessions_reused": s.counters.sessions_reused,
+                "lookups": {
+                    "found": s.counters.lookups_found,
+                    "invalid_format": s.counters.lookups_invalid_format,
+                    "never_existed": s.counters.lookups_never_existed,
+                    "deleted": s.counters.lookups_deleted
+                },
+                "cleanups": {"succeeded": s.counters.cleanups_succeeded, "failed": s.counters.cleanups_failed}
             }
         })
     }
