@@ -14,6 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use regex::Regex;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::config::ControllerConfig;
 use crate::model::{
@@ -102,7 +103,12 @@ impl ControllerClient {
         let body = tokio::time::timeout(c.timeout, work)
             .await
             .map_err(|_| ControllerError::Timeout { url: url.clone(), timeout: c.timeout })??;
-        parse_list(&body, &c.name, id_pattern).map_err(|problem| match problem {
+        // Parsing a large list is CPU work: keep it off the async workers.
+        let (name, pattern) = (c.name.clone(), id_pattern.clone());
+        let parsed = tokio::task::spawn_blocking(move || parse_list(&body, &name, &pattern))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        parsed.map_err(|problem| match problem {
             ParseProblem::Invalid(problem) => ControllerError::Invalid { url, problem },
             ParseProblem::WrongInstance(found) => {
                 ControllerError::WrongInstance { url, expected: c.name.clone(), found }
@@ -152,23 +158,33 @@ fn path_escape(s: &str) -> String {
 
 // ---------------------------------------------------------------------------
 // The wire format. Kept private: nothing outside this module sees it.
+//
+// Entries are kept as raw JSON slices of the body until each is converted on
+// its own: one malformed entry then costs only itself, and a large list is never
+// held twice as a tree of generic JSON values.
 
 #[derive(Deserialize)]
-struct WireList {
-    instance: Option<String>,
-    boot_id: Option<String>,
-    #[allow(dead_code)]
-    generated_at: Option<serde_json::Value>,
-    sessions: Option<Vec<serde_json::Value>>,
-    counters: Option<serde_json::Value>,
+struct WireList<'a> {
+    #[serde(borrow)]
+    instance: Option<&'a RawValue>,
+    #[serde(borrow)]
+    boot_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    sessions: Option<Vec<&'a RawValue>>,
+    #[serde(borrow)]
+    counters: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
-struct WireSession {
-    session_id: Option<serde_json::Value>,
-    owner_id: Option<serde_json::Value>,
-    state: Option<serde_json::Value>,
-    started_at: Option<serde_json::Value>,
+struct WireSession<'a> {
+    #[serde(borrow)]
+    session_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    owner_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    state: Option<&'a RawValue>,
+    #[serde(borrow)]
+    started_at: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize, Default)]
@@ -200,6 +216,19 @@ enum ParseProblem {
     WrongInstance(String),
 }
 
+/// A JSON string value, unescaped; `None` for anything else (null included).
+fn string(v: Option<&RawValue>) -> Option<String> {
+    let raw = v?.get();
+    if !raw.starts_with('"') {
+        return None;
+    }
+    match serde_json::from_str::<&str>(raw) {
+        Ok(s) => Some(s.to_owned()),
+        // Escapes need an owned string.
+        Err(_) => serde_json::from_str::<String>(raw).ok(),
+    }
+}
+
 /// Converts a controller document into domain types. Public for the fuzz-style
 /// tests; the daemon only calls it through [`ControllerClient::fetch`].
 pub fn parse_list_for_test(body: &[u8], instance: &str, id_pattern: &Regex) -> Result<ControllerList, String> {
@@ -210,23 +239,24 @@ pub fn parse_list_for_test(body: &[u8], instance: &str, id_pattern: &Regex) -> R
 }
 
 fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Result<ControllerList, ParseProblem> {
-    let wire: WireList =
+    let wire: WireList<'_> =
         serde_json::from_slice(body).map_err(|e| ParseProblem::Invalid(format!("invalid JSON: {e}")))?;
     let sessions =
         wire.sessions.ok_or_else(|| ParseProblem::Invalid("the document has no \"sessions\" array".into()))?;
-    let boot_id = wire
-        .boot_id
+    let boot_id = string(wire.boot_id)
         .filter(|b| !b.is_empty())
-        .ok_or_else(|| ParseProblem::Invalid("the document has no \"boot_id\"".into()))?;
+        .ok_or_else(|| ParseProblem::Invalid("the document has no \"boot_id\" string".into()))?;
     if let Some(found) = wire.instance {
-        if found != instance {
-            return Err(ParseProblem::WrongInstance(found));
+        match string(Some(found)) {
+            Some(name) if name == instance => {}
+            Some(name) => return Err(ParseProblem::WrongInstance(name)),
+            None => return Err(ParseProblem::Invalid("\"instance\" is not a string".into())),
         }
     }
     let counters = match wire.counters {
-        None | Some(serde_json::Value::Null) => None,
+        None => None,
         // Counters are optional extras: a malformed block is dropped, not fatal.
-        Some(v) => serde_json::from_value::<WireCounters>(v).ok().map(|c| AppCounters {
+        Some(v) => serde_json::from_str::<Option<WireCounters>>(v.get()).ok().flatten().map(|c| AppCounters {
             sessions_created: c.sessions_created.unwrap_or(0),
             sessions_reused: c.sessions_reused.unwrap_or(0),
             lookups_found: c.lookups.found.unwrap_or(0),
@@ -249,21 +279,18 @@ fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Result<Control
     Ok(list)
 }
 
-fn convert_session(value: serde_json::Value, id_pattern: &Regex) -> Result<LiveSession, InvalidEntry> {
-    let wire: WireSession = serde_json::from_value(value).map_err(|e| InvalidEntry {
+fn convert_session(value: &RawValue, id_pattern: &Regex) -> Result<LiveSession, InvalidEntry> {
+    let wire: WireSession<'_> = serde_json::from_str(value.get()).map_err(|e| InvalidEntry {
         raw_id: None,
         kind: InvalidEntryKind::InvalidId,
         problem: format!("entry is not an object: {e}"),
     })?;
-    let raw_id = match wire.session_id {
-        Some(serde_json::Value::String(s)) => s,
-        _ => {
-            return Err(InvalidEntry {
-                raw_id: None,
-                kind: InvalidEntryKind::InvalidId,
-                problem: "entry has no string session_id".into(),
-            })
-        }
+    let Some(raw_id) = string(wire.session_id) else {
+        return Err(InvalidEntry {
+            raw_id: None,
+            kind: InvalidEntryKind::InvalidId,
+            problem: "entry has no string session_id".into(),
+        });
     };
     let Some(id) = SessionId::parse(&raw_id, id_pattern) else {
         return Err(InvalidEntry {
@@ -274,24 +301,25 @@ fn convert_session(value: serde_json::Value, id_pattern: &Regex) -> Result<LiveS
     };
     let bad =
         |problem: String| InvalidEntry { raw_id: Some(raw_id.clone()), kind: InvalidEntryKind::InvalidEntry, problem };
-    let owner_id = match wire.owner_id {
-        Some(serde_json::Value::String(s)) if !s.is_empty() => s,
+    let owner_id = match string(wire.owner_id) {
+        Some(s) if !s.is_empty() => s,
         _ => return Err(bad("entry has no owner_id".into())),
     };
-    let state = match wire.state {
-        Some(serde_json::Value::String(s)) => {
-            LiveState::parse(&s).ok_or_else(|| bad(format!("unknown state {s:?}")))?
-        }
-        _ => return Err(bad("entry has no state".into())),
+    let state = match string(wire.state) {
+        Some(s) => LiveState::parse(&s).ok_or_else(|| bad(format!("unknown state {s:?}")))?,
+        None => return Err(bad("entry has no state".into())),
     };
     let started_at = match wire.started_at {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(s)) => Some(
-            DateTime::parse_from_rfc3339(&s)
-                .map_err(|_| bad(format!("started_at {s:?} is not an RFC 3339 time")))?
-                .with_timezone(&Utc),
-        ),
-        Some(_) => return Err(bad("started_at is not a string".into())),
+        None => None,
+        Some(v) if v.get() == "null" => None,
+        Some(v) => {
+            let s = string(Some(v)).ok_or_else(|| bad("started_at is not a string".into()))?;
+            Some(
+                DateTime::parse_from_rfc3339(&s)
+                    .map_err(|_| bad(format!("started_at {s:?} is not an RFC 3339 time")))?
+                    .with_timezone(&Utc),
+            )
+        }
     };
     Ok(LiveSession { id, owner_id, state, started_at })
 }

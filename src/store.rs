@@ -11,6 +11,8 @@
 //! the two commit together or not at all.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -191,6 +193,8 @@ pub struct Store {
     url: String,
     timeout: Duration,
     connection: tokio::task::JoinHandle<()>,
+    /// Statements and transaction commands sent, each one round trip.
+    round_trips: Arc<AtomicU64>,
 }
 
 impl Drop for Store {
@@ -232,6 +236,7 @@ impl Store {
             // room for the network, in case the server never answers at all.
             timeout: cfg.statement_timeout + Duration::from_secs(5),
             connection: handle,
+            round_trips: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -244,11 +249,21 @@ impl Store {
         self.client.is_closed()
     }
 
+    /// Round trips to the server so far (statements, and BEGIN/COMMIT).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, n: u64) {
+        self.round_trips.fetch_add(n, Ordering::Relaxed);
+    }
+
     async fn bounded<T>(
         &self,
         what: &'static str,
         fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, StoreError> {
+        self.count(1);
         tokio::time::timeout(self.timeout, fut)
             .await
             .map_err(|_| StoreError::Timeout { what, timeout: self.timeout })?
@@ -358,6 +373,7 @@ impl Store {
             }
             Ok::<_, tokio_postgres::Error>(rows)
         };
+        self.count(1); // prepare, then the streamed query (counted by bounded)
         let raw = self.bounded(WHAT, work).await?;
         let mut rows = Vec::with_capacity(raw.len());
         for r in raw {
@@ -466,6 +482,7 @@ impl Store {
         let timeout = self.timeout;
         let params: [&(dyn ToSql + Sync); 10] =
             [&ids, &versions, &from, &to, &owners, &instances, &end_reasons, &reasons, &details, &audit.actor];
+        self.count(3); // BEGIN, the statement, COMMIT
         let tx = self.client.transaction().await.map_err(q(WHAT))?;
         let work = tx.query(
             "WITH input AS (
@@ -518,6 +535,7 @@ impl Store {
         let details: Vec<String> = batch.iter().map(|u| u.details.to_string()).collect();
         let timeout = self.timeout;
         let params: [&(dyn ToSql + Sync); 7] = [&ids, &owners, &instances, &states, &created, &details, &audit.actor];
+        self.count(3); // BEGIN, the statement, COMMIT
         let tx = self.client.transaction().await.map_err(q(WHAT))?;
         let work = tx.query(
             "WITH input AS (
@@ -555,6 +573,8 @@ impl Store {
     pub async fn begin_zombies(&mut self, ids: &[&str], versions: &[&str]) -> Result<ZombieBatch<'_>, StoreError> {
         const WHAT: &str = "lock zombie rows";
         let timeout = self.timeout;
+        self.count(2); // BEGIN, the locking query
+        let counter = Arc::clone(&self.round_trips);
         let tx = self.client.transaction().await.map_err(q(WHAT))?;
         let rows = tokio::time::timeout(
             timeout,
@@ -570,7 +590,7 @@ impl Store {
         .map_err(|_| StoreError::Timeout { what: WHAT, timeout })?
         .map_err(q(WHAT))?;
         let locked = rows.iter().map(|r| r.get::<_, String>(0)).collect();
-        Ok(ZombieBatch { tx, locked, timeout })
+        Ok(ZombieBatch { tx, locked, timeout, counter })
     }
 }
 
@@ -580,6 +600,7 @@ pub struct ZombieBatch<'a> {
     /// Ids whose rows are still as classified; the others are conflicts.
     pub locked: BTreeSet<String>,
     timeout: Duration,
+    counter: Arc<AtomicU64>,
 }
 
 /// A session the controller stopped, for its row and audit row.
@@ -605,6 +626,7 @@ impl ZombieBatch<'_> {
         let reasons: Vec<&str> = stopped.iter().map(|z| z.reason).collect();
         let details: Vec<String> = stopped.iter().map(|z| z.details.to_string()).collect();
         let timeout = self.timeout;
+        self.counter.fetch_add(if stopped.is_empty() { 1 } else { 2 }, Ordering::Relaxed);
         if !stopped.is_empty() {
             let params: [&(dyn ToSql + Sync); 6] = [&ids, &states, &ends, &reasons, &details, &audit.actor];
             tokio::time::timeout(

@@ -21,7 +21,7 @@ use crate::store::{AuditContext, Outcome, RowInsert, RowUpdate, StoppedZombie, S
 /// small enough that one failed batch loses little work and holds locks briefly.
 pub const BATCH_SIZE: usize = 500;
 /// Zombies per transaction; their row locks are held while the stops run.
-pub const ZOMBIE_BATCH_SIZE: usize = 50;
+pub const ZOMBIE_BATCH_SIZE: usize = 200;
 /// Stop requests in flight at once, per batch.
 const STOP_CONCURRENCY: usize = 8;
 

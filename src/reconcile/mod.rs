@@ -101,6 +101,8 @@ pub struct PassReport {
     pub findings: Vec<FindingResult>,
     pub guard_tripped: BTreeMap<String, BTreeSet<Kind>>,
     pub probes: Probes,
+    /// Round trips to the database this pass (statements, BEGIN and COMMIT).
+    pub db_round_trips: u64,
 }
 
 impl PassReport {
@@ -204,6 +206,7 @@ impl Reconciler {
             findings: Vec::new(),
             guard_tripped: BTreeMap::new(),
             probes: Probes::default(),
+            db_round_trips: 0,
         };
 
         // Controllers first, then the database: a row written between the two
@@ -212,8 +215,9 @@ impl Reconciler {
         let instances = self.client.fetch_all(&cfg.controllers, &cfg.sessions.id_pattern).await;
         self.tick();
         report.instances = instances.iter().map(instance_report).collect();
+        let any_unreachable = instances.iter().any(|i| !i.is_reachable());
 
-        match self.read_and_classify(&cfg, &instances, &mut report, read_only, force, require_confirmations).await {
+        match self.read_and_classify(&cfg, instances, &mut report, read_only, force, require_confirmations).await {
             Ok(()) => {}
             Err(e) => {
                 tracing::error!(error = %e, "pass failed: database unavailable");
@@ -222,7 +226,7 @@ impl Reconciler {
                 self.store = None;
             }
         }
-        if report.outcome == PassOutcome::Ok && instances.iter().any(|i| !i.is_reachable()) {
+        if report.outcome == PassOutcome::Ok && any_unreachable {
             report.outcome = PassOutcome::Partial;
         }
         report.duration_seconds = started.elapsed().as_secs_f64();
@@ -232,13 +236,14 @@ impl Reconciler {
 
     async fn read_and_classify(
         &mut self,
-        cfg: &Config,
-        instances: &[InstanceSnapshot],
+        cfg: &Arc<Config>,
+        instances: Vec<InstanceSnapshot>,
         report: &mut PassReport,
         read_only: bool,
         force: bool,
         require_confirmations: bool,
     ) -> Result<(), StoreError> {
+        let round_trips_before = self.store.as_ref().filter(|s| !s.is_closed()).map_or(0, Store::round_trips);
         if self.store.as_ref().is_none_or(Store::is_closed) {
             let store = Store::connect(&cfg.database).await?;
             store.check_schema().await?;
@@ -264,24 +269,39 @@ impl Reconciler {
 
         let now = Utc::now();
         let previous_boots = self.boots.clone().unwrap_or_default();
-        let boots = classify::observe_boots(&previous_boots, instances, now);
+        let boots = classify::observe_boots(&previous_boots, &instances, now);
         for inst in &mut report.instances {
             let before = previous_boots.get(&inst.name).map(|b| b.boot_id.as_str());
             inst.restarted = matches!((before, inst.boot_id.as_deref()), (Some(a), Some(b)) if a != b);
         }
         let stoppable: BTreeSet<String> =
             cfg.controllers.iter().filter(|c| c.stop_url.is_some()).map(|c| c.name.clone()).collect();
-        let classification = classify::classify(&classify::Input {
-            now,
-            config: &cfg.reconcile,
-            instances,
-            db: &db,
-            memory: &self.memory,
-            boots: &boots,
-            stoppable: &stoppable,
-            options: PassOptions { read_only, force, require_confirmations },
+        // Classifying a large fleet takes CPU time: it runs on the blocking pool
+        // so the endpoints keep answering meanwhile. The snapshots move there and
+        // are dropped there.
+        let memory = std::mem::take(&mut self.memory);
+        let for_classify = Arc::clone(cfg);
+        let boots_for_classify = boots.clone();
+        let classification = tokio::task::spawn_blocking(move || {
+            classify::classify(&classify::Input {
+                now,
+                config: &for_classify.reconcile,
+                instances: &instances,
+                db: &db,
+                memory: &memory,
+                boots: &boots_for_classify,
+                stoppable: &stoppable,
+                options: PassOptions { read_only, force, require_confirmations },
+            })
+        })
+        .await
+        .unwrap_or_else(|e| {
+            // The classifier is total; a panic there is a bug, not an input problem.
+            std::panic::resume_unwind(e.into_panic())
         });
-        drop(db);
+        if let Some(p) = &self.progress {
+            p.tick();
+        }
         self.memory = classification.memory;
         report.guard_tripped = classification.guard_tripped;
         report.probes = classification.probes;
@@ -301,6 +321,7 @@ impl Reconciler {
                 .into_iter()
                 .map(|finding| FindingResult { finding, outcome: None, error: None })
                 .collect();
+            report.db_round_trips = store.round_trips() - round_trips_before;
             return Ok(());
         }
         if boots != previous_boots {
@@ -311,6 +332,7 @@ impl Reconciler {
         let audit = AuditContext { actor: self.actor.clone(), pass_id: report.pass_id.clone() };
         let applied =
             apply::apply(store, &self.client, cfg, &audit, classification.findings, self.progress.as_ref()).await;
+        report.db_round_trips = store.round_trips() - round_trips_before;
         if applied.store_failed {
             // The connection may be gone; make a new one next pass.
             self.store = None;
