@@ -342,56 +342,79 @@ impl Store {
         }
     }
 
-    /// Reads every live row and the row of every id in `live_ids`, whatever its
-    /// state, in one streamed statement.
+    /// Reads every live row, and the row (in whatever state) of every id in
+    /// `live_ids` that has no live row: two streamed statements whatever the
+    /// number of sessions. Only the ids without a live row — the zombie and
+    /// unpersisted candidates, normally a few — are sent to the server.
     pub async fn snapshot(&self, live_ids: &[&str]) -> Result<DbSnapshot, StoreError> {
-        const WHAT: &str = "read the sessions snapshot";
-        let work = async {
-            let stmt = self
-                .client
-                .prepare(
-                    "SELECT session_id, owner_id, controller_instance, state, created_at,
-                            greatest(created_at, updated_at, ended_at, deleted_at) AS changed_at,
-                            xmin::text AS version
-                       FROM sessions
-                      WHERE state IN ('creating', 'active', 'paused')
-                     UNION ALL
-                     SELECT s.session_id, s.owner_id, s.controller_instance, s.state, s.created_at,
-                            greatest(s.created_at, s.updated_at, s.ended_at, s.deleted_at),
-                            s.xmin::text
-                       FROM sessions s
-                      WHERE s.session_id = ANY($1::text[])
-                        AND s.state NOT IN ('creating', 'active', 'paused')",
-                )
-                .await?;
-            let params: [&(dyn ToSql + Sync); 1] = [&live_ids];
-            let stream = self.client.query_raw(&stmt, params.iter().copied()).await?;
-            pin_mut!(stream);
-            let mut rows = Vec::new();
-            while let Some(row) = stream.try_next().await? {
-                rows.push(row);
-            }
-            Ok::<_, tokio_postgres::Error>(rows)
-        };
-        self.count(1); // prepare, then the streamed query (counted by bounded)
-        let raw = self.bounded(WHAT, work).await?;
-        let mut rows = Vec::with_capacity(raw.len());
-        for r in raw {
-            let state_text: &str = r.try_get(3).map_err(q(WHAT))?;
-            let id: String = r.try_get(0).map_err(q(WHAT))?;
-            let state = RowState::parse(state_text)
-                .ok_or_else(|| StoreError::BadRow { id: id.clone(), state: state_text.to_owned() })?;
-            rows.push(SessionRow {
-                id: SessionId::from_row(id),
-                owner_id: r.try_get(1).map_err(q(WHAT))?,
-                controller_instance: r.try_get(2).map_err(q(WHAT))?,
-                state,
-                created_at: r.try_get(4).map_err(q(WHAT))?,
-                changed_at: r.try_get(5).map_err(q(WHAT))?,
-                version: r.try_get(6).map_err(q(WHAT))?,
-            });
+        // Sized for the usual case (about one live row per live session), so the
+        // vector is not reallocated, and briefly held twice, while it fills.
+        let mut rows = Vec::with_capacity(live_ids.len() + live_ids.len() / 16 + 16);
+        self.stream_rows(
+            "read the live rows",
+            "SELECT session_id, owner_id, controller_instance, state, created_at,
+                    greatest(created_at, updated_at, ended_at, deleted_at), xmin::text
+               FROM sessions
+              WHERE state IN ('creating', 'active', 'paused')",
+            &[],
+            &mut rows,
+        )
+        .await?;
+        let mut have: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        have.sort_unstable();
+        let missing: Vec<&str> = live_ids.iter().copied().filter(|id| have.binary_search(id).is_err()).collect();
+        drop(have);
+        if !missing.is_empty() {
+            let mut others = Vec::new();
+            self.stream_rows(
+                "read the rows of live sessions",
+                "SELECT session_id, owner_id, controller_instance, state, created_at,
+                        greatest(created_at, updated_at, ended_at, deleted_at), xmin::text
+                   FROM sessions
+                  WHERE session_id = ANY($1::text[])
+                    AND state NOT IN ('creating', 'active', 'paused')",
+                &[&missing],
+                &mut others,
+            )
+            .await?;
+            rows.append(&mut others);
         }
         Ok(DbSnapshot { rows, read_at: Utc::now() })
+    }
+
+    /// Runs a row query, converting each row as it streams in (the raw rows are
+    /// never all held at once).
+    async fn stream_rows(
+        &self,
+        what: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        out: &mut Vec<SessionRow>,
+    ) -> Result<(), StoreError> {
+        self.count(2); // parse, then the streamed execution
+        let work = async {
+            let stream = self.client.query_raw(sql, params.iter().copied()).await.map_err(q(what))?;
+            pin_mut!(stream);
+            while let Some(r) = stream.try_next().await.map_err(q(what))? {
+                let state_text: &str = r.try_get(3).map_err(q(what))?;
+                let id: String = r.try_get(0).map_err(q(what))?;
+                let state = RowState::parse(state_text)
+                    .ok_or_else(|| StoreError::BadRow { id: id.clone(), state: state_text.to_owned() })?;
+                out.push(SessionRow {
+                    id: SessionId::from_row(id),
+                    owner_id: r.try_get(1).map_err(q(what))?,
+                    controller_instance: r.try_get(2).map_err(q(what))?,
+                    state,
+                    created_at: r.try_get(4).map_err(q(what))?,
+                    changed_at: r.try_get(5).map_err(q(what))?,
+                    version: r.try_get(6).map_err(q(what))?,
+                });
+            }
+            Ok::<_, StoreError>(())
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| StoreError::Timeout { what, timeout: self.timeout })?
     }
 
     /// sessiond's memory of each instance's boot id.

@@ -11,6 +11,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use rustc_hash::{FxHashMap, FxHashSet};
+
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde::Serialize;
 
@@ -255,9 +257,9 @@ pub fn classify(input: &Input<'_>) -> Classification {
     let mut candidates: Vec<Candidate> = Vec::new();
 
     // Reachability, and how long each unreachable instance has been so.
-    let mut reachable: HashMap<&str, &InstanceSnapshot> = HashMap::new();
+    let mut reachable: FxHashMap<&str, &InstanceSnapshot> = FxHashMap::default();
     let mut dead: BTreeSet<&str> = BTreeSet::new();
-    let mut unreachable: HashMap<&str, String> = HashMap::new();
+    let mut unreachable: FxHashMap<&str, String> = FxHashMap::default();
     for inst in input.instances {
         match &inst.result {
             Ok(_) => {
@@ -278,7 +280,10 @@ pub fn classify(input: &Input<'_>) -> Classification {
 
     // Every id a reachable controller holds, valid or not. Invalid entries still
     // count as held: their rows must never be taken for orphans.
-    let mut held: HashMap<&str, Held<'_>> = HashMap::new();
+    let live_count: usize =
+        input.instances.iter().filter_map(|i| i.result.as_ref().ok()).map(|l| l.sessions.len()).sum();
+    let mut held: FxHashMap<&str, Held<'_>> = FxHashMap::default();
+    held.reserve(live_count);
     for inst in input.instances {
         let Ok(list) = &inst.result else { continue };
         for s in &list.sessions {
@@ -309,8 +314,8 @@ pub fn classify(input: &Input<'_>) -> Classification {
         }
     }
 
-    let rows_by_id: HashMap<&str, &SessionRow> = input.db.rows.iter().map(|r| (r.id.as_str(), r)).collect();
-    let mut live_rows_per_instance: HashMap<&str, usize> = HashMap::new();
+    let rows_by_id: FxHashMap<&str, &SessionRow> = input.db.rows.iter().map(|r| (r.id.as_str(), r)).collect();
+    let mut live_rows_per_instance: FxHashMap<&str, usize> = FxHashMap::default();
     // Rows a row-side finding already deals with; duplicates leave them alone.
     let mut handled_rows: BTreeSet<&str> = BTreeSet::new();
 
@@ -477,8 +482,23 @@ pub fn classify(input: &Input<'_>) -> Classification {
         }
     }
 
-    unpersisted_duplicates(input, &held, &handled_rows, &mut candidates);
-    duplicates(input, &held, &handled_rows, &reachable, &dead, &mut candidates);
+    // Live rows that stay live after this pass, by the owner they will have once
+    // drift is repaired, sorted so that an owner's rows are adjacent.
+    let mut by_owner: Vec<(&str, &SessionRow)> = input
+        .db
+        .rows
+        .iter()
+        .filter(|r| r.state.is_live() && !handled_rows.contains(r.id.as_str()))
+        .map(|r| {
+            let owner =
+                held.get(r.id.as_str()).and_then(|h| h.session).map_or(r.owner_id.as_str(), |s| s.owner_id.as_str());
+            (owner, r)
+        })
+        .collect();
+    by_owner.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    unpersisted_duplicates(&by_owner, &mut candidates);
+    duplicates(&by_owner, &held, &reachable, &dead, &mut candidates);
+    drop(by_owner);
 
     // Decide: grace, confirmations, policy.
     let mut next_streaks = HashMap::new();
@@ -597,18 +617,7 @@ fn live_state_name(s: LiveState) -> &'static str {
 /// one-live-session-per-owner index would refuse it on every pass. It is a
 /// duplicate held by the controller, reported for an operator to resolve, and
 /// the newest session of a row-less owner is the one inserted.
-fn unpersisted_duplicates(
-    input: &Input<'_>,
-    held: &HashMap<&str, Held<'_>>,
-    handled: &BTreeSet<&str>,
-    candidates: &mut [Candidate],
-) {
-    let mut owners_with_row: HashMap<&str, &str> = HashMap::new();
-    for row in input.db.rows.iter().filter(|r| r.state.is_live() && !handled.contains(r.id.as_str())) {
-        let owner =
-            held.get(row.id.as_str()).and_then(|h| h.session).map_or(row.owner_id.as_str(), |s| s.owner_id.as_str());
-        owners_with_row.insert(owner, row.id.as_str());
-    }
+fn unpersisted_duplicates(by_owner: &[(&str, &SessionRow)], candidates: &mut [Candidate]) {
     let mut newest: HashMap<String, (Option<DateTime<Utc>>, String)> = HashMap::new();
     for c in candidates.iter() {
         if let (Kind::Unpersisted, Some(Repair::InsertRow { owner_id, .. })) = (c.finding.kind, &c.finding.repair) {
@@ -618,9 +627,14 @@ fn unpersisted_duplicates(
             }
         }
     }
+    if newest.is_empty() {
+        return;
+    }
+    let row_of =
+        |owner: &str| by_owner.binary_search_by(|(o, _)| (*o).cmp(owner)).ok().map(|i| by_owner[i].1.id.as_str());
     for c in candidates.iter_mut() {
         let Some(Repair::InsertRow { owner_id, .. }) = &c.finding.repair else { continue };
-        let detail = if let Some(row) = owners_with_row.get(owner_id.as_str()) {
+        let detail = if let Some(row) = row_of(owner_id) {
             format!("live with no row while its owner has live row {row}; not inserted")
         } else if newest.get(owner_id).is_some_and(|(_, keep)| keep != &c.finding.subject) {
             format!(
@@ -641,21 +655,15 @@ fn unpersisted_duplicates(
 /// Rows that another finding already stops are left to it, and a group with a
 /// row on an unreachable instance waits: we cannot know what that instance holds.
 fn duplicates(
-    input: &Input<'_>,
-    held: &HashMap<&str, Held<'_>>,
-    handled: &BTreeSet<&str>,
-    reachable: &HashMap<&str, &InstanceSnapshot>,
+    by_owner: &[(&str, &SessionRow)],
+    held: &FxHashMap<&str, Held<'_>>,
+    reachable: &FxHashMap<&str, &InstanceSnapshot>,
     dead: &BTreeSet<&str>,
     candidates: &mut Vec<Candidate>,
 ) {
-    let mut by_owner: BTreeMap<&str, Vec<&SessionRow>> = BTreeMap::new();
-    for row in input.db.rows.iter().filter(|r| r.state.is_live() && !handled.contains(r.id.as_str())) {
-        // The owner the row will have once drift is repaired.
-        let owner =
-            held.get(row.id.as_str()).and_then(|h| h.session).map_or(row.owner_id.as_str(), |s| s.owner_id.as_str());
-        by_owner.entry(owner).or_default().push(row);
-    }
-    for rows in by_owner.values().filter(|rows| rows.len() > 1) {
+    let mut superseded: FxHashSet<String> = FxHashSet::default();
+    for group in by_owner.chunk_by(|a, b| a.0 == b.0).filter(|g| g.len() > 1) {
+        let rows: Vec<&SessionRow> = group.iter().map(|(_, r)| *r).collect();
         let verifiable = rows.iter().all(|r| {
             held.contains_key(r.id.as_str())
                 || reachable.contains_key(r.controller_instance.as_str())
@@ -673,7 +681,7 @@ fn duplicates(
                 Decision::Wait { reason: "another row of this owner is on an unreachable instance".into() }
             };
             // Stopping a row supersedes making it follow the controller.
-            candidates.retain(|c| !(c.finding.kind == Kind::Drift && c.finding.subject == row.id.as_str()));
+            superseded.insert(row.id.to_string());
             let holder = held.get(row.id.as_str()).map(|h| h.instance);
             let repair = match holder {
                 // The controller runs it: stop it there, and end its row.
@@ -712,6 +720,9 @@ fn duplicates(
             });
         }
     }
+    if !superseded.is_empty() {
+        candidates.retain(|c| !(c.finding.kind == Kind::Drift && superseded.contains(&c.finding.subject)));
+    }
 }
 
 /// The mass-repair guard. Two limits, both lifted by `--force`:
@@ -721,7 +732,7 @@ fn duplicates(
 /// - more than `max_repairs_per_pass` repairs of one kind hold back that kind.
 fn guard(
     input: &Input<'_>,
-    live_rows: &HashMap<&str, usize>,
+    live_rows: &FxHashMap<&str, usize>,
     candidates: &mut [Candidate],
     tripped: &mut BTreeMap<String, BTreeSet<Kind>>,
 ) {

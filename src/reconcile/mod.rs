@@ -103,6 +103,17 @@ pub struct PassReport {
     pub probes: Probes,
     /// Round trips to the database this pass (statements, BEGIN and COMMIT).
     pub db_round_trips: u64,
+    /// Where the pass spent its time, in seconds.
+    pub stages: Stages,
+}
+
+/// Seconds spent in each stage of a pass.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Stages {
+    pub fetch: f64,
+    pub read: f64,
+    pub classify: f64,
+    pub apply: f64,
 }
 
 impl PassReport {
@@ -207,12 +218,14 @@ impl Reconciler {
             guard_tripped: BTreeMap::new(),
             probes: Probes::default(),
             db_round_trips: 0,
+            stages: Stages::default(),
         };
 
         // Controllers first, then the database: a row written between the two
         // reads is protected by the snapshot-skew rule, and a session created
         // between them is protected by grace.
         let instances = self.client.fetch_all(&cfg.controllers, &cfg.sessions.id_pattern).await;
+        report.stages.fetch = started.elapsed().as_secs_f64();
         self.tick();
         report.instances = instances.iter().map(instance_report).collect();
         let any_unreachable = instances.iter().any(|i| !i.is_reachable());
@@ -258,7 +271,10 @@ impl Reconciler {
             .filter_map(|i| i.result.as_ref().ok())
             .flat_map(|l| l.sessions.iter().map(|s| s.id.as_str()))
             .collect();
+        let read_started = std::time::Instant::now();
         let db = store.snapshot(&live_ids).await?;
+        drop(live_ids);
+        report.stages.read = read_started.elapsed().as_secs_f64();
         if let Some(p) = &self.progress {
             p.tick();
         }
@@ -279,6 +295,7 @@ impl Reconciler {
         // Classifying a large fleet takes CPU time: it runs on the blocking pool
         // so the endpoints keep answering meanwhile. The snapshots move there and
         // are dropped there.
+        let classify_started = std::time::Instant::now();
         let memory = std::mem::take(&mut self.memory);
         let for_classify = Arc::clone(cfg);
         let boots_for_classify = boots.clone();
@@ -302,6 +319,7 @@ impl Reconciler {
         if let Some(p) = &self.progress {
             p.tick();
         }
+        report.stages.classify = classify_started.elapsed().as_secs_f64();
         self.memory = classification.memory;
         report.guard_tripped = classification.guard_tripped;
         report.probes = classification.probes;
@@ -330,8 +348,10 @@ impl Reconciler {
         self.boots = Some(boots);
 
         let audit = AuditContext { actor: self.actor.clone(), pass_id: report.pass_id.clone() };
+        let apply_started = std::time::Instant::now();
         let applied =
             apply::apply(store, &self.client, cfg, &audit, classification.findings, self.progress.as_ref()).await;
+        report.stages.apply = apply_started.elapsed().as_secs_f64();
         report.db_round_trips = store.round_trips() - round_trips_before;
         if applied.store_failed {
             // The connection may be gone; make a new one next pass.
