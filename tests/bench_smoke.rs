@@ -1,0 +1,26 @@
+//! The benchmark still runs and still checks its own work: a tiny size, so the
+//! suite stays fast (the figures themselves come from release runs; see
+//! docs/performance.md).
+
+mod common;
+
+#[test]
+fn the_bench_runs_end_to_end_and_prints_its_summary_line() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sessiond-bench"))
+        .args(["--sessions", "2000", "--naive-sample", "200", "--database-url"])
+        .arg(common::server_url())
+        .output()
+        .expect("run sessiond-bench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("N=2000 sessiond_s=") && l.contains(" floor_s="))
+        .unwrap_or_else(|| panic!("no summary line in:\n{text}"));
+    for field in ["ratio=", "naive_ratio=", "bytes_per_session=", "round_trips="] {
+        assert!(summary.contains(field), "{field} missing from {summary}");
+    }
+    // 1% each of orphans, zombies and unpersisted sessions, all repaired.
+    assert!(text.contains("repaired=60 stops_received=20"), "{text}");
+    assert!(text.contains("read_round_trips=7"), "reads take a constant number of round trips: {summary}");
+}
