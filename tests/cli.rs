@@ -228,26 +228,7 @@ async fn two_once_processes_at_once_repair_each_finding_once_with_one_audit_row(
                 .expect("spawn")
         })
         .collect();
-    let blocked = async {
-        let c = db.client().await;
-        for _ in 0..200 {
-            let n: i64 = c
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-                       AND application_name = 'sessiond' AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .expect("pg_stat_activity")
-                .get(0);
-            if n >= 2 {
-                return true;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        false
-    };
-    assert!(blocked.await, "both processes reached the repair step");
+    assert!(common::wait_for_blocked_sessiond(&db, 2).await, "both processes reached the repair step");
     tx.rollback().await.expect("open the gate");
     let outs = tokio::task::spawn_blocking(move || {
         children.into_iter().map(|c| c.wait_with_output().expect("wait")).collect::<Vec<_>>()

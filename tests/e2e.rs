@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ago, config, sid, TestDb, IMMEDIATE};
+use common::{ago, config, outcomes, sid, TestDb, IMMEDIATE};
 use sessiond::reconcile::{PassOutcome, PassReport, Reconciler};
 use sessiond::simctl::SimController;
 
@@ -13,11 +13,16 @@ async fn once(cfg: &std::sync::Arc<sessiond::config::Config>) -> PassReport {
     r.pass(false, false, false).await
 }
 
-fn outcomes(rep: &PassReport) -> Vec<String> {
-    let mut v: Vec<String> =
-        rep.outcomes_by_kind().into_iter().map(|((k, o), n)| format!("{}.{o}={n}", k.as_str())).collect();
-    v.sort();
-    v
+/// Ten consistent sessions on `a`, recorded by a first pass (which also records
+/// the controller's boot id).
+async fn fleet_of_ten(db: &TestDb, a: &SimController) -> std::sync::Arc<sessiond::config::Config> {
+    for i in 0..10 {
+        db.insert(&sid(i), &format!("u{i}"), "ctrl-a", "active", ago(600)).await;
+        a.add(&sid(i), &format!("u{i}"), "running", Some(ago(600)));
+    }
+    let cfg = config(db, &[a], IMMEDIATE);
+    assert!(once(&cfg).await.findings.is_empty(), "the first pass records the boot id");
+    cfg
 }
 
 /// Every row's (id, state, xmin), to prove a pass left rows alone.
@@ -129,12 +134,7 @@ async fn a_failed_stop_request_is_a_failed_repair_and_writes_no_audit_row() {
 async fn a_controller_restart_explains_its_mass_orphans_even_across_a_sessiond_restart() {
     let db = TestDb::migrated().await;
     let a = SimController::start("ctrl-a").await.expect("controller");
-    for i in 0..10 {
-        db.insert(&sid(i), &format!("u{i}"), "ctrl-a", "active", ago(600)).await;
-        a.add(&sid(i), &format!("u{i}"), "running", Some(ago(600)));
-    }
-    let cfg = config(&db, &[&a], IMMEDIATE);
-    assert!(once(&cfg).await.findings.is_empty(), "the first pass records the boot id");
+    let cfg = fleet_of_ten(&db, &a).await;
 
     a.restart(); // new boot id, memory lost
                  // A new sessiond process: what it knows about boot ids comes from the database.
@@ -149,12 +149,7 @@ async fn a_controller_restart_explains_its_mass_orphans_even_across_a_sessiond_r
 async fn an_empty_list_with_an_unchanged_boot_id_trips_the_guard_until_forced() {
     let db = TestDb::migrated().await;
     let a = SimController::start("ctrl-a").await.expect("controller");
-    for i in 0..10 {
-        db.insert(&sid(i), &format!("u{i}"), "ctrl-a", "active", ago(600)).await;
-        a.add(&sid(i), &format!("u{i}"), "running", Some(ago(600)));
-    }
-    let cfg = config(&db, &[&a], IMMEDIATE);
-    assert!(once(&cfg).await.findings.is_empty());
+    let cfg = fleet_of_ten(&db, &a).await;
     for i in 0..10 {
         a.remove(&sid(i)); // the list comes back empty, same process
     }

@@ -4,41 +4,19 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{ago, config, config_text, sid, TestDb, IMMEDIATE};
+use common::{ago, config, config_text, outcomes, sid, TestDb, IMMEDIATE};
 use sessiond::config::{Config, Overrides};
-use sessiond::reconcile::{PassOutcome, PassReport, Reconciler};
+use sessiond::reconcile::{PassOutcome, Reconciler};
 use sessiond::simctl::{Fault, SimController};
-
-fn outcomes(rep: &PassReport) -> Vec<String> {
-    rep.outcomes_by_kind().into_iter().map(|((k, o), n)| format!("{}.{o}={n}", k.as_str())).collect()
-}
 
 fn cfg_with(db: &TestDb, a: &SimController, controller_extra: &str) -> Arc<Config> {
     let text = config_text(db, &[a], IMMEDIATE).replace("timeout = \"2s\"", controller_extra);
     Arc::new(Config::from_toml(std::path::Path::new("t.toml"), &text, &Overrides::default()).expect("valid config"))
 }
 
-/// Waits until `n` sessiond backends are blocked on a lock.
 async fn wait_for_blocked_sessiond(db: &TestDb, n: i64) {
-    let c = db.client().await;
-    for _ in 0..200 {
-        let blocked: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND application_name = 'sessiond' AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .expect("read pg_stat_activity")
-            .get(0);
-        if blocked >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("sessiond never blocked on the row lock");
+    assert!(common::wait_for_blocked_sessiond(db, n).await, "sessiond never blocked on the row lock");
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{ago, config_text, server_url, sid, tool, TestDb, IMMEDIATE};
+use common::{ago, config_text, outcomes, sid, tool, TestDb, IMMEDIATE};
 use sessiond::config::{Config, Overrides};
 use sessiond::reconcile::{PassOutcome, Reconciler};
 use sessiond::simctl::SimController;
@@ -36,18 +36,7 @@ impl Role {
 
 impl Drop for Role {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        let url = server_url();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-            rt.block_on(async {
-                if let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-                    tokio::spawn(conn);
-                    let _ = c.batch_execute(&format!("DROP ROLE IF EXISTS {name}")).await;
-                }
-            })
-        })
-        .join();
+        common::admin_blocking(format!("DROP ROLE IF EXISTS {}", self.name));
     }
 }
 
@@ -76,16 +65,14 @@ async fn the_least_privileged_role_repairs_every_kind() {
     let rep = Reconciler::new(as_role(&db, &role, &a)).expect("reconciler").pass(false, false, false).await;
 
     assert_eq!(rep.outcome, PassOutcome::Ok, "{:?} {:?}", rep.error, rep.findings);
-    let outcomes: Vec<String> =
-        rep.outcomes_by_kind().into_iter().map(|((k, o), n)| format!("{}.{o}={n}", k.as_str())).collect();
     assert_eq!(
-        outcomes,
+        outcomes(&rep),
         [
+            "drift.repaired=1",
             "orphaned.repaired=1",
-            "zombie.repaired=1",
-            "unpersisted.repaired=1",
             "stuck_creating.repaired=1",
-            "drift.repaired=1"
+            "unpersisted.repaired=1",
+            "zombie.repaired=1"
         ]
     );
     assert_eq!(db.audit_count().await, 5);

@@ -79,31 +79,12 @@ async fn a_backfill_racing_the_applications_own_insert_for_that_owner_is_a_confl
     .await
     .expect("the application's insert");
     let pass = tokio::spawn(async move { Reconciler::new(cfg).expect("reconciler").pass(false, false, false).await });
-    let c = db.client().await;
-    let mut blocked = false;
-    for _ in 0..200 {
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-                   AND application_name = 'sessiond' AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .expect("pg_stat_activity")
-            .get(0);
-        if n > 0 {
-            blocked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let blocked = common::wait_for_blocked_sessiond(&db, 1).await;
     assert!(blocked, "the backfill waited on the application's insert");
     tx.commit().await.expect("commit");
     let rep = pass.await.expect("the pass");
 
-    let outcomes: Vec<String> =
-        rep.outcomes_by_kind().into_iter().map(|((k, o), n)| format!("{}.{o}={n}", k.as_str())).collect();
-    assert_eq!(outcomes, ["unpersisted.conflict=1"]);
+    assert_eq!(common::outcomes(&rep), ["unpersisted.conflict=1"]);
     assert_eq!(db.state(&sid(1)).await, None);
     assert_eq!(db.state(&sid(2)).await.as_deref(), Some("active"), "the application's row stands");
 }

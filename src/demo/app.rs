@@ -178,6 +178,17 @@ impl App {
         Ok(())
     }
 
+    /// The application's own stop of a row.
+    async fn mark_stopped(&self, id: &str) -> Result<u64, tokio_postgres::Error> {
+        self.db
+            .execute(
+                "UPDATE sessions SET state = 'stopped', ended_at = now(), updated_at = now(), end_reason = 'user'
+                  WHERE session_id = $1",
+                &[&id],
+            )
+            .await
+    }
+
     async fn stop(&mut self, user: usize, id: String, faults: bool) -> Result<(), tokio_postgres::Error> {
         let ctrl = self.controllers[self.controller_of(user)].clone();
         if faults && self.roll() {
@@ -188,25 +199,13 @@ impl App {
                 self.park(user, Kind::Orphaned, id);
             } else {
                 // The row says stopped; the stop raced cleanup and never reached the controller.
-                self.db
-                    .execute(
-                        "UPDATE sessions SET state = 'stopped', ended_at = now(), updated_at = now(), end_reason = 'user'
-                          WHERE session_id = $1",
-                        &[&id],
-                    )
-                    .await?;
+                self.mark_stopped(&id).await?;
                 ctrl.count_cleanup(false);
                 self.park(user, Kind::Zombie, id);
             }
             return Ok(());
         }
-        self.db
-            .execute(
-                "UPDATE sessions SET state = 'stopped', ended_at = now(), updated_at = now(), end_reason = 'user'
-                  WHERE session_id = $1",
-                &[&id],
-            )
-            .await?;
+        self.mark_stopped(&id).await?;
         ctrl.remove(&id);
         ctrl.count_cleanup(true);
         self.users[user] = UserState::Idle;

@@ -357,15 +357,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
                         instance: Some(instance.to_owned()),
                         detail: format!("creating since {}, not live", row.created_at.to_rfc3339()),
                         decision: Decision::Note,
-                        repair: Some(Repair::UpdateRow {
-                            id: row.id.clone(),
-                            version: row.version.clone(),
-                            from: row.state,
-                            to: RowState::Failed,
-                            owner_id: None,
-                            controller_instance: None,
-                            end_reason: Some("stuck_creating"),
-                        }),
+                        repair: Some(end_row(row, RowState::Failed, "stuck_creating")),
                     },
                     changed_at: Some(row.changed_at),
                     explained: Explained::No,
@@ -403,15 +395,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
                 instance: Some(instance.to_owned()),
                 detail,
                 decision: Decision::Note,
-                repair: Some(Repair::UpdateRow {
-                    id: row.id.clone(),
-                    version: row.version.clone(),
-                    from: row.state,
-                    to: RowState::Stopped,
-                    owner_id: None,
-                    controller_instance: None,
-                    end_reason: Some("orphaned"),
-                }),
+                repair: Some(end_row(row, RowState::Stopped, "orphaned")),
             },
             changed_at: Some(row.changed_at),
             explained,
@@ -549,6 +533,19 @@ pub fn classify(input: &Input<'_>) -> Classification {
     out.findings = candidates.into_iter().map(|c| c.finding).collect();
     out.findings.sort_by(|a, b| (a.kind, &a.subject).cmp(&(b.kind, &b.subject)));
     out
+}
+
+/// Ends a row (to `stopped` or `failed`), compare-and-set on its version.
+fn end_row(row: &SessionRow, to: RowState, reason: &'static str) -> Repair {
+    Repair::UpdateRow {
+        id: row.id.clone(),
+        version: row.version.clone(),
+        from: row.state,
+        to,
+        owner_id: None,
+        controller_instance: None,
+        end_reason: Some(reason),
+    }
 }
 
 fn note(kind: Kind, subject: &str, instance: Option<&str>, detail: String) -> Candidate {
@@ -692,15 +689,7 @@ fn duplicates(
                     row_state: row.state,
                     end_row: true,
                 },
-                None => Repair::UpdateRow {
-                    id: row.id.clone(),
-                    version: row.version.clone(),
-                    from: row.state,
-                    to: RowState::Stopped,
-                    owner_id: None,
-                    controller_instance: None,
-                    end_reason: Some("duplicate"),
-                },
+                None => end_row(row, RowState::Stopped, "duplicate"),
             };
             candidates.push(Candidate {
                 finding: Finding {

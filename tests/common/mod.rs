@@ -161,20 +161,54 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        let url = server_url();
-        // Drop runs outside any runtime (or while one unwinds): use a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-            rt.block_on(async {
-                if let Ok((client, conn)) = tokio_postgres::connect(&url, NoTls).await {
-                    tokio::spawn(conn);
-                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
-                }
-            })
-        })
-        .join();
+        admin_blocking(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
     }
+}
+
+/// Runs one admin statement on the test server from a plain thread: for `Drop`,
+/// which runs outside any runtime (or while one unwinds). Errors are ignored.
+pub fn admin_blocking(sql: String) {
+    let url = server_url();
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async {
+            if let Ok((client, conn)) = tokio_postgres::connect(&url, NoTls).await {
+                tokio::spawn(conn);
+                let _ = client.batch_execute(&sql).await;
+            }
+        })
+    })
+    .join();
+}
+
+/// Waits (up to 10 s) until at least `n` sessiond backends of `db` are blocked on
+/// a lock; returns whether they were.
+pub async fn wait_for_blocked_sessiond(db: &TestDb, n: i64) -> bool {
+    let c = db.client().await;
+    for _ in 0..200 {
+        let blocked: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND application_name = 'sessiond' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("read pg_stat_activity")
+            .get(0);
+        if blocked >= n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// A pass's repair outcomes as sorted `kind.outcome=count` strings.
+pub fn outcomes(rep: &sessiond::reconcile::PassReport) -> Vec<String> {
+    let mut v: Vec<String> =
+        rep.outcomes_by_kind().into_iter().map(|((k, o), n)| format!("{}.{o}={n}", k.as_str())).collect();
+    v.sort();
+    v
 }
 
 /// A valid session id, distinct per `n`.
