@@ -75,8 +75,6 @@ pub trait PassObserver: Send {
     fn reload_rejected(&mut self, _error: &str) {}
 }
 
-impl PassObserver for () {}
-
 /// Where reloads come from: the config file path and the environment overrides.
 pub struct ReloadSource {
     pub path: PathBuf,

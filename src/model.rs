@@ -206,7 +206,6 @@ pub struct SessionRow {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DbSnapshot {
     pub rows: Vec<SessionRow>,
-    pub read_at: DateTime<Utc>,
 }
 
 /// What sessiond remembers about an instance's process across its own restarts.

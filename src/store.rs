@@ -190,7 +190,6 @@ pub struct RowInsert {
 /// A connection to the application database.
 pub struct Store {
     client: Client,
-    url: String,
     timeout: Duration,
     connection: tokio::task::JoinHandle<()>,
     /// Statements and transaction commands sent, each one round trip.
@@ -223,7 +222,6 @@ impl Store {
             .await
             .map_err(|_| StoreError::ConnectTimeout { url: cfg.url.clone(), timeout: cfg.statement_timeout })?
             .map_err(|source| StoreError::Connect { url: cfg.url.clone(), source })?;
-        let url = cfg.url.clone();
         let handle = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "database connection ended");
@@ -231,18 +229,12 @@ impl Store {
         });
         Ok(Store {
             client,
-            url,
             // Client-side bound on each call: the server's statement_timeout plus
             // room for the network, in case the server never answers at all.
             timeout: cfg.statement_timeout + Duration::from_secs(5),
             connection: handle,
             round_trips: Arc::new(AtomicU64::new(0)),
         })
-    }
-
-    /// The URL this store connected to (no password in it).
-    pub fn url(&self) -> &str {
-        &self.url
     }
 
     pub fn is_closed(&self) -> bool {
@@ -379,7 +371,7 @@ impl Store {
             .await?;
             rows.append(&mut others);
         }
-        Ok(DbSnapshot { rows, read_at: Utc::now() })
+        Ok(DbSnapshot { rows })
     }
 
     /// Runs a row query, converting each row as it streams in (the raw rows are

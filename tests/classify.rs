@@ -118,7 +118,7 @@ impl World {
             now: self.now,
             config: &self.cfg,
             instances: &self.instances,
-            db: &DbSnapshot { rows: self.rows.clone(), read_at: self.now },
+            db: &DbSnapshot { rows: self.rows.clone() },
             memory: &self.memory,
             boots: &self.boots,
             stoppable: &self.stoppable,

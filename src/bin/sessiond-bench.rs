@@ -61,8 +61,6 @@ enum Mode {
         config: std::path::PathBuf,
         #[arg(long)]
         dry_run: bool,
-        #[arg(long)]
-        sessions: usize,
     },
 }
 
@@ -104,7 +102,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// The child: one pass, with /metrics scraped in a loop while it runs.
-async fn child_pass(config: &std::path::Path, dry_run: bool, sessions: usize) -> anyhow::Result<PassFigures> {
+async fn child_pass(config: &std::path::Path, dry_run: bool) -> anyhow::Result<PassFigures> {
     let cfg = sessiond::config::Config::load(config, &sessiond::config::Overrides::default())?;
     let shared = sessiond::http::Shared::new(&cfg, sessiond::web::WebConfig::plain())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -143,7 +141,6 @@ async fn child_pass(config: &std::path::Path, dry_run: bool, sessions: usize) ->
         bail!("the pass was {:?}: {:?}", report.outcome, report.error);
     }
     let repaired = report.outcomes_by_kind().iter().filter(|((_, o), _)| *o == "repaired").map(|(_, n)| *n).sum();
-    let _ = sessions;
     Ok(PassFigures {
         seconds,
         outcome: report.outcome.as_str().into(),
@@ -279,10 +276,10 @@ impl Figures {
     }
 }
 
-fn run_child(config: &std::path::Path, dry_run: bool, n: usize) -> anyhow::Result<PassFigures> {
+fn run_child(config: &std::path::Path, dry_run: bool) -> anyhow::Result<PassFigures> {
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(["pass", "--config"]).arg(config).args(["--sessions", &n.to_string()]).env("SESSIOND_LOG", "error");
+    cmd.args(["pass", "--config"]).arg(config).env("SESSIOND_LOG", "error");
     if dry_run {
         cmd.arg("--dry-run");
     }
@@ -401,7 +398,7 @@ async fn measure_in(base_url: &str, name: &str, n: usize, naive_sample: usize) -
 
     let read = tokio::task::spawn_blocking({
         let path = path.clone();
-        move || run_child(&path, true, n)
+        move || run_child(&path, true)
     })
     .await??;
     println!(
@@ -410,7 +407,7 @@ async fn measure_in(base_url: &str, name: &str, n: usize, naive_sample: usize) -
     );
     let full = tokio::task::spawn_blocking({
         let path = path.clone();
-        move || run_child(&path, false, n)
+        move || run_child(&path, false)
     })
     .await??;
     let _ = std::fs::remove_dir_all(&dir);
@@ -465,9 +462,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(Mode::Pass { config, dry_run, sessions }) = cli.mode {
+    if let Some(Mode::Pass { config, dry_run }) = cli.mode {
         sessiond::logging::init(sessiond::logging::LogFormat::Text);
-        return match rt.block_on(child_pass(&config, dry_run, sessions)) {
+        return match rt.block_on(child_pass(&config, dry_run)) {
             Ok(f) => {
                 println!("{}", serde_json::to_string(&f).unwrap_or_default());
                 ExitCode::SUCCESS
