@@ -2,7 +2,7 @@
 //! schema and its migrations, the snapshot read of a pass, and the repairs.
 //!
 //! Architecture Invariant: the number of queries a pass sends does not depend on
-//! the number of sessions. Reads are one streamed statement; writes are one
+//! the number of sessions. Reads are two streamed statements; writes are one
 //! statement per batch.
 //!
 //! Every row repair is a compare-and-set on the row's `xmin`, which PostgreSQL
