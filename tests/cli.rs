@@ -273,12 +273,14 @@ async fn the_daemon_repairs_after_confirmations_keeps_running_on_a_bad_reload_an
     let good = config_text(&db, &[&a], "grace = \"0s\"\nconfirmations = 2")
         .replace("interval = \"1s\"", "interval = \"300ms\"");
     let path = write(dir.path(), "s.toml", &good);
-    let mut child = sessiond(&["run", "--config", path.to_str().expect("utf-8")])
-        .env("SESSIOND_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the daemon");
+    let child = common::Guarded(Some(
+        sessiond(&["run", "--config", path.to_str().expect("utf-8")])
+            .env("SESSIOND_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the daemon"),
+    ));
 
     let mut repaired = false;
     for _ in 0..100 {
@@ -292,7 +294,7 @@ async fn the_daemon_repairs_after_confirmations_keeps_running_on_a_bad_reload_an
 
     // A broken config on SIGHUP is rejected; the daemon keeps working with the old one.
     std::fs::write(&path, "[daemon\nthis is not toml").expect("break the config");
-    signal(&child, "HUP");
+    signal(child.child(), "HUP");
     db.insert(&sid(2), "u2", "ctrl-a", "active", ago(600)).await;
     let mut repaired_after_reload = false;
     for _ in 0..100 {
@@ -304,7 +306,8 @@ async fn the_daemon_repairs_after_confirmations_keeps_running_on_a_bad_reload_an
     }
     assert!(repaired_after_reload, "still reconciling after a rejected reload");
 
-    signal(&child, "TERM");
+    signal(child.child(), "TERM");
+    let mut child = child.take();
     let out = tokio::task::spawn_blocking(move || {
         for _ in 0..100 {
             if let Ok(Some(_)) = child.try_wait() {

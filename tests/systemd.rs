@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{ago, config_text, free_port, sid, tool, TestDb};
+use common::{ago, config_text, free_port, sid, tool, Guarded, TestDb};
 use sessiond::simctl::{Fault, SimController};
 
 /// Datagrams received on a notify socket, with when they arrived.
@@ -75,17 +75,19 @@ impl NotifySocket {
     }
 }
 
-fn spawn(config: &Path, notify: &NotifySocket, watchdog_usec: u64) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sessiond"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("NOTIFY_SOCKET", &notify.path)
-        .env("WATCHDOG_USEC", watchdog_usec.to_string())
-        .env("SESSIOND_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn sessiond run")
+fn spawn(config: &Path, notify: &NotifySocket, watchdog_usec: u64) -> Guarded {
+    Guarded(Some(
+        Command::new(env!("CARGO_BIN_EXE_sessiond"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("NOTIFY_SOCKET", &notify.path)
+            .env("WATCHDOG_USEC", watchdog_usec.to_string())
+            .env("SESSIOND_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sessiond run"),
+    ))
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -111,7 +113,7 @@ async fn the_daemon_speaks_the_notify_protocol_through_its_whole_life() {
     std::fs::write(&path, &good).expect("write config");
     let notify = NotifySocket::bind();
     let t0 = Instant::now();
-    let mut child = spawn(&path, &notify, 1_000_000);
+    let child = spawn(&path, &notify, 1_000_000);
 
     // READY, then a STATUS line per pass, and the watchdog fed at half its interval.
     notify.wait_for(t0, &["READY=1"]).await;
@@ -124,14 +126,14 @@ async fn the_daemon_speaks_the_notify_protocol_through_its_whole_life() {
     // A valid reload: RELOADING=1 with the monotonic time, then READY=1.
     std::fs::write(&path, good.replace("interval = \"300ms\"", "interval = \"400ms\"")).expect("rewrite");
     let t2 = Instant::now();
-    signal(&child, "HUP");
+    signal(child.child(), "HUP");
     let reloading = notify.wait_for(t2, &["RELOADING=1", "MONOTONIC_USEC="]).await;
     notify.wait_for(reloading, &["READY=1"]).await;
 
     // An invalid reload: rejected, READY again, the old config keeps running.
     std::fs::write(&path, "[daemon\nbroken").expect("break the config");
     let t3 = Instant::now();
-    signal(&child, "HUP");
+    signal(child.child(), "HUP");
     let reloading = notify.wait_for(t3, &["RELOADING=1"]).await;
     notify.wait_for(reloading, &["READY=1"]).await;
     notify.wait_for(reloading, &["STATUS=config reload rejected"]).await;
@@ -160,8 +162,9 @@ async fn the_daemon_speaks_the_notify_protocol_through_its_whole_life() {
 
     // SIGTERM: STOPPING=1 at once, then a clean exit.
     let t7 = Instant::now();
-    signal(&child, "TERM");
+    signal(child.child(), "TERM");
     notify.wait_for(t7, &["STOPPING=1"]).await;
+    let mut child = child.take();
     let status = tokio::task::spawn_blocking(move || {
         for _ in 0..100 {
             if let Ok(Some(s)) = child.try_wait() {
@@ -192,14 +195,13 @@ async fn the_daemon_is_ready_without_its_database_and_says_it_is_not() {
     std::fs::write(&path, text).expect("write config");
     let notify = NotifySocket::bind();
     let t0 = Instant::now();
-    let mut child = spawn(&path, &notify, 0);
+    let child = spawn(&path, &notify, 0);
     notify.wait_for(t0, &["READY=1"]).await;
     notify.wait_for(t0, &["STATUS=last pass failed", "database DOWN"]).await;
     let resp = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.expect("readyz");
     assert_eq!(resp.status().as_u16(), 503);
     assert!(notify.all().iter().all(|(_, m)| !m.contains("WATCHDOG=1")), "WATCHDOG_USEC=0 means no watchdog");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
 
 /// A root for `systemd-analyze verify --root`: the host's own units, the built

@@ -351,3 +351,24 @@ pub fn tool(name: &str, package: &str) -> PathBuf {
         "{name} is not installed: install Debian's `{package}` package (apt-get install {package}); .ci/run does this"
     );
 }
+
+/// A child process killed when dropped, so a failing assertion leaks no daemon.
+pub struct Guarded(pub Option<std::process::Child>);
+
+impl Guarded {
+    pub fn child(&self) -> &std::process::Child {
+        self.0.as_ref().expect("the child is held until taken")
+    }
+    pub fn take(mut self) -> std::process::Child {
+        self.0.take().expect("the child is held until taken")
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
