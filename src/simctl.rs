@@ -148,6 +148,15 @@ impl SimController {
     pub fn stop_url(&self) -> String {
         format!("http://{}/internal/sessions/{{session_id}}/stop", self.addr)
     }
+    /// This controller as a `[[controller]]` table of a sessiond config.
+    pub fn controller_toml(&self, timeout: &str) -> String {
+        format!(
+            "[[controller]]\nname = \"{}\"\nurl = \"{}\"\nstop_url = \"{}\"\ntimeout = \"{timeout}\"\n\n",
+            self.instance(),
+            self.url(),
+            self.stop_url()
+        )
+    }
     pub fn instance(&self) -> String {
         self.lock().instance.clone()
     }

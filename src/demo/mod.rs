@@ -90,12 +90,7 @@ fn demo_config(db_url: &str, controllers: &[SimController], listen: SocketAddr) 
          [reconcile]\ngrace = \"3s\"\nconfirmations = 2\ncreating_timeout = \"10s\"\n\n"
     );
     for c in controllers {
-        text.push_str(&format!(
-            "[[controller]]\nname = \"{}\"\nurl = \"{}\"\nstop_url = \"{}\"\ntimeout = \"2s\"\n\n",
-            c.instance(),
-            c.url(),
-            c.stop_url()
-        ));
+        text.push_str(&c.controller_toml("2s"));
     }
     Config::from_toml(std::path::Path::new("<demo>"), &text, &Overrides::default()).map_err(anyhow::Error::from)
 }

@@ -227,12 +227,7 @@ pub fn config_text(db: &TestDb, ctrls: &[&SimController], reconcile: &str) -> St
     let mut s =
         format!("[daemon]\ninterval = \"1s\"\n\n[database]\nurl = \"{}\"\nstatement_timeout = \"5s\"\n\n", db.url);
     for c in ctrls {
-        s.push_str(&format!(
-            "[[controller]]\nname = \"{}\"\nurl = \"{}\"\nstop_url = \"{}\"\ntimeout = \"2s\"\n\n",
-            c.instance(),
-            c.url(),
-            c.stop_url()
-        ));
+        s.push_str(&c.controller_toml("2s"));
     }
     s.push_str(&format!("[reconcile]\n{reconcile}\n"));
     s
