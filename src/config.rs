@@ -182,8 +182,13 @@ pub struct DatabaseConfig {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ControllerConfig {
     pub name: String,
+    /// The list URL with any userinfo removed, so it can be shown and logged.
     pub url: String,
+    /// The stop URL template (`{session_id}`), userinfo removed likewise.
     pub stop_url: Option<String>,
+    /// Basic-auth credentials given as the URL's userinfo (`http://user:pass@…`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<BasicCredentials>,
     #[serde(with = "humantime_serde_compat")]
     pub timeout: Duration,
     pub max_body_bytes: u64,
@@ -330,14 +335,6 @@ fn duration(file: &Path, key: &str, value: Option<&str>, default: Duration) -> R
     }
 }
 
-fn positive(file: &Path, key: &str, d: Duration) -> Result<Duration, ConfigError> {
-    if d.is_zero() {
-        Err(ConfigError::at(file, key, "must be greater than zero"))
-    } else {
-        Ok(d)
-    }
-}
-
 fn policy(file: &Path, key: &str, value: Option<&str>) -> Result<Policy, ConfigError> {
     match value {
         None | Some("repair") => Ok(Policy::Repair),
@@ -406,13 +403,16 @@ fn split_database_url(file: &Path, key: &str, value: &str) -> Result<(String, Op
 }
 
 fn percent_decode(s: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(hi << 4 | lo);
                 i += 3;
                 continue;
             }
@@ -423,12 +423,120 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Splits the userinfo (`user:password@`) out of a URL given as text, so the URL
+/// can be shown and logged. Works on templates (`{session_id}`), which a URL
+/// parser would rewrite.
+fn split_userinfo(url: &str) -> (String, Option<String>) {
+    let Some(scheme_end) = url.find("://") else { return (url.to_owned(), None) };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = rest[..at].to_owned();
+            (format!("{}{}", &url[..scheme_end + 3], &rest[at + 1..]), Some(userinfo))
+        }
+        None => (url.to_owned(), None),
+    }
+}
+
+/// Credentials for HTTP basic auth, from a controller URL's userinfo.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BasicCredentials {
+    pub user: Secret,
+    pub password: Secret,
+}
+
+impl fmt::Debug for BasicCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl Serialize for BasicCredentials {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+fn basic_credentials(userinfo: &str) -> BasicCredentials {
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    BasicCredentials { user: Secret(percent_decode(user)), password: Secret(percent_decode(password)) }
+}
+
+/// Checks that a duration lies in `[min, max]`. The bounds keep every later use
+/// representable: PostgreSQL holds its timeouts as milliseconds in an int, and
+/// times are computed with chrono and `Instant`, which panic past their range.
+fn within(file: &Path, key: &str, d: Duration, min: Duration, max: Duration) -> Result<Duration, ConfigError> {
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    if d < min {
+        return Err(ConfigError::at(file, key, format!("{} is too short; use at least {}", show(d), show(min))));
+    }
+    if d > max {
+        return Err(ConfigError::at(file, key, format!("{} is too long; use at most {}", show(d), show(max))));
+    }
+    Ok(d)
+}
+
+/// A duration key: parsed, defaulted and bounded.
+fn duration_in(
+    file: &Path,
+    key: &str,
+    value: Option<&str>,
+    default: Duration,
+    (min, max): (Duration, Duration),
+) -> Result<Duration, ConfigError> {
+    within(file, key, duration(file, key, value, default)?, min, max)
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Bounds per duration key: (shortest, longest).
+const INTERVAL_BOUNDS: (Duration, Duration) = (Duration::from_millis(100), DAY);
+const STATEMENT_TIMEOUT_BOUNDS: (Duration, Duration) = (Duration::from_millis(100), HOUR);
+const CONTROLLER_TIMEOUT_BOUNDS: (Duration, Duration) = (Duration::from_millis(100), HOUR);
+const GRACE_BOUNDS: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(7 * 86_400));
+const CREATING_TIMEOUT_BOUNDS: (Duration, Duration) = (SECOND, Duration::from_secs(30 * 86_400));
+const DEAD_AFTER_BOUNDS: (Duration, Duration) = (MINUTE, Duration::from_secs(365 * 86_400));
+
+/// Checks that `^` and `$` bind the whole pattern. `^exec_.*|.*$` starts with
+/// `^` and ends with `$`, yet its second branch matches anything: a top-level
+/// alternation escapes the anchors, so it is refused with the fix spelled out.
+fn check_anchored(pattern: &str) -> Result<(), String> {
+    use regex_syntax::ast::{AssertionKind, Ast};
+    let ast = regex_syntax::ast::parse::Parser::new()
+        .parse(pattern)
+        .map_err(|e| format!("is not a valid regular expression: {e}"))?;
+    let items: Vec<&Ast> = match &ast {
+        Ast::Concat(c) => c.asts.iter().collect(),
+        Ast::Alternation(_) => {
+            return Err("has a top-level | that escapes the anchors (each branch is anchored on one side only); \
+                        group the alternatives: ^(a|b)$"
+                .into())
+        }
+        other => vec![other],
+    };
+    let starts = matches!(items.first(), Some(Ast::Assertion(a)) if matches!(a.kind, AssertionKind::StartLine | AssertionKind::StartText));
+    let ends = matches!(items.last(), Some(Ast::Assertion(a)) if matches!(a.kind, AssertionKind::EndLine | AssertionKind::EndText));
+    if !starts || !ends || items.len() < 2 {
+        return Err(
+            "must be anchored with ^ and $ around the whole pattern, or ids with anything around a match would pass"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config, ConfigError> {
     let daemon = DaemonConfig {
-        interval: positive(
+        interval: duration_in(
             file,
             "daemon.interval",
-            duration(file, "daemon.interval", raw.daemon.interval.as_deref(), Duration::from_secs(15))?,
+            raw.daemon.interval.as_deref(),
+            Duration::from_secs(15),
+            INTERVAL_BOUNDS,
         )?,
         mode: match raw.daemon.mode.as_deref() {
             None | Some("repair") => Mode::Repair,
@@ -474,10 +582,12 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
         url,
         password,
         password_file: raw_db.password_file,
-        statement_timeout: positive(
+        statement_timeout: duration_in(
             file,
             "database.statement_timeout",
-            duration(file, "database.statement_timeout", raw_db.statement_timeout.as_deref(), Duration::from_secs(10))?,
+            raw_db.statement_timeout.as_deref(),
+            Duration::from_secs(10),
+            STATEMENT_TIMEOUT_BOUNDS,
         )?,
     };
 
@@ -492,19 +602,28 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
         if controllers.iter().any(|other| other.name == name) {
             return Err(ConfigError::at(file, k("name"), format!("{name:?} is used by two controllers")));
         }
-        let url = c.url.ok_or_else(|| ConfigError::at(file, k("url"), "is missing"))?;
+        let (url, userinfo) = split_userinfo(&c.url.ok_or_else(|| ConfigError::at(file, k("url"), "is missing"))?);
         http_url(file, &k("url"), &url)?;
-        if let Some(stop) = &c.stop_url {
-            if !stop.contains("{session_id}") {
-                return Err(ConfigError::at(file, k("stop_url"), "must contain {session_id}"));
+        let stop_url = match c.stop_url {
+            None => None,
+            Some(stop) => {
+                let (stop, stop_userinfo) = split_userinfo(&stop);
+                if stop_userinfo.is_some() && stop_userinfo != userinfo {
+                    return Err(ConfigError::at(
+                        file,
+                        k("stop_url"),
+                        "has credentials that differ from url's; put them in url only, they are used for both",
+                    ));
+                }
+                if !stop.contains("{session_id}") {
+                    return Err(ConfigError::at(file, k("stop_url"), "must contain {session_id}"));
+                }
+                http_url(file, &k("stop_url"), &stop.replace("{session_id}", "x"))?;
+                Some(stop)
             }
-            http_url(file, &k("stop_url"), &stop.replace("{session_id}", "x"))?;
-        }
-        let timeout = positive(
-            file,
-            &k("timeout"),
-            duration(file, &k("timeout"), c.timeout.as_deref(), Duration::from_secs(5))?,
-        )?;
+        };
+        let timeout =
+            duration_in(file, &k("timeout"), c.timeout.as_deref(), Duration::from_secs(5), CONTROLLER_TIMEOUT_BOUNDS)?;
         let max_body_bytes = c.max_body_bytes.unwrap_or(64 * 1024 * 1024);
         if max_body_bytes == 0 {
             return Err(ConfigError::at(file, k("max_body_bytes"), "must be greater than zero"));
@@ -513,10 +632,18 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
             Some(p) => Some(read_secret(file, &k("token_file"), p)?),
             None => None,
         };
+        if token.is_some() && userinfo.is_some() {
+            return Err(ConfigError::at(
+                file,
+                k("url"),
+                "has credentials in the URL and a token_file; use one way to authenticate",
+            ));
+        }
         controllers.push(ControllerConfig {
             name,
             url,
-            stop_url: c.stop_url,
+            stop_url,
+            credentials: userinfo.as_deref().map(basic_credentials),
             timeout,
             max_body_bytes,
             token,
@@ -528,11 +655,9 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
     let defaults = ReconcileConfig::default();
     let instance_dead_after = match r.instance_dead_after.as_deref() {
         None | Some("off") => None,
-        Some(v) => Some(positive(
-            file,
-            "reconcile.instance_dead_after",
-            duration(file, "reconcile.instance_dead_after", Some(v), Duration::ZERO)?,
-        )?),
+        Some(v) => {
+            Some(duration_in(file, "reconcile.instance_dead_after", Some(v), Duration::ZERO, DEAD_AFTER_BOUNDS)?)
+        }
     };
     let confirmations = match r.confirmations {
         None => defaults.confirmations,
@@ -568,12 +693,14 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
     };
     let p = r.policy;
     let reconcile = ReconcileConfig {
-        grace: duration(file, "reconcile.grace", r.grace.as_deref(), defaults.grace)?,
+        grace: duration_in(file, "reconcile.grace", r.grace.as_deref(), defaults.grace, GRACE_BOUNDS)?,
         confirmations,
-        creating_timeout: positive(
+        creating_timeout: duration_in(
             file,
             "reconcile.creating_timeout",
-            duration(file, "reconcile.creating_timeout", r.creating_timeout.as_deref(), defaults.creating_timeout)?,
+            r.creating_timeout.as_deref(),
+            defaults.creating_timeout,
+            CREATING_TIMEOUT_BOUNDS,
         )?,
         instance_dead_after,
         max_repairs_per_pass,
@@ -590,13 +717,7 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
     };
 
     let pattern_text = raw.sessions.id_pattern.unwrap_or_else(|| DEFAULT_ID_PATTERN.to_owned());
-    if !pattern_text.starts_with('^') || !pattern_text.ends_with('$') {
-        return Err(ConfigError::at(
-            file,
-            "sessions.id_pattern",
-            "must be anchored with ^ and $, or ids with anything around a match would pass",
-        ));
-    }
+    check_anchored(&pattern_text).map_err(|problem| ConfigError::at(file, "sessions.id_pattern", problem))?;
     let id_pattern = Regex::new(&pattern_text)
         .map_err(|e| ConfigError::at(file, "sessions.id_pattern", format!("is not a valid regular expression: {e}")))?;
 
