@@ -78,10 +78,7 @@ impl ControllerClient {
     pub async fn fetch(&self, c: &ControllerConfig, id_pattern: &Regex) -> Result<ControllerList, ControllerError> {
         let url = c.url.clone();
         let work = async {
-            let mut req = self.http.get(&c.url).header("accept", "application/json");
-            if let Some(token) = &c.token {
-                req = req.bearer_auth(token.expose());
-            }
+            let req = authorize(self.http.get(&c.url).header("accept", "application/json"), c);
             let mut resp = req.send().await.map_err(|source| ControllerError::Request { url: url.clone(), source })?;
             if resp.status().as_u16() != 200 {
                 return Err(ControllerError::Status { url: url.clone(), status: resp.status().as_u16() });
@@ -124,10 +121,7 @@ impl ControllerClient {
         // Ids matched the configured pattern; escaping keeps a permissive pattern
         // from turning an id into a different path.
         let url = template.replace("{session_id}", &path_escape(id.as_str()));
-        let mut req = self.http.post(&url).header("content-length", "0");
-        if let Some(token) = &c.token {
-            req = req.bearer_auth(token.expose());
-        }
+        let req = authorize(self.http.post(&url).header("content-length", "0"), c);
         let resp = tokio::time::timeout(c.timeout, req.send())
             .await
             .map_err(|_| ControllerError::Stop {
@@ -141,6 +135,15 @@ impl ControllerClient {
         } else {
             Err(ControllerError::Stop { url, problem: format!("answered HTTP {status}") })
         }
+    }
+}
+
+/// Adds the controller's credentials: a bearer token, or basic auth from the URL.
+fn authorize(req: reqwest::RequestBuilder, c: &ControllerConfig) -> reqwest::RequestBuilder {
+    match (&c.token, &c.credentials) {
+        (Some(token), _) => req.bearer_auth(token.expose()),
+        (None, Some(cred)) => req.basic_auth(cred.user.expose(), Some(cred.password.expose())),
+        (None, None) => req,
     }
 }
 
@@ -173,6 +176,8 @@ struct WireList<'a> {
     sessions: Option<Vec<&'a RawValue>>,
     #[serde(borrow)]
     counters: Option<&'a RawValue>,
+    #[serde(borrow)]
+    generated_at: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -268,8 +273,17 @@ fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Result<Control
         }),
     };
 
-    let mut list =
-        ControllerList { boot_id, sessions: Vec::with_capacity(sessions.len()), invalid: Vec::new(), counters };
+    // The controller's own clock, read with started_at: the age of a session is
+    // the difference of the two, so the clocks of other hosts never enter it.
+    let generated_at =
+        string(wire.generated_at).and_then(|s| DateTime::parse_from_rfc3339(&s).ok()).map(|t| t.with_timezone(&Utc));
+    let mut list = ControllerList {
+        boot_id,
+        generated_at,
+        sessions: Vec::with_capacity(sessions.len()),
+        invalid: Vec::new(),
+        counters,
+    };
     for value in sessions {
         match convert_session(value, id_pattern) {
             Ok(s) => list.sessions.push(s),
@@ -277,6 +291,40 @@ fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Result<Control
         }
     }
     Ok(list)
+}
+
+/// The longest session id accepted; longer ones are `invalid_id` whatever the pattern.
+pub const MAX_ID_BYTES: usize = 255;
+/// The longest owner id accepted; a longer one makes its entry `invalid_entry`.
+pub const MAX_OWNER_BYTES: usize = 1024;
+/// How much of an unusable raw id a report shows.
+const SHOWN_ID_CHARS: usize = 80;
+
+/// Why a string from a controller cannot be stored or bound, if it cannot:
+/// PostgreSQL text holds no NUL byte, and an oversized value would fail (or
+/// bloat) the batch it travels in. Control characters are refused too: no id
+/// or owner legitimately contains them, and they would garble logs.
+fn unstorable(s: &str, max_bytes: usize) -> Option<String> {
+    if s.len() > max_bytes {
+        return Some(format!("is {} bytes long, more than the {max_bytes} accepted", s.len()));
+    }
+    if s.contains('\0') {
+        return Some("contains a NUL byte".into());
+    }
+    if s.chars().any(char::is_control) {
+        return Some("contains a control character".into());
+    }
+    None
+}
+
+/// A raw value as it may be shown in a report or a log: control characters
+/// escaped, and cut short.
+fn printable(s: &str) -> String {
+    let mut out: String = s.chars().take(SHOWN_ID_CHARS).flat_map(char::escape_debug).collect();
+    if s.chars().count() > SHOWN_ID_CHARS {
+        out.push('…');
+    }
+    out
 }
 
 fn convert_session(value: &RawValue, id_pattern: &Regex) -> Result<LiveSession, InvalidEntry> {
@@ -292,8 +340,16 @@ fn convert_session(value: &RawValue, id_pattern: &Regex) -> Result<LiveSession, 
             problem: "entry has no string session_id".into(),
         });
     };
+    if let Some(problem) = unstorable(&raw_id, MAX_ID_BYTES) {
+        return Err(InvalidEntry {
+            raw_id: Some(printable(&raw_id)),
+            kind: InvalidEntryKind::InvalidId,
+            problem: format!("session_id {problem}"),
+        });
+    }
     let Some(id) = SessionId::parse(&raw_id, id_pattern) else {
         return Err(InvalidEntry {
+            // Exact, so a row with this id is still protected as held.
             raw_id: Some(raw_id),
             kind: InvalidEntryKind::InvalidId,
             problem: "session_id does not match sessions.id_pattern".into(),
@@ -302,7 +358,10 @@ fn convert_session(value: &RawValue, id_pattern: &Regex) -> Result<LiveSession, 
     let bad =
         |problem: String| InvalidEntry { raw_id: Some(raw_id.clone()), kind: InvalidEntryKind::InvalidEntry, problem };
     let owner_id = match string(wire.owner_id) {
-        Some(s) if !s.is_empty() => s,
+        Some(s) if !s.is_empty() => match unstorable(&s, MAX_OWNER_BYTES) {
+            Some(problem) => return Err(bad(format!("owner_id {problem}"))),
+            None => s,
+        },
         _ => return Err(bad("entry has no owner_id".into())),
     };
     let state = match string(wire.state) {

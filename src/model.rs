@@ -167,6 +167,8 @@ pub struct AppCounters {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ControllerList {
     pub boot_id: String,
+    /// When the controller made the document, by its own clock.
+    pub generated_at: Option<DateTime<Utc>>,
     pub sessions: Vec<LiveSession>,
     pub invalid: Vec<InvalidEntry>,
     pub counters: Option<AppCounters>,
@@ -195,6 +197,8 @@ pub struct SessionRow {
     pub owner_id: String,
     pub controller_instance: String,
     pub state: RowState,
+    /// Row times are on sessiond's clock: the store converts them from the
+    /// database's clock with the offset it measures at each read.
     pub created_at: DateTime<Utc>,
     /// The latest of created_at, updated_at, ended_at and deleted_at.
     pub changed_at: DateTime<Utc>,
@@ -206,6 +210,8 @@ pub struct SessionRow {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DbSnapshot {
     pub rows: Vec<SessionRow>,
+    /// When the read began, by sessiond's clock. Row times are on the same clock.
+    pub read_at: DateTime<Utc>,
 }
 
 /// What sessiond remembers about an instance's process across its own restarts.

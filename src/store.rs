@@ -339,6 +339,7 @@ impl Store {
     /// number of sessions. Only the ids without a live row — the zombie and
     /// unpersisted candidates, normally a few — are sent to the server.
     pub async fn snapshot(&self, live_ids: &[&str]) -> Result<DbSnapshot, StoreError> {
+        let (read_at, offset) = self.clock_offset().await?;
         // Sized for the usual case (about one live row per live session), so the
         // vector is not reallocated, and briefly held twice, while it fills.
         let mut rows = Vec::with_capacity(live_ids.len() + live_ids.len() / 16 + 16);
@@ -371,7 +372,28 @@ impl Store {
             .await?;
             rows.append(&mut others);
         }
-        Ok(DbSnapshot { rows })
+        // Row times move onto sessiond's clock, the one the controller lists
+        // were fetched by, so every comparison in the classifier uses one clock.
+        if !offset.is_zero() {
+            for row in &mut rows {
+                row.created_at -= offset;
+                row.changed_at -= offset;
+            }
+        }
+        Ok(DbSnapshot { rows, read_at })
+    }
+
+    /// How far the database's clock is ahead of ours (negative if behind), and
+    /// our time when the measurement began. The error is at most half the round
+    /// trip: a fraction of a millisecond near the server, far below any grace.
+    pub async fn clock_offset(&self) -> Result<(DateTime<Utc>, chrono::Duration), StoreError> {
+        let sent = Utc::now();
+        let row =
+            self.bounded("read the database clock", self.client.query_one("SELECT clock_timestamp()", &[])).await?;
+        let answered = Utc::now();
+        let db_now: DateTime<Utc> = row.try_get(0).map_err(q("read the database clock"))?;
+        let midpoint = sent + (answered - sent) / 2;
+        Ok((sent, db_now - midpoint))
     }
 
     /// Runs a row query, converting each row as it streams in (the raw rows are

@@ -46,6 +46,19 @@ impl World {
         w
     }
 
+    /// The world `s` seconds later: the next pass's clock and fetches.
+    fn later(&mut self, s: i64) -> &mut Self {
+        let d = Duration::seconds(s);
+        self.now += d;
+        for i in &mut self.instances {
+            i.fetched_at += d;
+            if let Ok(list) = &mut i.result {
+                list.generated_at = list.generated_at.map(|t| t + d);
+            }
+        }
+        self
+    }
+
     fn secs_ago(&self, s: i64) -> DateTime<Utc> {
         self.now - Duration::seconds(s)
     }
@@ -55,7 +68,13 @@ impl World {
         self.instances.push(InstanceSnapshot {
             name: name.into(),
             fetched_at,
-            result: Ok(ControllerList { boot_id: "boot-1".into(), sessions: vec![], invalid: vec![], counters: None }),
+            result: Ok(ControllerList {
+                boot_id: "boot-1".into(),
+                generated_at: Some(fetched_at),
+                sessions: vec![],
+                invalid: vec![],
+                counters: None,
+            }),
         });
         self.boots.insert(name.into(), BootRecord { boot_id: "boot-1".into(), changed_at: None });
         self.stoppable.insert(name.into());
@@ -118,7 +137,7 @@ impl World {
             now: self.now,
             config: &self.cfg,
             instances: &self.instances,
-            db: &DbSnapshot { rows: self.rows.clone() },
+            db: &DbSnapshot { rows: self.rows.clone(), read_at: self.now },
             memory: &self.memory,
             boots: &self.boots,
             stoppable: &self.stoppable,
@@ -202,7 +221,7 @@ fn nothing_younger_than_grace_is_repaired() {
     let mut w = World::new();
     w.live("a", "s1", "o1", LiveState::Active, 1);
     check(&w, "unpersisted s1 wait");
-    w.now += Duration::seconds(31);
+    w.later(31);
     check(&w, "unpersisted s1 repair");
 }
 
@@ -320,7 +339,7 @@ fn unpersisted_session_without_started_at_ages_from_first_sight() {
     w.list("a").sessions[0].started_at = None;
     let first = check(&w, "unpersisted s1 wait");
     w.memory = first.memory;
-    w.now += Duration::seconds(31);
+    w.later(31);
     check(&w, "unpersisted s1 repair");
 }
 
@@ -489,7 +508,13 @@ fn the_first_boot_id_explains_nothing_and_a_new_one_marks_a_restart() {
     let snap = |boot: &str| InstanceSnapshot {
         name: "a".into(),
         fetched_at: now,
-        result: Ok(ControllerList { boot_id: boot.into(), sessions: vec![], invalid: vec![], counters: None }),
+        result: Ok(ControllerList {
+            boot_id: boot.into(),
+            generated_at: None,
+            sessions: vec![],
+            invalid: vec![],
+            counters: None,
+        }),
     };
     let first = observe_boots(&BootRecords::new(), &[snap("b1")], now);
     assert_eq!(first.get("a"), Some(&BootRecord { boot_id: "b1".into(), changed_at: None }));
@@ -518,4 +543,68 @@ fn a_rowless_session_whose_owner_has_a_live_row_is_a_duplicate_not_an_insert() {
     w.live("a", "s3", "v", LiveState::Active, OLD);
     w.live("a", "s4", "v", LiveState::Active, OLD - 5); // newer: the one inserted
     check(&w, "duplicate s2 note\nduplicate s3 note\nunpersisted s4 repair");
+}
+
+#[test]
+fn a_pass_that_stalls_after_reading_still_measures_grace_at_its_snapshots() {
+    // The list was fetched, then the process stalled (GC, SIGSTOP, a VM
+    // migration) while the application stopped s1, re-activated s2 with a new
+    // owner and paused s3. Classification runs a minute later on the old list.
+    let mut w = World::new();
+    w.live("a", "s1", "o1", LiveState::Active, OLD).row("s1", "o1", "a", RowState::Stopped, 0);
+    w.live("a", "s2", "o2", LiveState::Active, OLD).row("s2", "o9", "a", RowState::Active, 0);
+    w.live("a", "s3", "o3", LiveState::Active, OLD).row("s3", "o3", "a", RowState::Paused, 0);
+    w.now += Duration::seconds(60);
+    check(&w, "drift s2 wait\ndrift s3 wait\nzombie s1 wait");
+}
+
+#[test]
+fn a_controller_clock_behind_ours_does_not_make_its_sessions_look_old() {
+    // The controller's clock is two minutes behind: by ours its session started
+    // 121 s ago, by its own (generated_at - started_at) one second ago.
+    let mut w = World::new();
+    w.live("a", "s1", "o1", LiveState::Active, 121);
+    let behind = w.instances[0].fetched_at - Duration::seconds(120);
+    w.list("a").generated_at = Some(behind);
+    check(&w, "unpersisted s1 wait");
+    w.later(31);
+    check(&w, "unpersisted s1 repair");
+}
+
+#[test]
+fn without_generated_at_a_session_ages_from_when_sessiond_first_saw_it() {
+    let mut w = World::new();
+    w.live("a", "s1", "o1", LiveState::Active, OLD);
+    w.list("a").generated_at = None;
+    let first = check(&w, "unpersisted s1 wait");
+    w.memory = first.memory;
+    w.later(31);
+    check(&w, "unpersisted s1 repair");
+}
+
+#[test]
+fn an_id_listed_twice_by_one_instance_is_a_finding_and_never_a_write() {
+    let mut w = World::new();
+    w.live("a", "s1", "o1", LiveState::Active, OLD).live("a", "s1", "o1", LiveState::Paused, OLD);
+    w.row("s1", "o1", "a", RowState::Active, OLD);
+    w.live("a", "s2", "o2", LiveState::Active, OLD).live("a", "s2", "o2", LiveState::Active, OLD);
+    w.row("s2", "o2", "a", RowState::Stopped, OLD);
+    w.live("a", "s3", "o3", LiveState::Active, OLD).live("a", "s3", "o3", LiveState::Paused, OLD);
+    let c = check(&w, "invalid_entry s1 note\ninvalid_entry s2 note\ninvalid_entry s3 note");
+    let s1 = c.findings.iter().find(|f| f.subject == "s1").expect("the s1 finding");
+    assert!(s1.detail.contains("listed 2 times"), "{}", s1.detail);
+}
+
+#[test]
+fn an_id_listed_by_two_instances_is_a_finding_and_never_a_write() {
+    let mut w = World::new();
+    w.instance("b");
+    w.live("a", "s1", "o1", LiveState::Active, OLD).live("b", "s1", "o1", LiveState::Active, OLD);
+    w.row("s1", "o1", "a", RowState::Active, OLD);
+    w.live("a", "s2", "o2", LiveState::Active, OLD).live("b", "s2", "o2", LiveState::Active, OLD);
+    w.row("s2", "o2", "b", RowState::Stopped, OLD);
+    let c = check(&w, "invalid_entry s1 note\ninvalid_entry s2 note");
+    assert!(c.findings.iter().all(|f| f.repair.is_none()));
+    let s1 = c.findings.iter().find(|f| f.subject == "s1").expect("the s1 finding");
+    assert!(s1.detail.contains("by a (active), b (active)"), "{}", s1.detail);
 }

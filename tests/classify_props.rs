@@ -111,6 +111,7 @@ fn snapshots(w: &World) -> Vec<InstanceSnapshot> {
             result: if w.reachable[i] {
                 Ok(ControllerList {
                     boot_id: "boot".into(),
+                    generated_at: Some(w.now - Duration::seconds(1)),
                     sessions: w.lists[i].clone(),
                     invalid: vec![],
                     counters: None,
@@ -130,7 +131,7 @@ fn run(w: &World, memory: &Memory) -> Classification {
         now: w.now,
         config: &w.cfg,
         instances: &snapshots(w),
-        db: &DbSnapshot { rows: w.rows.clone() },
+        db: &DbSnapshot { rows: w.rows.clone(), read_at: w.now },
         memory,
         boots: &boots,
         stoppable: &stoppable,

@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use crate::config::{Policy, ReconcileConfig};
 use crate::model::{
-    BootRecord, BootRecords, DbSnapshot, InstanceSnapshot, InvalidEntryKind, LiveSession, LiveState, RowState,
-    SessionId, SessionRow,
+    BootRecord, BootRecords, ControllerList, DbSnapshot, InstanceSnapshot, InvalidEntryKind, LiveSession, LiveState,
+    RowState, SessionId, SessionRow,
 };
 
 /// The kinds of finding. The label values are part of the metrics contract.
@@ -221,6 +221,23 @@ pub fn observe_boots(previous: &BootRecords, instances: &[InstanceSnapshot], now
     boots
 }
 
+/// How long a live session had been running when its list was fetched. Both
+/// ends come from the controller's own clock (`generated_at − started_at`), so a
+/// controller whose clock is behind or ahead of ours cannot make a session look
+/// older than it is. Without both, the age counts from when sessiond first saw
+/// the session, by sessiond's clock: a `once` pass then sees it as new.
+fn live_age(input: &Input<'_>, inst: &InstanceSnapshot, list: &ControllerList, live: &LiveSession) -> ChronoDuration {
+    if let (Some(generated), Some(started)) = (list.generated_at, live.started_at) {
+        return generated - started;
+    }
+    let first_seen = input
+        .memory
+        .streaks
+        .get(&(Kind::Unpersisted, live.id.to_string()))
+        .map_or(inst.fetched_at, |s| s.first_seen.min(inst.fetched_at));
+    inst.fetched_at - first_seen
+}
+
 fn to_chrono(d: std::time::Duration) -> ChronoDuration {
     ChronoDuration::from_std(d).unwrap_or(ChronoDuration::MAX)
 }
@@ -230,6 +247,19 @@ struct Held<'a> {
     instance: &'a str,
     /// `None` when the entry itself was unusable (unknown state, no owner, …).
     session: Option<&'a LiveSession>,
+    /// Listed more than once: held, but never acted on.
+    ambiguous: bool,
+}
+
+impl<'a> Held<'a> {
+    /// The listing, if it is the only one and usable.
+    fn usable(&self) -> Option<&'a LiveSession> {
+        if self.ambiguous {
+            None
+        } else {
+            self.session
+        }
+    }
 }
 
 /// Why an orphan is not surprising: the guard does not count explained orphans.
@@ -242,8 +272,13 @@ enum Explained {
 
 struct Candidate {
     finding: Finding,
-    /// The moment the finding's subject last changed, for `grace`.
+    /// The moment the finding's subject last changed (for choosing the newest).
     changed_at: Option<DateTime<Utc>>,
+    /// How old the evidence was when its snapshot was taken, for `grace`: a row's
+    /// age at the moment the controller list it is compared with was fetched, or
+    /// a live session's age by its controller's own clock. Never measured
+    /// against the time of classification, which a stalled process would stretch.
+    age: Option<ChronoDuration>,
     explained: Explained,
 }
 
@@ -279,24 +314,36 @@ pub fn classify(input: &Input<'_>) -> Classification {
     }
 
     // Every id a reachable controller holds, valid or not. Invalid entries still
-    // count as held: their rows must never be taken for orphans.
+    // count as held: their rows must never be taken for orphans. An id listed
+    // more than once (twice by one instance, or by two) is ambiguous: it is held,
+    // reported, and never acted on, because nothing says which listing is right.
     let live_count: usize =
         input.instances.iter().filter_map(|i| i.result.as_ref().ok()).map(|l| l.sessions.len()).sum();
     let mut held: FxHashMap<&str, Held<'_>> = FxHashMap::default();
     held.reserve(live_count);
+    let mut ambiguous: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let describe = |inst: &str, session: Option<&LiveSession>| match session {
+        Some(s) => format!("{inst} ({})", live_state_name(s.state)),
+        None => format!("{inst} (unusable entry)"),
+    };
     for inst in input.instances {
         let Ok(list) = &inst.result else { continue };
-        for s in &list.sessions {
-            if let Some(first) = held.get(s.id.as_str()) {
-                candidates.push(note(
-                    Kind::InvalidEntry,
-                    s.id.as_str(),
-                    Some(&inst.name),
-                    format!("also listed by instance {}", first.instance),
-                ));
-                continue;
+        let listings = list
+            .sessions
+            .iter()
+            .map(|s| (s.id.as_str(), Some(s)))
+            .chain(list.invalid.iter().filter_map(|bad| bad.raw_id.as_deref().map(|raw| (raw, None))));
+        for (id, session) in listings {
+            match held.get_mut(id) {
+                Some(first) => {
+                    let seen = ambiguous.entry(id).or_insert_with(|| vec![describe(first.instance, first.session)]);
+                    seen.push(describe(&inst.name, session));
+                    first.ambiguous = true;
+                }
+                None => {
+                    held.insert(id, Held { instance: &inst.name, session, ambiguous: false });
+                }
             }
-            held.insert(s.id.as_str(), Held { instance: &inst.name, session: Some(s) });
         }
         for bad in &list.invalid {
             let kind = match bad.kind {
@@ -308,10 +355,20 @@ pub fn classify(input: &Input<'_>) -> Classification {
             }
             let subject = bad.raw_id.clone().unwrap_or_else(|| "<missing>".into());
             candidates.push(note(kind, &subject, Some(&inst.name), bad.problem.clone()));
-            if let Some(raw) = &bad.raw_id {
-                held.entry(raw.as_str()).or_insert(Held { instance: &inst.name, session: None });
-            }
         }
+    }
+    for (id, listings) in &ambiguous {
+        let first = held.get(id).map(|h| h.instance);
+        candidates.push(note(
+            Kind::InvalidEntry,
+            id,
+            first,
+            format!(
+                "listed {} times: by {}; nothing is done until one listing remains",
+                listings.len(),
+                listings.join(", ")
+            ),
+        ));
     }
 
     let rows_by_id: FxHashMap<&str, &SessionRow> = input.db.rows.iter().map(|r| (r.id.as_str(), r)).collect();
@@ -323,8 +380,9 @@ pub fn classify(input: &Input<'_>) -> Classification {
     for row in input.db.rows.iter().filter(|r| r.state.is_live()) {
         *live_rows_per_instance.entry(row.controller_instance.as_str()).or_default() += 1;
         if let Some(h) = held.get(row.id.as_str()) {
-            if let Some(live) = h.session {
-                if let Some(mut c) = drift(row, live, h.instance) {
+            if let Some(live) = h.usable() {
+                let fetched_at = reachable.get(h.instance).map_or(input.db.read_at, |s| s.fetched_at);
+                if let Some(mut c) = drift(row, live, h.instance, fetched_at) {
                     let claimed_by = row.controller_instance.as_str();
                     if claimed_by != h.instance && !reachable.contains_key(claimed_by) {
                         // The instance the row names may hold the session too.
@@ -347,8 +405,10 @@ pub fn classify(input: &Input<'_>) -> Classification {
             candidates.push(note(Kind::Unverifiable, row.id.as_str(), Some(instance), why));
             continue;
         }
+        // What the row is compared with was read at this moment.
+        let reference = snapshot.map_or(input.db.read_at, |s| s.fetched_at);
         if row.state == RowState::Creating {
-            if now - row.created_at >= to_chrono(cfg.creating_timeout) {
+            if reference - row.created_at >= to_chrono(cfg.creating_timeout) {
                 handled_rows.insert(row.id.as_str());
                 candidates.push(Candidate {
                     finding: Finding {
@@ -360,6 +420,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
                         repair: Some(end_row(row, RowState::Failed, "stuck_creating")),
                     },
                     changed_at: Some(row.changed_at),
+                    age: Some(reference - row.changed_at),
                     explained: Explained::No,
                 });
             }
@@ -371,8 +432,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
         let explained = if is_dead {
             Explained::InstanceDead
         } else {
-            let snap = snapshot.map(|s| s.fetched_at).unwrap_or(now);
-            if row.changed_at > snap - grace {
+            if row.changed_at > reference - grace {
                 continue;
             }
             match input.boots.get(instance).and_then(|b| b.changed_at) {
@@ -398,6 +458,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
                 repair: Some(end_row(row, RowState::Stopped, "orphaned")),
             },
             changed_at: Some(row.changed_at),
+            age: Some(reference - row.changed_at),
             explained,
         });
     }
@@ -406,9 +467,9 @@ pub fn classify(input: &Input<'_>) -> Classification {
     for inst in input.instances {
         let Ok(list) = &inst.result else { continue };
         for live in &list.sessions {
-            match held.get(live.id.as_str()) {
-                Some(h) if h.instance == inst.name && h.session.is_some_and(|s| std::ptr::eq(s, live)) => {}
-                _ => continue, // a second listing, already reported
+            match held.get(live.id.as_str()).and_then(Held::usable) {
+                Some(only) if std::ptr::eq(only, live) => {}
+                _ => continue, // listed more than once: reported above, never acted on
             }
             match rows_by_id.get(live.id.as_str()) {
                 Some(row) if row.state.is_live() => out.probes.found += 1,
@@ -434,15 +495,15 @@ pub fn classify(input: &Input<'_>) -> Classification {
                             }),
                         },
                         changed_at: Some(row.changed_at),
+                        // A row stopped just before the list was taken may be a
+                        // stop the controller has not carried out yet.
+                        age: Some(inst.fetched_at - row.changed_at),
                         explained: Explained::No,
                     });
                 }
                 None => {
                     out.probes.never_existed += 1;
-                    let key = (Kind::Unpersisted, live.id.to_string());
-                    // Without started_at, age counts from when sessiond first saw it.
-                    let born =
-                        live.started_at.or_else(|| input.memory.streaks.get(&key).map(|s| s.first_seen)).unwrap_or(now);
+                    let age = live_age(input, inst, list, live);
                     candidates.push(Candidate {
                         finding: Finding {
                             kind: Kind::Unpersisted,
@@ -455,10 +516,11 @@ pub fn classify(input: &Input<'_>) -> Classification {
                                 owner_id: live.owner_id.clone(),
                                 controller_instance: inst.name.clone(),
                                 state: live.state.row_state(),
-                                created_at: live.started_at.unwrap_or(now),
+                                created_at: inst.fetched_at - age.max(ChronoDuration::zero()),
                             }),
                         },
-                        changed_at: Some(born),
+                        changed_at: Some(inst.fetched_at - age),
+                        age: Some(age),
                         explained: Explained::No,
                     });
                 }
@@ -475,13 +537,15 @@ pub fn classify(input: &Input<'_>) -> Classification {
         .filter(|r| r.state.is_live() && !handled_rows.contains(r.id.as_str()))
         .map(|r| {
             let owner =
-                held.get(r.id.as_str()).and_then(|h| h.session).map_or(r.owner_id.as_str(), |s| s.owner_id.as_str());
+                held.get(r.id.as_str()).and_then(Held::usable).map_or(r.owner_id.as_str(), |s| s.owner_id.as_str());
             (owner, r)
         })
         .collect();
     by_owner.sort_unstable_by(|a, b| a.0.cmp(b.0));
     unpersisted_duplicates(&by_owner, &mut candidates);
-    duplicates(&by_owner, &held, &reachable, &dead, &mut candidates);
+    // Duplicates span instances: their rows are compared with the earliest list.
+    let earliest_fetch = reachable.values().map(|s| s.fetched_at).min().unwrap_or(input.db.read_at);
+    duplicates(&by_owner, &held, &reachable, &dead, earliest_fetch, &mut candidates);
     drop(by_owner);
 
     // Decide: grace, confirmations, policy.
@@ -501,7 +565,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
         if let Decision::Wait { .. } = c.finding.decision {
             continue; // already held for want of evidence
         }
-        let young = c.changed_at.is_some_and(|t| now - t < grace);
+        let young = c.age.is_some_and(|age| age < grace);
         c.finding.decision = if young {
             Decision::Wait { reason: format!("younger than grace ({})", humantime::format_duration(cfg.grace)) }
         } else if input.options.require_confirmations && streak.passes < cfg.confirmations {
@@ -559,12 +623,13 @@ fn note(kind: Kind, subject: &str, instance: Option<&str>, detail: String) -> Ca
             repair: None,
         },
         changed_at: None,
+        age: None,
         explained: Explained::No,
     }
 }
 
 /// A live row and its live session disagree on state, owner or instance.
-fn drift(row: &SessionRow, live: &LiveSession, instance: &str) -> Option<Candidate> {
+fn drift(row: &SessionRow, live: &LiveSession, instance: &str, fetched_at: DateTime<Utc>) -> Option<Candidate> {
     let want_state = live.state.row_state();
     let mut diffs = Vec::new();
     if row.state != want_state {
@@ -597,6 +662,7 @@ fn drift(row: &SessionRow, live: &LiveSession, instance: &str) -> Option<Candida
             }),
         },
         changed_at: Some(row.changed_at),
+        age: Some(fetched_at - row.changed_at),
         explained: Explained::No,
     })
 }
@@ -656,6 +722,7 @@ fn duplicates(
     held: &FxHashMap<&str, Held<'_>>,
     reachable: &FxHashMap<&str, &InstanceSnapshot>,
     dead: &BTreeSet<&str>,
+    reference: DateTime<Utc>,
     candidates: &mut Vec<Candidate>,
 ) {
     let mut superseded: FxHashSet<String> = FxHashSet::default();
@@ -671,11 +738,14 @@ fn duplicates(
         };
         let held_newest = newest(&mut rows.iter().filter(|r| held.contains_key(r.id.as_str())));
         let keep = held_newest.or_else(|| newest(&mut rows.iter()));
+        let ambiguous = rows.iter().any(|r| held.get(r.id.as_str()).is_some_and(|h| h.ambiguous));
         for row in rows.iter().filter(|r| Some(&r.id) != keep.as_ref()) {
-            let decision = if verifiable {
-                Decision::Note
-            } else {
+            let decision = if !verifiable {
                 Decision::Wait { reason: "another row of this owner is on an unreachable instance".into() }
+            } else if ambiguous {
+                Decision::Wait { reason: "a session of this owner is listed more than once".into() }
+            } else {
+                Decision::Note
             };
             // Stopping a row supersedes making it follow the controller.
             superseded.insert(row.id.to_string());
@@ -705,6 +775,7 @@ fn duplicates(
                     repair: Some(repair),
                 },
                 changed_at: Some(row.changed_at),
+                age: Some(reference - row.changed_at),
                 explained: Explained::No,
             });
         }
