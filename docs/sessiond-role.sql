@@ -16,6 +16,8 @@
 --   check the schema version                        SELECT on sessiond_schema_migrations
 --   remember controller boot ids                    SELECT, INSERT, UPDATE on
 --                                                   sessiond_instance_state
+--   record a stop before sending it, settle it      SELECT, INSERT, UPDATE on
+--   after                                           sessiond_stop_intents
 -- It never deletes anything, never changes the schema, and never touches the
 -- audit trail after writing it (the trail is append-only for everyone).
 
@@ -27,3 +29,4 @@ GRANT INSERT ON session_audit TO :"role";
 GRANT SELECT (session_id) ON session_audit TO :"role";
 GRANT SELECT ON sessiond_schema_migrations TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond_instance_state TO :"role";
+GRANT SELECT, INSERT, UPDATE ON sessiond_stop_intents TO :"role";

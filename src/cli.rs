@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
 use crate::logging::LogFormat;
-use crate::reconcile::{report, PassOutcome, Reconciler};
+use crate::reconcile::{report, PassOutcome, PassRequest, Reconciler};
 use crate::store::Store;
 use crate::systemd::Notifier;
 
@@ -135,7 +135,7 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
                     return ExitCode::from(EXIT_FAILED);
                 }
             };
-            let rep = reconciler.pass(dry_run, force, false).await;
+            let rep = reconciler.pass(PassRequest::once().dry_run(dry_run).force(force)).await;
             if json {
                 println!("{}", report::to_json(&rep));
             } else {

@@ -234,6 +234,19 @@ impl Default for PolicyConfig {
     }
 }
 
+/// The shortest time a plan may live, whatever `grace` says.
+pub const MIN_PLAN_AGE: Duration = Duration::from_secs(10);
+
+impl ReconcileConfig {
+    /// How long after its snapshots a pass's plan may still be applied: `grace`,
+    /// the window in which evidence counts as unsettled, but at least 10 s. A
+    /// pass that stalls longer than this between reading and writing defers
+    /// what is left of its plan to a fresh pass.
+    pub fn plan_max_age(&self) -> Duration {
+        self.grace.max(MIN_PLAN_AGE)
+    }
+}
+
 impl Default for ReconcileConfig {
     fn default() -> Self {
         ReconcileConfig {

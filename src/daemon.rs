@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
-use crate::reconcile::{PassOutcome, PassReport, Reconciler};
+use crate::reconcile::{PassOutcome, PassReport, PassRequest, Reconciler};
 
 /// The longest a run of failures stretches the time between passes.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -97,7 +97,7 @@ pub async fn run(
     loop {
         let started = Instant::now();
         progress.tick();
-        let report = reconciler.pass(false, false, true).await;
+        let report = reconciler.pass(PassRequest::daemon()).await;
         progress.tick();
         failures = if report.outcome == PassOutcome::Failed { failures.saturating_add(1) } else { 0 };
         observer.pass_finished(&report);

@@ -20,7 +20,7 @@ use crate::reconcile::{PassOutcome, PassReport, LIVE_ROW_STATES};
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Repair outcomes, the values of `sessiond_repairs_total{outcome}`.
-pub const REPAIR_OUTCOMES: [&str; 5] = ["repaired", "conflict", "failed", "guarded", "reported"];
+pub const REPAIR_OUTCOMES: [&str; 6] = ["repaired", "conflict", "failed", "guarded", "reported", "deferred"];
 
 /// Lookup results and reasons, as the application's API would answer.
 const LOOKUP_LABELS: [(&str, &str); 4] =
@@ -105,8 +105,8 @@ impl Metrics {
                 opts(
                     "sessiond_repairs_total",
                     "What became of findings that have a repair: repaired, conflict (the row changed since it was \
-                     read), failed, guarded (held back by the mass-repair guard) or reported (policy, observe mode \
-                     or dry run).",
+                     read), failed, guarded (held back by the mass-repair guard), reported (policy, observe mode \
+                     or dry run) or deferred (left for a later pass).",
                 ),
                 &["kind", "outcome"],
             )?,

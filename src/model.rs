@@ -212,6 +212,46 @@ pub struct DbSnapshot {
     pub rows: Vec<SessionRow>,
     /// When the read began, by sessiond's clock. Row times are on the same clock.
     pub read_at: DateTime<Utc>,
+    /// Stop requests recorded and not settled yet.
+    pub open_intents: Vec<OpenIntent>,
+}
+
+/// A stop request recorded before it was sent, and not settled yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenIntent {
+    pub intent: i64,
+    pub session_id: String,
+    pub controller: String,
+    pub kind: String,
+    /// Past its expiry by the database's clock: its sender is gone (or slower
+    /// than it promised), and any pass may settle it.
+    pub expired: bool,
+}
+
+/// What became of a stop request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopOutcome {
+    /// The controller answered 2xx or 404, or a later pass found the session gone.
+    Stopped,
+    /// The request failed; the session may still run.
+    Failed,
+    /// Recorded but never sent: the pass ran out of time first.
+    NotSent,
+    /// Left by a process that could not settle it while the controller still
+    /// holds the session: the request may never have reached it.
+    Unconfirmed,
+}
+
+impl StopOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopOutcome::Stopped => "stopped",
+            StopOutcome::Failed => "failed",
+            StopOutcome::NotSent => "not_sent",
+            StopOutcome::Unconfirmed => "unconfirmed",
+        }
+    }
 }
 
 /// What sessiond remembers about an instance's process across its own restarts.

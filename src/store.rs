@@ -22,7 +22,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::DatabaseConfig;
-use crate::model::{BootRecord, BootRecords, DbSnapshot, RowState, SessionId, SessionRow};
+use crate::model::{BootRecord, BootRecords, DbSnapshot, OpenIntent, RowState, SessionId, SessionRow, StopOutcome};
 
 /// A database failure, naming the operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -77,10 +77,11 @@ fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
 }
 
 /// The schema's migrations, in order. Each runs in the transaction that records it.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "sessions, audit trail and sessiond's own state",
-    r#"
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "sessions, audit trail and sessiond's own state",
+        r#"
 CREATE TABLE IF NOT EXISTS sessions (
     session_id          text PRIMARY KEY,
     owner_id            text NOT NULL,
@@ -137,7 +138,34 @@ CREATE TABLE IF NOT EXISTS sessiond_instance_state (
     updated_at          timestamptz NOT NULL DEFAULT now()
 );
 "#,
-)];
+    ),
+    (
+        2,
+        "stop intents: every stop request is recorded before it is sent",
+        r#"
+CREATE TABLE IF NOT EXISTS sessiond_stop_intents (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    session_id  text NOT NULL,
+    controller  text NOT NULL,
+    kind        text NOT NULL,
+    row_version text NOT NULL,
+    row_state   text NOT NULL,
+    end_row     boolean NOT NULL,
+    pass_id     text NOT NULL,
+    actor       text NOT NULL,
+    details     jsonb NOT NULL DEFAULT '{}'::jsonb,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    -- Until then the sender may still settle it; after, any pass may.
+    expires_at  timestamptz NOT NULL,
+    settled_at  timestamptz,
+    outcome     text
+);
+-- At most one stop in flight per session, whoever sends it.
+CREATE UNIQUE INDEX IF NOT EXISTS sessiond_stop_intents_one_open
+    ON sessiond_stop_intents (session_id) WHERE settled_at IS NULL;
+"#,
+    ),
+];
 
 /// The schema version this build needs.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -157,9 +185,58 @@ pub struct AuditContext {
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Repaired,
+    /// The row changed since it was read, is locked by someone else, or another
+    /// sessiond has a stop for it in flight: looked at again next pass.
     Conflict,
+    /// The database or the controller refused or failed; the error says why.
     Failed,
+    /// Not attempted this pass; the next pass looks at it afresh.
+    Deferred,
 }
+
+/// A write's result for one row of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RowResult {
+    Done,
+    Conflict,
+    /// This row alone failed (a value the table refused, …).
+    Failed(String),
+}
+
+impl RowResult {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            RowResult::Done => Outcome::Repaired,
+            RowResult::Conflict => Outcome::Conflict,
+            RowResult::Failed(_) => Outcome::Failed,
+        }
+    }
+}
+
+/// Errors that concern the rows of a batch, not the connection: a value the
+/// table refuses (class 22), a constraint (23), a limit (54), or a lock held
+/// by someone else past the write lock timeout (55P03). A batch failing so is
+/// retried a row at a time, so one bad row costs only itself.
+fn is_row_error(e: &StoreError) -> bool {
+    e.sql_state().is_some_and(|s| {
+        let code = s.code();
+        code.starts_with("22") || code.starts_with("23") || code.starts_with("54") || code == "55P03"
+    })
+}
+
+/// How one row fares when it fails alone.
+fn row_result_of(e: &StoreError) -> RowResult {
+    match e.sql_state() {
+        Some(s) if *s == SqlState::UNIQUE_VIOLATION || *s == SqlState::LOCK_NOT_AVAILABLE => RowResult::Conflict,
+        _ => RowResult::Failed(e.to_string()),
+    }
+}
+
+/// How long a repair waits for a lock the application holds before giving up
+/// on that row (a conflict, looked at again next pass). Rows themselves are
+/// never waited for (`SKIP LOCKED`); this bounds the rest, such as an insert
+/// racing the application's own uncommitted insert of the same id.
+const WRITE_LOCK_TIMEOUT_MS: u128 = 1000;
 
 /// A row update to apply with compare-and-set.
 #[derive(Clone, Debug)]
@@ -235,6 +312,12 @@ impl Store {
             connection: handle,
             round_trips: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Counts this connection's round trips into `counter` from now on, so a
+    /// pass that re-makes its connection still counts them all.
+    pub fn share_round_trips(&mut self, counter: Arc<AtomicU64>) {
+        self.round_trips = counter;
     }
 
     pub fn is_closed(&self) -> bool {
@@ -380,7 +463,8 @@ impl Store {
                 row.changed_at -= offset;
             }
         }
-        Ok(DbSnapshot { rows, read_at })
+        let open_intents = self.open_intents().await?;
+        Ok(DbSnapshot { rows, read_at, open_intents })
     }
 
     /// How far the database's clock is ahead of ours (negative if behind), and
@@ -480,32 +564,52 @@ impl Store {
     }
 
     /// Applies row updates in one transaction. Each applies only if the row still
-    /// has the version and state it was classified with; the others are conflicts.
-    /// If the batch trips a unique index (an owner change onto an owner with a
-    /// live row), it is retried a row at a time so only the offending row is lost.
-    pub async fn update_rows(&mut self, batch: &[RowUpdate], audit: &AuditContext) -> Result<Vec<Outcome>, StoreError> {
+    /// has the version and state it was classified with, and is not locked by
+    /// anyone else; the others are conflicts. A batch that fails on a row's data
+    /// is retried a row at a time, so only the offending row is lost.
+    pub async fn update_rows(
+        &mut self,
+        batch: &[RowUpdate],
+        audit: &AuditContext,
+    ) -> Result<Vec<RowResult>, StoreError> {
         match self.update_rows_once(batch, audit).await {
-            Err(e) if e.sql_state() == Some(&SqlState::UNIQUE_VIOLATION) && batch.len() > 1 => {
+            Err(e) if is_row_error(&e) && batch.len() > 1 => {
                 let mut out = Vec::with_capacity(batch.len());
                 for one in batch {
                     out.push(match self.update_rows_once(std::slice::from_ref(one), audit).await {
-                        Ok(o) => o[0],
-                        Err(e) if e.sql_state() == Some(&SqlState::UNIQUE_VIOLATION) => Outcome::Conflict,
+                        Ok(mut o) => o.pop().unwrap_or(RowResult::Conflict),
+                        Err(e) if is_row_error(&e) => row_result_of(&e),
                         Err(e) => return Err(e),
                     });
                 }
                 Ok(out)
             }
-            Err(e) if e.sql_state() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(vec![Outcome::Conflict]),
+            Err(e) if is_row_error(&e) => Ok(vec![row_result_of(&e)]),
             other => other,
         }
+    }
+
+    /// Begins a write transaction whose lock waits are short.
+    async fn begin_write(&mut self, what: &'static str) -> Result<tokio_postgres::Transaction<'_>, StoreError> {
+        let ms = WRITE_LOCK_TIMEOUT_MS.min(self.timeout.as_millis());
+        self.count(2); // BEGIN, SET LOCAL
+        let timeout = self.timeout;
+        let tx = tokio::time::timeout(timeout, self.client.transaction())
+            .await
+            .map_err(|_| StoreError::Timeout { what, timeout })?
+            .map_err(q(what))?;
+        tokio::time::timeout(timeout, tx.batch_execute(&format!("SET LOCAL lock_timeout = {ms}")))
+            .await
+            .map_err(|_| StoreError::Timeout { what, timeout })?
+            .map_err(q(what))?;
+        Ok(tx)
     }
 
     async fn update_rows_once(
         &mut self,
         batch: &[RowUpdate],
         audit: &AuditContext,
-    ) -> Result<Vec<Outcome>, StoreError> {
+    ) -> Result<Vec<RowResult>, StoreError> {
         const WHAT: &str = "apply row repairs";
         let ids: Vec<&str> = batch.iter().map(|u| u.id.as_str()).collect();
         let versions: Vec<&str> = batch.iter().map(|u| u.version.as_str()).collect();
@@ -519,14 +623,21 @@ impl Store {
         let timeout = self.timeout;
         let params: [&(dyn ToSql + Sync); 10] =
             [&ids, &versions, &from, &to, &owners, &instances, &end_reasons, &reasons, &details, &audit.actor];
-        self.count(3); // BEGIN, the statement, COMMIT
-        let tx = self.client.transaction().await.map_err(q(WHAT))?;
+        self.count(2); // the statement, COMMIT
+        let tx = self.begin_write(WHAT).await?;
         let work = tx.query(
             "WITH input AS (
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                                       $6::text[], $7::text[], $8::text[], $9::text[])
                      AS t(session_id, version, old_state, new_state, owner_id,
                           controller_instance, end_reason, reason, details)
+             ),
+             -- Rows still as classified, and not locked by the application: a
+             -- row it holds is a conflict now, never a wait that stalls the pass.
+             locked AS (
+                 SELECT s.session_id FROM sessions s JOIN input i ON i.session_id = s.session_id
+                  WHERE s.xmin = i.version::xid AND s.state = i.old_state
+                    FOR UPDATE OF s SKIP LOCKED
              ),
              changed AS (
                  UPDATE sessions s
@@ -537,10 +648,8 @@ impl Store {
                         ended_at = CASE WHEN i.new_state IN ('stopped', 'failed')
                                         THEN coalesce(s.ended_at, now()) ELSE s.ended_at END,
                         end_reason = coalesce(i.end_reason, s.end_reason)
-                   FROM input i
+                   FROM input i JOIN locked l ON l.session_id = i.session_id
                   WHERE s.session_id = i.session_id
-                    AND s.xmin = i.version::xid
-                    AND s.state = i.old_state
                  RETURNING s.session_id
              )
              INSERT INTO session_audit (session_id, old_state, new_state, trigger, actor, reason, details)
@@ -561,8 +670,35 @@ impl Store {
     }
 
     /// Inserts rows for live sessions that have none, each only if no row with its
-    /// id exists and its owner has no live row; anything else is a conflict.
-    pub async fn insert_rows(&mut self, batch: &[RowInsert], audit: &AuditContext) -> Result<Vec<Outcome>, StoreError> {
+    /// id exists and its owner has no live row; anything else is a conflict. A
+    /// batch that fails on a row's data is retried a row at a time.
+    pub async fn insert_rows(
+        &mut self,
+        batch: &[RowInsert],
+        audit: &AuditContext,
+    ) -> Result<Vec<RowResult>, StoreError> {
+        match self.insert_rows_once(batch, audit).await {
+            Err(e) if is_row_error(&e) && batch.len() > 1 => {
+                let mut out = Vec::with_capacity(batch.len());
+                for one in batch {
+                    out.push(match self.insert_rows_once(std::slice::from_ref(one), audit).await {
+                        Ok(mut o) => o.pop().unwrap_or(RowResult::Conflict),
+                        Err(e) if is_row_error(&e) => row_result_of(&e),
+                        Err(e) => return Err(e),
+                    });
+                }
+                Ok(out)
+            }
+            Err(e) if is_row_error(&e) => Ok(vec![row_result_of(&e)]),
+            other => other,
+        }
+    }
+
+    async fn insert_rows_once(
+        &mut self,
+        batch: &[RowInsert],
+        audit: &AuditContext,
+    ) -> Result<Vec<RowResult>, StoreError> {
         const WHAT: &str = "insert unpersisted rows";
         let ids: Vec<&str> = batch.iter().map(|u| u.id.as_str()).collect();
         let owners: Vec<&str> = batch.iter().map(|u| u.owner_id.as_str()).collect();
@@ -572,8 +708,8 @@ impl Store {
         let details: Vec<String> = batch.iter().map(|u| u.details.to_string()).collect();
         let timeout = self.timeout;
         let params: [&(dyn ToSql + Sync); 7] = [&ids, &owners, &instances, &states, &created, &details, &audit.actor];
-        self.count(3); // BEGIN, the statement, COMMIT
-        let tx = self.client.transaction().await.map_err(q(WHAT))?;
+        self.count(2); // the statement, COMMIT
+        let tx = self.begin_write(WHAT).await?;
         let work = tx.query(
             "WITH input AS (
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
@@ -602,104 +738,220 @@ impl Store {
         Ok(outcomes(batch.iter().map(|u| u.id.as_str()), rows.iter().map(|r| r.get::<_, String>(0))))
     }
 
-    /// Begins a zombie batch: locks the rows that are still exactly as classified.
-    /// The caller stops the sessions at their controller while the locks are held,
-    /// then records which stops succeeded with [`ZombieBatch::finish`]. A second
-    /// sessiond classifying the same zombie waits on the lock and then finds the
-    /// row changed, so each zombie is stopped and audited once.
-    pub async fn begin_zombies(&mut self, ids: &[&str], versions: &[&str]) -> Result<ZombieBatch<'_>, StoreError> {
-        const WHAT: &str = "lock zombie rows";
+    /// Records the intent to stop these sessions, before any request is sent.
+    /// An intent is recorded only for a row still exactly as classified and not
+    /// locked by the application at this instant, and only if no other stop of
+    /// the same session is in flight (whoever sends it). The transaction is
+    /// short: no lock is held while the stops are sent. Returns each stop's
+    /// intent id, or `None` for a conflict.
+    pub async fn open_stops(
+        &mut self,
+        stops: &[StopIntent],
+        audit: &AuditContext,
+        expires_in: Duration,
+    ) -> Result<Vec<Option<i64>>, StoreError> {
+        const WHAT: &str = "record stop intents";
+        let ids: Vec<&str> = stops.iter().map(|z| z.id.as_str()).collect();
+        let versions: Vec<&str> = stops.iter().map(|z| z.version.as_str()).collect();
+        let states: Vec<&str> = stops.iter().map(|z| z.state.as_str()).collect();
+        let ends: Vec<bool> = stops.iter().map(|z| z.end_row).collect();
+        let controllers: Vec<&str> = stops.iter().map(|z| z.controller.as_str()).collect();
+        let kinds: Vec<&str> = stops.iter().map(|z| z.reason).collect();
+        let details: Vec<String> = stops.iter().map(|z| z.details.to_string()).collect();
+        let expires_ms = i64::try_from(expires_in.as_millis()).unwrap_or(i64::MAX);
         let timeout = self.timeout;
-        self.count(2); // BEGIN, the locking query
-        let counter = Arc::clone(&self.round_trips);
-        let tx = self.client.transaction().await.map_err(q(WHAT))?;
+        self.count(2); // the statement, COMMIT
+        let tx = self.begin_write(WHAT).await?;
+        let params: [&(dyn ToSql + Sync); 10] = [
+            &ids,
+            &versions,
+            &states,
+            &ends,
+            &controllers,
+            &kinds,
+            &details,
+            &audit.pass_id,
+            &audit.actor,
+            &expires_ms,
+        ];
         let rows = tokio::time::timeout(
             timeout,
             tx.query(
-                "SELECT s.session_id FROM sessions s
-                   JOIN unnest($1::text[], $2::text[]) AS i(session_id, version) ON i.session_id = s.session_id
-                  WHERE s.xmin = i.version::xid
-                    FOR UPDATE OF s",
-                &[&ids, &versions],
+                "WITH input AS (
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::text[],
+                                          $6::text[], $7::text[])
+                         AS t(session_id, version, state, end_row, controller, kind, details)
+                 ),
+                 current AS (
+                     SELECT i.* FROM input i JOIN sessions s ON s.session_id = i.session_id
+                      WHERE s.xmin = i.version::xid AND s.state = i.state
+                        FOR SHARE OF s SKIP LOCKED
+                 )
+                 INSERT INTO sessiond_stop_intents
+                        (session_id, controller, kind, row_version, row_state, end_row, pass_id, actor, details,
+                         expires_at)
+                 SELECT session_id, controller, kind, version, state, end_row, $8, $9, details::jsonb,
+                        now() + $10::bigint * interval '1 millisecond'
+                   FROM current
+                 ON CONFLICT (session_id) WHERE settled_at IS NULL DO NOTHING
+                 RETURNING id, session_id",
+                &params,
             ),
         )
         .await
         .map_err(|_| StoreError::Timeout { what: WHAT, timeout })?
         .map_err(q(WHAT))?;
-        let locked = rows.iter().map(|r| r.get::<_, String>(0)).collect();
-        Ok(ZombieBatch { tx, locked, timeout, counter })
+        tokio::time::timeout(timeout, tx.commit())
+            .await
+            .map_err(|_| StoreError::Timeout { what: WHAT, timeout })?
+            .map_err(q(WHAT))?;
+        let mut by_id: HashMap<String, i64> = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            by_id.insert(r.try_get(1).map_err(q(WHAT))?, r.try_get(0).map_err(q(WHAT))?);
+        }
+        Ok(ids.iter().map(|id| by_id.get(*id).copied()).collect())
+    }
+
+    /// Settles stop intents with what became of them, in one statement: the
+    /// intent is closed; for a stop that took effect, the audit row is written
+    /// and the session's row touched (or, for a duplicate, ended), but only if
+    /// the row is still as it was when the intent was recorded and nobody holds
+    /// it: an application that re-activated the session meanwhile keeps its
+    /// write. An intent already settled (by another pass) is left alone, so a
+    /// stop is audited exactly once. Returns, per intent, whether this call
+    /// settled it and whether the row was changed.
+    pub async fn settle_stops(&mut self, settles: &[Settle], audit: &AuditContext) -> Result<Vec<Settled>, StoreError> {
+        const WHAT: &str = "settle stop intents";
+        let ids: Vec<i64> = settles.iter().map(|s| s.intent).collect();
+        let outcomes: Vec<&str> = settles.iter().map(|s| s.outcome.as_str()).collect();
+        let details: Vec<String> = settles.iter().map(|s| s.details.to_string()).collect();
+        let timeout = self.timeout;
+        self.count(2); // the statement, COMMIT
+        let tx = self.begin_write(WHAT).await?;
+        let params: [&(dyn ToSql + Sync); 4] = [&ids, &outcomes, &details, &audit.actor];
+        let rows = tokio::time::timeout(
+            timeout,
+            tx.query(
+                "WITH input AS (
+                     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) AS t(id, outcome, details)
+                 ),
+                 settled AS (
+                     UPDATE sessiond_stop_intents n
+                        SET settled_at = now(), outcome = i.outcome, details = n.details || i.details::jsonb
+                       FROM input i
+                      WHERE n.id = i.id AND n.settled_at IS NULL
+                     RETURNING n.id, n.session_id, n.kind, n.row_version, n.row_state, n.end_row, n.outcome,
+                               n.details
+                 ),
+                 unchanged AS (
+                     SELECT s.session_id FROM sessions s JOIN settled st ON st.session_id = s.session_id
+                      WHERE st.outcome = 'stopped' AND s.xmin = st.row_version::xid
+                        FOR UPDATE OF s SKIP LOCKED
+                 ),
+                 touched AS (
+                     UPDATE sessions s
+                        SET updated_at = now(),
+                            state = CASE WHEN st.end_row THEN 'stopped' ELSE s.state END,
+                            ended_at = CASE WHEN st.end_row THEN coalesce(s.ended_at, now()) ELSE s.ended_at END,
+                            end_reason = CASE WHEN st.end_row THEN st.kind ELSE s.end_reason END
+                       FROM settled st JOIN unchanged u ON u.session_id = st.session_id
+                      WHERE s.session_id = st.session_id
+                     RETURNING s.session_id, s.state
+                 ),
+                 audited AS (
+                     INSERT INTO session_audit (session_id, old_state, new_state, trigger, actor, reason, details)
+                     SELECT st.session_id, st.row_state, coalesce(t.state, st.row_state), 'reconciler', $4, st.kind,
+                            st.details || jsonb_build_object('intent', st.id, 'row_updated', t.session_id IS NOT NULL)
+                       FROM settled st LEFT JOIN touched t ON t.session_id = st.session_id
+                      WHERE st.outcome = 'stopped'
+                     RETURNING session_id
+                 )
+                 SELECT st.id, t.session_id IS NOT NULL
+                   FROM settled st LEFT JOIN touched t ON t.session_id = st.session_id",
+                &params,
+            ),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout { what: WHAT, timeout })?
+        .map_err(q(WHAT))?;
+        tokio::time::timeout(timeout, tx.commit())
+            .await
+            .map_err(|_| StoreError::Timeout { what: WHAT, timeout })?
+            .map_err(q(WHAT))?;
+        let mut done: HashMap<i64, bool> = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            done.insert(r.try_get(0).map_err(q(WHAT))?, r.try_get(1).map_err(q(WHAT))?);
+        }
+        Ok(ids
+            .iter()
+            .map(|id| match done.get(id) {
+                Some(&row_updated) => Settled { by_us: true, row_updated },
+                None => Settled { by_us: false, row_updated: false },
+            })
+            .collect())
+    }
+
+    /// Stop intents not settled yet: in flight elsewhere (not expired), or left
+    /// by a process that stopped before it could settle them (expired).
+    pub async fn open_intents(&self) -> Result<Vec<OpenIntent>, StoreError> {
+        const WHAT: &str = "read open stop intents";
+        let rows = self
+            .bounded(
+                WHAT,
+                self.client.query(
+                    "SELECT id, session_id, controller, kind, expires_at < now()
+                       FROM sessiond_stop_intents WHERE settled_at IS NULL",
+                    &[],
+                ),
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(OpenIntent {
+                intent: r.try_get(0).map_err(q(WHAT))?,
+                session_id: r.try_get(1).map_err(q(WHAT))?,
+                controller: r.try_get(2).map_err(q(WHAT))?,
+                kind: r.try_get(3).map_err(q(WHAT))?,
+                expired: r.try_get(4).map_err(q(WHAT))?,
+            });
+        }
+        Ok(out)
     }
 }
 
-/// An open zombie batch holding row locks.
-pub struct ZombieBatch<'a> {
-    tx: tokio_postgres::Transaction<'a>,
-    /// Ids whose rows are still as classified; the others are conflicts.
-    pub locked: BTreeSet<String>,
-    timeout: Duration,
-    counter: Arc<AtomicU64>,
-}
-
-/// A session the controller stopped, for its row and audit row.
-pub struct StoppedZombie {
-    pub id: String,
-    /// The row's state as classified.
+/// A stop to record before it is sent.
+#[derive(Clone, Debug)]
+pub struct StopIntent {
+    pub id: SessionId,
+    pub controller: String,
+    /// The row's version and state as classified.
+    pub version: String,
     pub state: RowState,
-    /// Also mark the row stopped (a duplicate); otherwise only touch it.
+    /// Also end the row once stopped (a duplicate); otherwise only touch it.
     pub end_row: bool,
     /// The finding kind, for the audit row.
     pub reason: &'static str,
     pub details: serde_json::Value,
 }
 
-impl ZombieBatch<'_> {
-    /// Updates the rows of the stopped sessions — touched, so their version
-    /// changes, or ended for duplicates — and writes their audit rows, then commits.
-    pub async fn finish(self, stopped: &[StoppedZombie], audit: &AuditContext) -> Result<(), StoreError> {
-        const WHAT: &str = "record stopped sessions";
-        let ids: Vec<&str> = stopped.iter().map(|z| z.id.as_str()).collect();
-        let states: Vec<&str> = stopped.iter().map(|z| z.state.as_str()).collect();
-        let ends: Vec<bool> = stopped.iter().map(|z| z.end_row).collect();
-        let reasons: Vec<&str> = stopped.iter().map(|z| z.reason).collect();
-        let details: Vec<String> = stopped.iter().map(|z| z.details.to_string()).collect();
-        let timeout = self.timeout;
-        self.counter.fetch_add(if stopped.is_empty() { 1 } else { 2 }, Ordering::Relaxed);
-        if !stopped.is_empty() {
-            let params: [&(dyn ToSql + Sync); 6] = [&ids, &states, &ends, &reasons, &details, &audit.actor];
-            tokio::time::timeout(
-                timeout,
-                self.tx.execute(
-                    "WITH input AS (
-                         SELECT * FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[], $5::text[])
-                             AS t(session_id, state, end_row, reason, details)
-                     ),
-                     touched AS (
-                         UPDATE sessions s
-                            SET updated_at = now(),
-                                state = CASE WHEN i.end_row THEN 'stopped' ELSE s.state END,
-                                ended_at = CASE WHEN i.end_row THEN coalesce(s.ended_at, now()) ELSE s.ended_at END,
-                                end_reason = CASE WHEN i.end_row THEN i.reason ELSE s.end_reason END
-                           FROM input i WHERE s.session_id = i.session_id
-                         RETURNING s.session_id, s.state
-                     )
-                     INSERT INTO session_audit (session_id, old_state, new_state, trigger, actor, reason, details)
-                     SELECT i.session_id, i.state, t.state, 'reconciler', $6, i.reason, i.details::jsonb
-                       FROM touched t JOIN input i ON i.session_id = t.session_id",
-                    &params,
-                ),
-            )
-            .await
-            .map_err(|_| StoreError::Timeout { what: WHAT, timeout })?
-            .map_err(q(WHAT))?;
-        }
-        tokio::time::timeout(timeout, self.tx.commit())
-            .await
-            .map_err(|_| StoreError::Timeout { what: WHAT, timeout })?
-            .map_err(q(WHAT))
-    }
+/// What became of a stop.
+#[derive(Clone, Debug)]
+pub struct Settle {
+    pub intent: i64,
+    pub outcome: StopOutcome,
+    pub details: serde_json::Value,
 }
 
-fn outcomes<'a>(asked: impl Iterator<Item = &'a str>, done: impl Iterator<Item = String>) -> Vec<Outcome> {
+/// The result of settling one intent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settled {
+    /// This call settled it (false: already settled by another pass).
+    pub by_us: bool,
+    /// The session's row was touched or ended.
+    pub row_updated: bool,
+}
+
+fn outcomes<'a>(asked: impl Iterator<Item = &'a str>, done: impl Iterator<Item = String>) -> Vec<RowResult> {
     let done: BTreeSet<String> = done.collect();
-    asked.map(|id| if done.contains(id) { Outcome::Repaired } else { Outcome::Conflict }).collect()
+    asked.map(|id| if done.contains(id) { RowResult::Done } else { RowResult::Conflict }).collect()
 }

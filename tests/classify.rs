@@ -9,7 +9,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use sessiond::config::{Policy, ReconcileConfig};
 use sessiond::model::{
     BootRecord, BootRecords, ControllerList, DbSnapshot, InstanceSnapshot, InvalidEntry, InvalidEntryKind, LiveSession,
-    LiveState, RowState, SessionId, SessionRow,
+    LiveState, OpenIntent, RowState, SessionId, SessionRow,
 };
 use sessiond::reconcile::classify::{classify, observe_boots, Classification, Decision, Input, Memory, PassOptions};
 
@@ -26,6 +26,7 @@ struct World {
     boots: BootRecords,
     stoppable: BTreeSet<String>,
     options: PassOptions,
+    intents: Vec<OpenIntent>,
 }
 
 impl World {
@@ -41,6 +42,7 @@ impl World {
             boots: BootRecords::new(),
             stoppable: BTreeSet::new(),
             options: PassOptions::default(),
+            intents: Vec::new(),
         };
         w.instance("a");
         w
@@ -137,7 +139,7 @@ impl World {
             now: self.now,
             config: &self.cfg,
             instances: &self.instances,
-            db: &DbSnapshot { rows: self.rows.clone(), read_at: self.now },
+            db: &DbSnapshot { rows: self.rows.clone(), read_at: self.now, open_intents: self.intents.clone() },
             memory: &self.memory,
             boots: &self.boots,
             stoppable: &self.stoppable,

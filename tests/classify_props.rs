@@ -131,7 +131,7 @@ fn run(w: &World, memory: &Memory) -> Classification {
         now: w.now,
         config: &w.cfg,
         instances: &snapshots(w),
-        db: &DbSnapshot { rows: w.rows.clone(), read_at: w.now },
+        db: &DbSnapshot { rows: w.rows.clone(), read_at: w.now, open_intents: vec![] },
         memory,
         boots: &boots,
         stoppable: &stoppable,

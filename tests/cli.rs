@@ -125,7 +125,7 @@ async fn migrate_is_idempotent_and_safe_when_two_processes_migrate_at_once() {
 
     let c = db.client().await;
     let n: i64 = c.query_one("SELECT count(*) FROM sessiond_schema_migrations", &[]).await.expect("count").get(0);
-    assert_eq!(n, 1);
+    assert_eq!(n, i64::from(sessiond::store::SCHEMA_VERSION), "each migration is recorded once");
     // The audit trail is append-only.
     c.batch_execute("INSERT INTO session_audit (session_id, trigger, actor) VALUES ('x', 'test', 'test')")
         .await
@@ -215,10 +215,11 @@ async fn two_once_processes_at_once_repair_each_finding_once_with_one_audit_row(
     let path = write(dir.path(), "s.toml", &config_text(&db, &[&a], IMMEDIATE));
     let p = path.to_str().expect("utf-8").to_owned();
 
-    // Gate both processes on one orphan's row lock so their passes overlap.
+    // Gate both processes on a table lock that holds their reads, so both read
+    // the same rows and then repair at the same moment.
     let mut gate = db.client().await;
     let tx = gate.transaction().await.expect("begin");
-    tx.execute("SELECT 1 FROM sessions WHERE session_id = $1 FOR UPDATE", &[&sid(100)]).await.expect("lock");
+    tx.batch_execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE").await.expect("lock");
     let children: Vec<_> = (0..2)
         .map(|_| {
             sessiond(&["once", "--config", &p, "--json"])
@@ -228,7 +229,7 @@ async fn two_once_processes_at_once_repair_each_finding_once_with_one_audit_row(
                 .expect("spawn")
         })
         .collect();
-    assert!(common::wait_for_blocked_sessiond(&db, 2).await, "both processes reached the repair step");
+    assert!(common::wait_for_blocked_sessiond(&db, 2).await, "both processes reached the read");
     tx.rollback().await.expect("open the gate");
     let outs = tokio::task::spawn_blocking(move || {
         children.into_iter().map(|c| c.wait_with_output().expect("wait")).collect::<Vec<_>>()

@@ -5,12 +5,12 @@
 mod common;
 
 use common::{ago, config, outcomes, sid, TestDb, IMMEDIATE};
-use sessiond::reconcile::{PassOutcome, PassReport, Reconciler};
+use sessiond::reconcile::{PassOutcome, PassReport, PassRequest, Reconciler};
 use sessiond::simctl::SimController;
 
 async fn once(cfg: &std::sync::Arc<sessiond::config::Config>) -> PassReport {
     let mut r = Reconciler::new(cfg.clone()).expect("a reconciler");
-    r.pass(false, false, false).await
+    r.pass(PassRequest::once()).await
 }
 
 /// Ten consistent sessions on `a`, recorded by a first pass (which also records
@@ -161,7 +161,7 @@ async fn an_empty_list_with_an_unchanged_boot_id_trips_the_guard_until_forced() 
     assert_eq!(fingerprint(&db).await, before, "nothing changed");
 
     let mut r = Reconciler::new(cfg.clone()).expect("a reconciler");
-    let forced = r.pass(false, true, false).await;
+    let forced = r.pass(PassRequest::once().force(true)).await;
     assert_eq!(outcomes(&forced), ["orphaned.repaired=10"]);
 }
 
@@ -252,7 +252,7 @@ async fn observe_mode_and_dry_run_change_nothing_anywhere() {
 
     let cfg = config(&db, &[&a], IMMEDIATE);
     let mut r = Reconciler::new(cfg.clone()).expect("a reconciler");
-    let dry = r.pass(true, false, false).await;
+    let dry = r.pass(PassRequest::once().dry_run(true)).await;
     assert_eq!(outcomes(&dry), ["orphaned.reported=1", "unpersisted.reported=1", "zombie.reported=1"]);
 
     assert_eq!(fingerprint(&db).await, before);
@@ -269,10 +269,10 @@ async fn the_daemon_needs_confirmations_consecutive_passes_before_repairing() {
     let cfg = config(&db, &[&a], "grace = \"0s\"\nconfirmations = 2");
     let mut r = Reconciler::new(cfg).expect("a reconciler");
 
-    let first = r.pass(false, false, true).await;
+    let first = r.pass(PassRequest::daemon()).await;
     assert!(outcomes(&first).is_empty(), "waiting: {:?}", first.findings);
     assert_eq!(db.state(&sid(1)).await.as_deref(), Some("active"));
-    let second = r.pass(false, false, true).await;
+    let second = r.pass(PassRequest::daemon()).await;
     assert_eq!(outcomes(&second), ["orphaned.repaired=1"]);
 }
 

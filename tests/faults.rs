@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::{ago, config, config_text, outcomes, sid, TestDb, IMMEDIATE};
 use sessiond::config::{Config, Overrides};
-use sessiond::reconcile::{PassOutcome, Reconciler};
+use sessiond::reconcile::{PassOutcome, PassRequest, Reconciler};
 use sessiond::simctl::{Fault, SimController};
 
 fn cfg_with(db: &TestDb, a: &SimController, controller_extra: &str) -> Arc<Config> {
@@ -41,7 +41,7 @@ async fn a_controller_that_answers_badly_is_unreachable_never_empty() {
     for (fault, message) in cases {
         a.set_fault(fault.clone());
         let mut r = Reconciler::new(cfg.clone()).expect("a reconciler");
-        let rep = r.pass(false, false, false).await;
+        let rep = r.pass(PassRequest::once()).await;
         let err = rep.instances[0].error.clone().unwrap_or_default();
         assert!(!rep.instances[0].reachable, "{fault:?} left the instance reachable");
         assert!(err.contains(message), "{fault:?}: error {err:?} does not say {message:?}");
@@ -73,7 +73,7 @@ async fn one_bad_entry_is_a_finding_about_that_entry_and_the_rest_of_the_list_is
         ]
     });
     a.set_fault(Fault::Raw(doc.to_string()));
-    let rep = Reconciler::new(config(&db, &[&a], IMMEDIATE)).expect("reconciler").pass(false, false, false).await;
+    let rep = Reconciler::new(config(&db, &[&a], IMMEDIATE)).expect("reconciler").pass(PassRequest::once()).await;
 
     assert_eq!(rep.outcome, PassOutcome::Ok);
     let kinds: Vec<(&str, &str)> =
@@ -87,26 +87,29 @@ async fn one_bad_entry_is_a_finding_about_that_entry_and_the_rest_of_the_list_is
 }
 
 #[tokio::test]
-async fn an_application_write_between_read_and_repair_survives_and_the_repair_is_a_conflict() {
+async fn a_row_the_application_holds_locked_is_a_conflict_at_once_and_its_write_survives() {
     let db = TestDb::migrated().await;
     let a = SimController::start("ctrl-a").await.expect("controller");
     db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await;
+    db.insert(&sid(2), "u2", "ctrl-a", "active", ago(600)).await;
     let cfg = config(&db, &[&a], IMMEDIATE);
 
-    // The application touches the row (a heartbeat that leaves the state alone,
-    // so only the row version can tell) and holds its row lock.
+    // The application touches one orphan's row (a heartbeat that leaves the
+    // state alone) and holds its row lock while the pass runs.
     let mut app = db.client().await;
     let tx = app.transaction().await.expect("begin");
     tx.execute("UPDATE sessions SET end_reason = 'app-was-here', updated_at = now() WHERE session_id = $1", &[&sid(1)])
         .await
         .expect("the application's write");
-    let pass = tokio::spawn(async move { Reconciler::new(cfg).expect("reconciler").pass(false, false, false).await });
-    wait_for_blocked_sessiond(&db, 1).await;
+    let started = std::time::Instant::now();
+    let rep = Reconciler::new(cfg).expect("reconciler").pass(PassRequest::once()).await;
+    let took = started.elapsed();
     tx.commit().await.expect("commit the application's write");
-    let rep = pass.await.expect("the pass");
 
-    assert_eq!(outcomes(&rep), ["orphaned.conflict=1"]);
+    assert_eq!(outcomes(&rep), ["orphaned.conflict=1", "orphaned.repaired=1"]);
+    assert!(took < std::time::Duration::from_secs(3), "the pass waited on the row lock: {took:?}");
     assert_eq!(db.state(&sid(1)).await.as_deref(), Some("active"), "the repair did not apply");
+    assert_eq!(db.state(&sid(2)).await.as_deref(), Some("stopped"), "the other repair did");
     let reason: Option<String> = db
         .client()
         .await
@@ -115,7 +118,7 @@ async fn an_application_write_between_read_and_repair_survives_and_the_repair_is
         .expect("read")
         .get(0);
     assert_eq!(reason.as_deref(), Some("app-was-here"), "the application's write survives");
-    assert_eq!(db.audit_count().await, 0);
+    assert_eq!(db.audit_count().await, 1);
 }
 
 #[tokio::test]
@@ -132,10 +135,11 @@ async fn a_connection_killed_mid_batch_repairs_nothing_and_the_next_pass_converg
     let cfg = config(&db, &[&a], IMMEDIATE);
     let mut r = Reconciler::new(cfg).expect("reconciler");
 
-    // Hold one orphan's row lock so the batch is mid-flight when we kill it.
+    // Hold the audit table so the batch is mid-flight (waiting to write its
+    // audit rows) when we kill it.
     let mut gate = db.client().await;
     let tx = gate.transaction().await.expect("begin");
-    tx.execute("SELECT 1 FROM sessions WHERE session_id = $1 FOR UPDATE", &[&sid(2)]).await.expect("lock");
+    tx.batch_execute("LOCK TABLE session_audit IN ACCESS EXCLUSIVE MODE").await.expect("lock");
     let killer = {
         let db_url = db.url.clone();
         let db_name = db.name.clone();
@@ -153,7 +157,7 @@ async fn a_connection_killed_mid_batch_repairs_nothing_and_the_next_pass_converg
             std::mem::forget(probe); // the test's own TestDb drops the database
         })
     };
-    let rep = r.pass(false, false, false).await;
+    let rep = r.pass(PassRequest::once()).await;
     killer.await.expect("killer");
     tx.rollback().await.expect("release the gate");
 
@@ -165,7 +169,7 @@ async fn a_connection_killed_mid_batch_repairs_nothing_and_the_next_pass_converg
     assert_eq!(db.audit_count().await, 0);
 
     // Same reconciler: it reconnects and converges.
-    let rep = r.pass(false, false, false).await;
+    let rep = r.pass(PassRequest::once()).await;
     assert_eq!(rep.outcome, PassOutcome::Ok, "{:?}", rep.error);
     assert_eq!(outcomes(&rep), ["orphaned.repaired=3"]);
     assert_eq!(db.audit_count().await, 3);
@@ -182,7 +186,7 @@ async fn an_unreachable_database_fails_the_pass_and_changes_nothing_at_the_contr
         a.stop_url()
     );
     let cfg = Config::from_toml(std::path::Path::new("t.toml"), &text, &Overrides::default()).expect("valid config");
-    let rep = Reconciler::new(Arc::new(cfg)).expect("reconciler").pass(false, false, false).await;
+    let rep = Reconciler::new(Arc::new(cfg)).expect("reconciler").pass(PassRequest::once()).await;
     assert_eq!(rep.outcome, PassOutcome::Failed);
     assert!(!rep.database_up);
     assert!(rep.error.as_deref().unwrap_or("").contains("127.0.0.1:9"), "{:?}", rep.error);
@@ -194,7 +198,7 @@ async fn an_unreachable_database_fails_the_pass_and_changes_nothing_at_the_contr
 async fn a_database_without_the_schema_fails_the_pass_with_what_to_run() {
     let db = TestDb::empty().await;
     let a = SimController::start("ctrl-a").await.expect("controller");
-    let rep = Reconciler::new(config(&db, &[&a], IMMEDIATE)).expect("reconciler").pass(false, false, false).await;
+    let rep = Reconciler::new(config(&db, &[&a], IMMEDIATE)).expect("reconciler").pass(PassRequest::once()).await;
     assert_eq!(rep.outcome, PassOutcome::Failed);
     assert!(rep.error.as_deref().unwrap_or("").contains("sessiond migrate"), "{:?}", rep.error);
 }

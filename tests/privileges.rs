@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::{ago, config_text, outcomes, sid, tool, TestDb, IMMEDIATE};
 use sessiond::config::{Config, Overrides};
-use sessiond::reconcile::{PassOutcome, Reconciler};
+use sessiond::reconcile::{PassOutcome, PassRequest, Reconciler};
 use sessiond::simctl::SimController;
 
 /// A role created from the shipped SQL, dropped (after its database) on drop.
@@ -62,7 +62,7 @@ async fn the_least_privileged_role_repairs_every_kind() {
     db.insert(&sid(5), "u5", "ctrl-a", "active", ago(600)).await; // drift
     a.add(&sid(5), "u5", "paused", Some(ago(600)));
 
-    let rep = Reconciler::new(as_role(&db, &role, &a)).expect("reconciler").pass(false, false, false).await;
+    let rep = Reconciler::new(as_role(&db, &role, &a)).expect("reconciler").pass(PassRequest::once()).await;
 
     assert_eq!(rep.outcome, PassOutcome::Ok, "{:?} {:?}", rep.error, rep.findings);
     assert_eq!(
@@ -91,14 +91,14 @@ async fn a_missing_privilege_fails_clearly_naming_the_table() {
     let admin = db.client().await;
 
     admin.batch_execute(&format!("REVOKE UPDATE ON sessions FROM {}", role.name)).await.expect("revoke");
-    let rep = Reconciler::new(as_role(&db, &role, &a)).expect("reconciler").pass(false, false, false).await;
+    let rep = Reconciler::new(as_role(&db, &role, &a)).expect("reconciler").pass(PassRequest::once()).await;
     assert_eq!(rep.outcome, PassOutcome::Partial);
     let err = rep.findings.iter().find_map(|f| f.error.clone()).unwrap_or_default();
     assert!(err.contains("permission denied for table sessions"), "{err}");
     assert_eq!(db.state(&sid(1)).await.as_deref(), Some("active"));
 
     admin.batch_execute(&format!("REVOKE SELECT ON sessions FROM {}", role.name)).await.expect("revoke");
-    let rep = Reconciler::new(as_role(&db, &role, &a)).expect("reconciler").pass(false, false, false).await;
+    let rep = Reconciler::new(as_role(&db, &role, &a)).expect("reconciler").pass(PassRequest::once()).await;
     assert_eq!(rep.outcome, PassOutcome::Failed);
     assert!(rep.error.as_deref().unwrap_or("").contains("permission denied for table sessions"), "{:?}", rep.error);
 }

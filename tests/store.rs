@@ -8,9 +8,9 @@ use std::time::Duration;
 use common::{ago, config, sid, TestDb, IMMEDIATE};
 use sessiond::config::DatabaseConfig;
 use sessiond::model::{RowState, SessionId};
-use sessiond::reconcile::Reconciler;
+use sessiond::reconcile::{PassRequest, Reconciler};
 use sessiond::simctl::SimController;
-use sessiond::store::{AuditContext, Outcome, RowUpdate, Store};
+use sessiond::store::{AuditContext, RowResult, RowUpdate, Store};
 
 async fn store(db: &TestDb) -> Store {
     let cfg = DatabaseConfig {
@@ -56,7 +56,7 @@ async fn an_owner_change_onto_an_owner_with_a_live_row_is_a_conflict_and_the_res
 
     let outcomes = store(&db).await.update_rows(&batch, &audit).await.expect("no error for a unique violation");
 
-    assert_eq!(outcomes, [Outcome::Conflict, Outcome::Repaired]);
+    assert_eq!(outcomes, [RowResult::Conflict, RowResult::Done]);
     assert_eq!(db.state(&sid(3)).await.as_deref(), Some("paused"));
     assert_eq!(db.audit(&sid(1)).await, []);
     assert_eq!(db.audit(&sid(3)).await.len(), 1);
@@ -78,7 +78,7 @@ async fn a_backfill_racing_the_applications_own_insert_for_that_owner_is_a_confl
     )
     .await
     .expect("the application's insert");
-    let pass = tokio::spawn(async move { Reconciler::new(cfg).expect("reconciler").pass(false, false, false).await });
+    let pass = tokio::spawn(async move { Reconciler::new(cfg).expect("reconciler").pass(PassRequest::once()).await });
     let blocked = common::wait_for_blocked_sessiond(&db, 1).await;
     assert!(blocked, "the backfill waited on the application's insert");
     tx.commit().await.expect("commit");
@@ -87,4 +87,35 @@ async fn a_backfill_racing_the_applications_own_insert_for_that_owner_is_a_confl
     assert_eq!(common::outcomes(&rep), ["unpersisted.conflict=1"]);
     assert_eq!(db.state(&sid(1)).await, None);
     assert_eq!(db.state(&sid(2)).await.as_deref(), Some("active"), "the application's row stands");
+}
+
+#[tokio::test]
+async fn a_repair_of_a_row_written_since_it_was_read_is_a_conflict_and_the_write_stands() {
+    let db = TestDb::migrated().await;
+    db.insert(&sid(1), "u1", "a", "active", ago(600)).await;
+    let read = version(&db, &sid(1)).await;
+    // The application writes the row after sessiond read it.
+    db.client()
+        .await
+        .execute("UPDATE sessions SET updated_at = now() WHERE session_id = $1", &[&sid(1)])
+        .await
+        .expect("the application's write");
+    let batch = vec![RowUpdate {
+        id: SessionId::from_row(sid(1)),
+        version: read,
+        from: RowState::Active,
+        to: RowState::Stopped,
+        owner_id: None,
+        controller_instance: None,
+        end_reason: Some("orphaned"),
+        reason: "orphaned",
+        details: serde_json::json!({}),
+    }];
+    let audit = AuditContext { actor: "test".into(), pass_id: "p".into() };
+
+    let outcomes = store(&db).await.update_rows(&batch, &audit).await.expect("a conflict is not an error");
+
+    assert_eq!(outcomes, [RowResult::Conflict]);
+    assert_eq!(db.state(&sid(1)).await.as_deref(), Some("active"));
+    assert_eq!(db.audit(&sid(1)).await, []);
 }

@@ -131,7 +131,7 @@ async fn child_pass(config: &std::path::Path, dry_run: bool) -> anyhow::Result<P
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let rss_before = proc_status_kb("VmRSS:") * 1024;
     let t = Instant::now();
-    let report = reconciler.pass(dry_run, false, false).await;
+    let report = reconciler.pass(sessiond::reconcile::PassRequest::once().dry_run(dry_run)).await;
     let seconds = t.elapsed().as_secs_f64();
     let peak_rss = proc_status_kb("VmHWM:") * 1024;
     stop.cancel();

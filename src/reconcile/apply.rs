@@ -1,54 +1,100 @@
 //! The apply step: turns the findings the classifier decided to repair into
 //! batched store calls and controller stop requests, and records each outcome.
 //!
-//! A batch is one transaction. If a batch fails (the connection dropped, a
-//! timeout), its repairs are `failed` and nothing of it is committed; the rest of
-//! the pass's database work is skipped, because the connection is presumed gone,
-//! and the next pass re-reads everything and converges.
+//! A batch is one transaction. A batch that fails on one row's data is retried
+//! a row at a time by the store, so a bad row costs only itself. A batch that
+//! fails otherwise (the connection dropped, a timeout) fails its own repairs
+//! only: the next group re-makes the connection if it has to, and goes on.
+//! Compare-and-set keeps every write safe however late it comes.
+//!
+//! A stop request is recorded as an intent before it is sent and settled after
+//! it is answered, in two short transactions: no row lock is held while a
+//! controller is asked, and a process killed in between leaves an intent that a
+//! later pass settles, so no stop is ever sent unrecorded or audited twice.
+//!
+//! The whole plan carries a deadline: a pass that stalls between reading and
+//! writing (GC, SIGSTOP, a VM migration) stops applying when its evidence is
+//! older than the deadline, and what is left is deferred to a fresh pass.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use crate::config::Config;
+use crate::config::{Config, DatabaseConfig};
 use crate::controller::ControllerClient;
-use crate::model::{RowState, SessionId};
-use crate::reconcile::classify::{Decision, Finding, Repair};
+use crate::model::StopOutcome;
+use crate::reconcile::classify::{Decision, Finding, Repair, SettleIntent};
 use crate::reconcile::FindingResult;
-use crate::store::{AuditContext, Outcome, RowInsert, RowUpdate, StoppedZombie, Store};
+use crate::store::{AuditContext, Outcome, RowInsert, RowResult, RowUpdate, Settle, StopIntent, Store, StoreError};
 
 /// Rows per transaction: large enough that a big repair costs few round trips,
 /// small enough that one failed batch loses little work and holds locks briefly.
 pub const BATCH_SIZE: usize = 500;
-/// Zombies per transaction; their row locks are held while the stops run.
+/// Stops recorded per transaction, and sent before the batch is settled.
 pub const ZOMBIE_BATCH_SIZE: usize = 200;
 /// Stop requests in flight at once, per batch.
 const STOP_CONCURRENCY: usize = 8;
 
 pub struct Applied {
     pub results: Vec<FindingResult>,
-    /// A store call failed; the connection should be re-made.
-    pub store_failed: bool,
     /// Some repair failed (not a conflict): the pass is partial.
     pub any_failed: bool,
+    /// The plan's deadline passed: what was left is deferred.
+    pub expired: bool,
 }
 
-/// Applies every `Repair` decision in `findings`.
-pub async fn apply(
-    store: &mut Store,
-    client: &ControllerClient,
-    cfg: &Config,
-    audit: &AuditContext,
-    findings: Vec<Finding>,
-    progress: Option<&crate::daemon::Progress>,
-) -> Applied {
-    let tick = || {
-        if let Some(p) = progress {
+/// What the apply step works with.
+pub struct ApplyContext<'a> {
+    /// The connection, re-made here when a failure closed it.
+    pub store: &'a mut Option<Store>,
+    pub database: &'a DatabaseConfig,
+    /// Round trips are counted here across a reconnection.
+    pub round_trips: &'a Arc<AtomicU64>,
+    pub client: &'a ControllerClient,
+    pub config: &'a Config,
+    pub audit: &'a AuditContext,
+    pub progress: Option<&'a crate::daemon::Progress>,
+    /// Past this instant nothing more is applied.
+    pub deadline: Instant,
+}
+
+impl ApplyContext<'_> {
+    fn tick(&self) {
+        if let Some(p) = self.progress {
             p.tick();
         }
-    };
+    }
+
+    fn expired(&self) -> bool {
+        Instant::now() >= self.deadline
+    }
+
+    /// The connection, made anew if the last failure closed it.
+    async fn store(&mut self) -> Result<&mut Store, StoreError> {
+        if self.store.as_ref().is_none_or(Store::is_closed) {
+            *self.store = None;
+            let mut store = Store::connect(self.database).await?;
+            store.share_round_trips(Arc::clone(self.round_trips));
+            tracing::info!("database connection re-made during the pass");
+            *self.store = Some(store);
+        }
+        match self.store.as_mut() {
+            Some(s) => Ok(s),
+            None => unreachable!("the store was connected just above"),
+        }
+    }
+}
+
+/// Applies every `Repair` decision in `findings`, after settling the intents
+/// that earlier passes left.
+pub async fn apply(mut ctx: ApplyContext<'_>, findings: Vec<Finding>, settle: &[SettleIntent]) -> Applied {
     let mut results: Vec<FindingResult> =
         findings.into_iter().map(|finding| FindingResult { finding, outcome: None, error: None }).collect();
+    settle_abandoned(&mut ctx, settle).await;
+
     let mut updates: Vec<usize> = Vec::new();
     let mut inserts: Vec<usize> = Vec::new();
     let mut stops: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -65,8 +111,7 @@ pub async fn apply(
             None => {}
         }
     }
-
-    let mut store_failed = false;
+    let audit = ctx.audit;
     let details = |f: &Finding| {
         serde_json::json!({
             "pass_id": audit.pass_id,
@@ -76,10 +121,12 @@ pub async fn apply(
             "detail": f.detail,
         })
     };
+    let mut expired = false;
 
     for chunk in updates.chunks(BATCH_SIZE) {
-        if store_failed {
-            fail(&mut results, chunk, "skipped: an earlier batch failed");
+        if expired || ctx.expired() {
+            expired = true;
+            defer(&mut results, chunk);
             continue;
         }
         let batch: Vec<RowUpdate> = chunk
@@ -101,21 +148,24 @@ pub async fn apply(
                 _ => None,
             })
             .collect();
-        let result = store.update_rows(&batch, audit).await;
-        tick();
+        let result = match ctx.store().await {
+            Ok(store) => store.update_rows(&batch, audit).await,
+            Err(e) => Err(e),
+        };
+        ctx.tick();
         match result {
-            Ok(outcomes) => record(&mut results, chunk, &outcomes),
+            Ok(rows) => record(&mut results, chunk, &rows),
             Err(e) => {
                 tracing::error!(error = %e, rows = chunk.len(), "repair batch failed and was rolled back");
                 fail(&mut results, chunk, &e.to_string());
-                store_failed = true;
             }
         }
     }
 
     for chunk in inserts.chunks(BATCH_SIZE) {
-        if store_failed {
-            fail(&mut results, chunk, "skipped: an earlier batch failed");
+        if expired || ctx.expired() {
+            expired = true;
+            defer(&mut results, chunk);
             continue;
         }
         let batch: Vec<RowInsert> = chunk
@@ -132,121 +182,214 @@ pub async fn apply(
                 _ => None,
             })
             .collect();
-        let result = store.insert_rows(&batch, audit).await;
-        tick();
+        let result = match ctx.store().await {
+            Ok(store) => store.insert_rows(&batch, audit).await,
+            Err(e) => Err(e),
+        };
+        ctx.tick();
         match result {
-            Ok(outcomes) => record(&mut results, chunk, &outcomes),
+            Ok(rows) => record(&mut results, chunk, &rows),
             Err(e) => {
                 tracing::error!(error = %e, rows = chunk.len(), "insert batch failed and was rolled back");
                 fail(&mut results, chunk, &e.to_string());
-                store_failed = true;
             }
         }
     }
 
     for (instance, idxs) in &stops {
-        let Some(ctrl) = cfg.controllers.iter().find(|c| &c.name == instance) else {
+        let Some(ctrl) = ctx.config.controllers.iter().find(|c| &c.name == instance) else {
             fail(&mut results, idxs, "instance is no longer configured");
             continue;
         };
         for chunk in idxs.chunks(ZOMBIE_BATCH_SIZE) {
-            if store_failed {
-                fail(&mut results, chunk, "skipped: an earlier batch failed");
+            if expired || ctx.expired() {
+                expired = true;
+                defer(&mut results, chunk);
                 continue;
             }
-            let mut ids = Vec::with_capacity(chunk.len());
-            let mut versions = Vec::with_capacity(chunk.len());
-            for &i in chunk {
-                if let Some(Repair::StopLive { id, row_version, .. }) = &results[i].finding.repair {
-                    ids.push(id.as_str().to_owned());
-                    versions.push(row_version.clone());
-                }
-            }
-            let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-            let version_refs: Vec<&str> = versions.iter().map(String::as_str).collect();
-            let batch = match store.begin_zombies(&id_refs, &version_refs).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(error = %e, "zombie batch failed");
-                    fail(&mut results, chunk, &e.to_string());
-                    store_failed = true;
-                    continue;
-                }
-            };
-            // Stop only the zombies whose rows are still as classified.
-            let to_stop: Vec<(usize, SessionId, RowState, bool)> = chunk
-                .iter()
-                .filter_map(|&i| match &results[i].finding.repair {
-                    Some(Repair::StopLive { id, row_state, end_row, .. }) if batch.locked.contains(id.as_str()) => {
-                        Some((i, id.clone(), *row_state, *end_row))
-                    }
-                    _ => None,
-                })
-                .collect();
-            let answers: Vec<(usize, RowState, bool, Result<u16, String>)> =
-                futures_util::stream::iter(to_stop.into_iter().map(|(i, id, state, end_row)| async move {
-                    (i, state, end_row, client.stop(ctrl, &id).await.map_err(|e| e.to_string()))
-                }))
-                .buffer_unordered(STOP_CONCURRENCY)
-                .collect()
-                .await;
-            let mut stopped = Vec::new();
-            let mut stopped_idx = Vec::new();
-            for (i, state, end_row, answer) in answers {
-                match answer {
-                    Ok(status) => {
-                        let mut d = details(&results[i].finding);
-                        d["stop_status"] = serde_json::json!(status);
-                        stopped_idx.push(i);
-                        stopped.push(StoppedZombie {
-                            id: results[i].finding.subject.clone(),
-                            state,
-                            end_row,
-                            reason: results[i].finding.kind.as_str(),
-                            details: d,
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(controller = %instance, error = %e, "stop request failed");
-                        results[i].outcome = Some(Outcome::Failed);
-                        results[i].error = Some(e);
-                    }
-                }
-            }
-            let result = batch.finish(&stopped, audit).await;
-            tick();
-            match result {
-                Ok(()) => {
-                    for &i in &stopped_idx {
-                        results[i].outcome = Some(Outcome::Repaired);
-                    }
-                    for &i in chunk {
-                        if results[i].outcome.is_none() {
-                            results[i].outcome = Some(Outcome::Conflict);
-                        }
-                    }
-                }
-                Err(e) => {
-                    // The stops went out but their rows and audit rows did not
-                    // commit. The controller reports them gone next pass, so
-                    // nothing is stopped twice; the audit gap is logged here.
-                    tracing::error!(error = %e, stopped = stopped_idx.len(), "recording stopped sessions failed");
-                    let unset: Vec<usize> = chunk.iter().copied().filter(|&i| results[i].outcome.is_none()).collect();
-                    fail(&mut results, &stopped_idx, &e.to_string());
-                    fail(&mut results, &unset, &e.to_string());
-                    store_failed = true;
-                }
-            }
+            expired |= stop_batch(&mut ctx, ctrl, chunk, &mut results, &details).await;
         }
     }
 
+    if expired {
+        let deferred = results.iter().filter(|r| r.outcome == Some(Outcome::Deferred)).count();
+        tracing::warn!(deferred, "the pass ran past its plan's deadline; the rest is left for a fresh pass");
+    }
     let any_failed = results.iter().any(|r| r.outcome == Some(Outcome::Failed));
-    Applied { results, store_failed, any_failed }
+    Applied { results, any_failed, expired }
 }
 
-fn record(results: &mut [FindingResult], idxs: &[usize], outcomes: &[Outcome]) {
-    for (&i, &o) in idxs.iter().zip(outcomes) {
-        results[i].outcome = Some(o);
+/// A stop's finding, its intent, and the controller's answer (`None`: not sent,
+/// the deadline passed first).
+type StopAnswer = (usize, i64, Option<Result<u16, String>>);
+
+/// Records, sends and settles one batch of stops. Returns whether the deadline
+/// passed while sending.
+async fn stop_batch(
+    ctx: &mut ApplyContext<'_>,
+    ctrl: &crate::config::ControllerConfig,
+    chunk: &[usize],
+    results: &mut [FindingResult],
+    details: &(dyn Fn(&Finding) -> serde_json::Value + Sync),
+) -> bool {
+    let audit = ctx.audit;
+    let intents: Vec<StopIntent> = chunk
+        .iter()
+        .filter_map(|&i| match &results[i].finding.repair {
+            Some(Repair::StopLive { id, row_version, row_state, end_row, .. }) => Some(StopIntent {
+                id: id.clone(),
+                controller: ctrl.name.clone(),
+                version: row_version.clone(),
+                state: *row_state,
+                end_row: *end_row,
+                reason: results[i].finding.kind.as_str(),
+                details: details(&results[i].finding),
+            }),
+            _ => None,
+        })
+        .collect();
+    // The sender promises to settle within this; after it, any pass may.
+    let waves = chunk.len().div_ceil(STOP_CONCURRENCY) as u32 + 1;
+    let expires_in = ctrl.timeout * waves + ctx.database.statement_timeout * 2;
+    let opened = match ctx.store().await {
+        Ok(store) => store.open_stops(&intents, audit, expires_in).await,
+        Err(e) => Err(e),
+    };
+    ctx.tick();
+    let opened = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, "recording stop intents failed; no stop was sent");
+            fail(results, chunk, &e.to_string());
+            return false;
+        }
+    };
+
+    // Send the stops whose intent is recorded; the others are conflicts.
+    let mut to_send: Vec<(usize, i64)> = Vec::new();
+    for (&i, intent) in chunk.iter().zip(&opened) {
+        match intent {
+            Some(id) => to_send.push((i, *id)),
+            None => results[i].outcome = Some(Outcome::Conflict),
+        }
+    }
+    let deadline = ctx.deadline;
+    let client = ctx.client;
+    let progress = ctx.progress;
+    let answers: Vec<StopAnswer> = futures_util::stream::iter(to_send.into_iter().map(|(i, intent)| {
+        let id = match &results[i].finding.repair {
+            Some(Repair::StopLive { id, .. }) => Some(id.clone()),
+            _ => None,
+        };
+        async move {
+            let Some(id) = id else { return (i, intent, Some(Err("not a stop".to_owned()))) };
+            if Instant::now() >= deadline {
+                return (i, intent, None);
+            }
+            let answer = client.stop(ctrl, &id).await.map_err(|e| e.to_string());
+            if let Some(p) = progress {
+                p.tick();
+            }
+            (i, intent, Some(answer))
+        }
+    }))
+    .buffer_unordered(STOP_CONCURRENCY)
+    .collect()
+    .await;
+
+    let mut settles = Vec::with_capacity(answers.len());
+    let mut expired = false;
+    for (i, intent, answer) in &answers {
+        let (outcome, extra) = match answer {
+            Some(Ok(status)) => (StopOutcome::Stopped, serde_json::json!({ "stop_status": status })),
+            Some(Err(e)) => {
+                tracing::warn!(controller = %ctrl.name, error = %e, "stop request failed");
+                results[*i].error = Some(e.clone());
+                (StopOutcome::Failed, serde_json::json!({ "error": e }))
+            }
+            None => {
+                expired = true;
+                (StopOutcome::NotSent, serde_json::json!({ "error": "the plan's deadline passed first" }))
+            }
+        };
+        settles.push(Settle { intent: *intent, outcome, details: extra });
+    }
+    if settles.is_empty() {
+        return expired;
+    }
+    let mut settled = Err(StoreError::Timeout { what: "settle stop intents", timeout: Duration::ZERO });
+    for attempt in 0..2 {
+        settled = match ctx.store().await {
+            Ok(store) => store.settle_stops(&settles, audit).await,
+            Err(e) => Err(e),
+        };
+        match &settled {
+            Ok(_) => break,
+            Err(e) if attempt == 0 => tracing::warn!(error = %e, "settling stops failed; retrying once"),
+            Err(_) => {}
+        }
+    }
+    ctx.tick();
+    match settled {
+        Ok(_) => {
+            for ((i, _, answer), settle) in answers.iter().zip(&settles) {
+                results[*i].outcome = Some(match (answer, settle.outcome) {
+                    (_, StopOutcome::Stopped) => Outcome::Repaired,
+                    (None, _) => Outcome::Deferred,
+                    _ => Outcome::Failed,
+                });
+            }
+        }
+        Err(e) => {
+            // The stops went out, and each has its intent on record; a later
+            // pass settles them (and writes their audit rows) once they expire.
+            tracing::error!(error = %e, stops = settles.len(), "recording what the stops did failed; a later pass settles them");
+            let why = format!(
+                "the stop was sent and its intent recorded, but settling it failed ({e}); a later pass settles it"
+            );
+            for (i, _, answer) in &answers {
+                results[*i].outcome = Some(if answer.is_none() { Outcome::Deferred } else { Outcome::Failed });
+                results[*i].error.get_or_insert_with(|| why.clone());
+            }
+        }
+    }
+    expired
+}
+
+/// Settles the intents the classifier found abandoned by a process that is gone.
+async fn settle_abandoned(ctx: &mut ApplyContext<'_>, settle: &[SettleIntent]) {
+    if settle.is_empty() {
+        return;
+    }
+    let settles: Vec<Settle> = settle
+        .iter()
+        .map(|s| Settle {
+            intent: s.intent,
+            outcome: s.outcome,
+            details: serde_json::json!({ "settled_by": ctx.audit.pass_id, "settled_because": s.detail }),
+        })
+        .collect();
+    let audit = ctx.audit;
+    let result = match ctx.store().await {
+        Ok(store) => store.settle_stops(&settles, audit).await,
+        Err(e) => Err(e),
+    };
+    ctx.tick();
+    match result {
+        Ok(done) => {
+            let n = done.iter().filter(|d| d.by_us).count();
+            tracing::info!(settled = n, "settled stop intents left by an earlier pass");
+        }
+        Err(e) => tracing::error!(error = %e, "settling abandoned stop intents failed; the next pass tries again"),
+    }
+}
+
+fn record(results: &mut [FindingResult], idxs: &[usize], rows: &[RowResult]) {
+    for (&i, row) in idxs.iter().zip(rows) {
+        results[i].outcome = Some(row.outcome());
+        if let RowResult::Failed(e) = row {
+            results[i].error = Some(e.clone());
+        }
     }
 }
 
@@ -254,5 +397,11 @@ fn fail(results: &mut [FindingResult], idxs: &[usize], why: &str) {
     for &i in idxs {
         results[i].outcome = Some(Outcome::Failed);
         results[i].error = Some(why.to_owned());
+    }
+}
+
+fn defer(results: &mut [FindingResult], idxs: &[usize]) {
+    for &i in idxs {
+        results[i].outcome = Some(Outcome::Deferred);
     }
 }

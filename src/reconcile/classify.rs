@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::config::{Policy, ReconcileConfig};
 use crate::model::{
     BootRecord, BootRecords, ControllerList, DbSnapshot, InstanceSnapshot, InvalidEntryKind, LiveSession, LiveState,
-    RowState, SessionId, SessionRow,
+    RowState, SessionId, SessionRow, StopOutcome,
 };
 
 /// The kinds of finding. The label values are part of the metrics contract.
@@ -184,6 +184,18 @@ pub struct Classification {
     /// Instances whose repairs the guard held back, with the kinds held.
     pub guard_tripped: BTreeMap<String, BTreeSet<Kind>>,
     pub probes: Probes,
+    /// Stop intents left unsettled by a process that is gone, and what this
+    /// pass's lists say became of them.
+    pub settle: Vec<SettleIntent>,
+}
+
+/// An abandoned stop intent, and its outcome as this pass sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettleIntent {
+    pub intent: i64,
+    pub session_id: String,
+    pub outcome: StopOutcome,
+    pub detail: String,
 }
 
 /// Everything the classifier looks at.
@@ -548,6 +560,34 @@ pub fn classify(input: &Input<'_>) -> Classification {
     duplicates(&by_owner, &held, &reachable, &dead, earliest_fetch, &mut candidates);
     drop(by_owner);
 
+    // Stops recorded by earlier passes (or another sessiond) and not settled.
+    // One still in flight holds back any new stop of its session; one whose
+    // sender is gone is settled by what this pass's lists show.
+    let mut in_flight: FxHashSet<&str> = FxHashSet::default();
+    for intent in &input.db.open_intents {
+        if !intent.expired {
+            in_flight.insert(intent.session_id.as_str());
+            continue;
+        }
+        if !reachable.contains_key(intent.controller.as_str()) {
+            continue; // settled once its controller answers again
+        }
+        let still_held = held.get(intent.session_id.as_str()).is_some_and(|h| h.instance == intent.controller);
+        let (outcome, detail) = if still_held {
+            in_flight.insert(intent.session_id.as_str());
+            (
+                StopOutcome::Unconfirmed,
+                format!("the sender stopped before settling it, and {} still holds the session", intent.controller),
+            )
+        } else {
+            (
+                StopOutcome::Stopped,
+                format!("the sender stopped before settling it; {} no longer holds the session", intent.controller),
+            )
+        };
+        out.settle.push(SettleIntent { intent: intent.intent, session_id: intent.session_id.clone(), outcome, detail });
+    }
+
     // Decide: grace, confirmations, policy.
     let mut next_streaks = HashMap::new();
     for c in &mut candidates {
@@ -564,6 +604,10 @@ pub fn classify(input: &Input<'_>) -> Classification {
         }
         if let Decision::Wait { .. } = c.finding.decision {
             continue; // already held for want of evidence
+        }
+        if matches!(c.finding.repair, Some(Repair::StopLive { .. })) && in_flight.contains(c.finding.subject.as_str()) {
+            c.finding.decision = Decision::Wait { reason: "a stop of this session is in flight or unsettled".into() };
+            continue;
         }
         let young = c.age.is_some_and(|age| age < grace);
         c.finding.decision = if young {

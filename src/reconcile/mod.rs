@@ -18,6 +18,7 @@ pub mod classify;
 pub mod report;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -135,6 +136,7 @@ impl PassReport {
                 (Decision::Repair, Some(Outcome::Repaired)) => "repaired",
                 (Decision::Repair, Some(Outcome::Conflict)) => "conflict",
                 (Decision::Repair, Some(Outcome::Failed)) => "failed",
+                (Decision::Repair, Some(Outcome::Deferred)) => "deferred",
                 (Decision::Guarded, _) => "guarded",
                 (Decision::Report { .. }, _) => "reported",
                 _ => continue,
@@ -142,6 +144,38 @@ impl PassReport {
             *m.entry((f.finding.kind, label)).or_default() += 1;
         }
         m
+    }
+}
+
+/// How a pass is asked to behave.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassRequest {
+    /// Find and report; change nothing anywhere.
+    pub dry_run: bool,
+    /// Override the mass-repair guard for this pass.
+    pub force: bool,
+    /// Repair only what has been seen in `confirmations` consecutive passes:
+    /// the daemon does; `once` acts on what it sees in its one pass.
+    pub require_confirmations: bool,
+}
+
+impl PassRequest {
+    /// A pass of `sessiond once`: acts on its one pass.
+    pub fn once() -> PassRequest {
+        PassRequest::default()
+    }
+
+    /// A pass of the daemon: findings need their confirmations.
+    pub fn daemon() -> PassRequest {
+        PassRequest { require_confirmations: true, ..PassRequest::default() }
+    }
+
+    pub fn dry_run(self, dry_run: bool) -> PassRequest {
+        PassRequest { dry_run, ..self }
+    }
+
+    pub fn force(self, force: bool) -> PassRequest {
+        PassRequest { force, ..self }
     }
 }
 
@@ -156,6 +190,8 @@ pub struct Reconciler {
     actor: String,
     /// Ticked at every stage of a pass, for the watchdog.
     progress: Option<crate::daemon::Progress>,
+    /// Round trips to the database, across reconnections.
+    round_trips: Arc<AtomicU64>,
 }
 
 impl Reconciler {
@@ -168,6 +204,7 @@ impl Reconciler {
             boots: None,
             actor: format!("sessiond@{}", hostname()),
             progress: None,
+            round_trips: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -195,13 +232,12 @@ impl Reconciler {
         self.config = config;
     }
 
-    /// Runs one pass. `require_confirmations` is true for the daemon and false for
-    /// `once`, which acts on what it sees in its one pass.
-    pub async fn pass(&mut self, dry_run: bool, force: bool, require_confirmations: bool) -> PassReport {
+    /// Runs one pass.
+    pub async fn pass(&mut self, req: PassRequest) -> PassReport {
+        let PassRequest { dry_run, force, .. } = req;
         let started = Instant::now();
         let started_at = Utc::now();
         let cfg = Arc::clone(&self.config);
-        let read_only = dry_run || cfg.daemon.mode == Mode::Observe;
         let mut report = PassReport {
             pass_id: uuid::Uuid::new_v4().to_string(),
             started_at,
@@ -230,7 +266,9 @@ impl Reconciler {
         report.instances = instances.iter().map(instance_report).collect();
         let any_unreachable = instances.iter().any(|i| !i.is_reachable());
 
-        match self.read_and_classify(&cfg, instances, &mut report, read_only, force, require_confirmations).await {
+        // The plan applies only while the evidence it rests on is fresh.
+        let deadline = started + cfg.reconcile.plan_max_age();
+        match self.read_and_classify(&cfg, instances, &mut report, req, deadline).await {
             Ok(()) => {}
             Err(e) => {
                 tracing::error!(error = %e, "pass failed: database unavailable");
@@ -252,13 +290,15 @@ impl Reconciler {
         cfg: &Arc<Config>,
         instances: Vec<InstanceSnapshot>,
         report: &mut PassReport,
-        read_only: bool,
-        force: bool,
-        require_confirmations: bool,
+        req: PassRequest,
+        deadline: Instant,
     ) -> Result<(), StoreError> {
-        let round_trips_before = self.store.as_ref().filter(|s| !s.is_closed()).map_or(0, Store::round_trips);
+        let read_only = req.dry_run || cfg.daemon.mode == Mode::Observe;
+        let PassRequest { force, require_confirmations, .. } = req;
+        let round_trips_before = self.round_trips.load(Ordering::Relaxed);
         if self.store.as_ref().is_none_or(Store::is_closed) {
-            let store = Store::connect(&cfg.database).await?;
+            let mut store = Store::connect(&cfg.database).await?;
+            store.share_round_trips(Arc::clone(&self.round_trips));
             store.check_schema().await?;
             self.store = Some(store);
         }
@@ -339,7 +379,7 @@ impl Reconciler {
                 .into_iter()
                 .map(|finding| FindingResult { finding, outcome: None, error: None })
                 .collect();
-            report.db_round_trips = store.round_trips() - round_trips_before;
+            report.db_round_trips = self.round_trips.load(Ordering::Relaxed) - round_trips_before;
             return Ok(());
         }
         if boots != previous_boots {
@@ -349,16 +389,27 @@ impl Reconciler {
 
         let audit = AuditContext { actor: self.actor.clone(), pass_id: report.pass_id.clone() };
         let apply_started = std::time::Instant::now();
-        let applied =
-            apply::apply(store, &self.client, cfg, &audit, classification.findings, self.progress.as_ref()).await;
+        let ctx = apply::ApplyContext {
+            store: &mut self.store,
+            database: &cfg.database,
+            round_trips: &self.round_trips,
+            client: &self.client,
+            config: cfg,
+            audit: &audit,
+            progress: self.progress.as_ref(),
+            deadline,
+        };
+        let applied = apply::apply(ctx, classification.findings, &classification.settle).await;
         report.stages.apply = apply_started.elapsed().as_secs_f64();
-        report.db_round_trips = store.round_trips() - round_trips_before;
-        if applied.store_failed {
-            // The connection may be gone; make a new one next pass.
-            self.store = None;
-        }
-        if applied.any_failed {
+        report.db_round_trips = self.round_trips.load(Ordering::Relaxed) - round_trips_before;
+        if applied.any_failed || applied.expired {
             report.outcome = PassOutcome::Partial;
+        }
+        if applied.expired {
+            report.error = Some(format!(
+                "the pass took longer than its plan may live ({}); the repairs left were deferred to a fresh pass",
+                humantime::format_duration(cfg.reconcile.plan_max_age())
+            ));
         }
         report.findings = applied.results;
         Ok(())
