@@ -20,18 +20,23 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Overrides};
 use crate::reconcile::{PassOutcome, PassReport, PassRequest, Reconciler};
 
-/// The longest a run of failures stretches the time between passes.
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// A run of failures stretches the time between passes to at most two
+/// intervals, or this if that is longer: a database that comes back is seen
+/// within that time, while an outage is still not hammered.
+const BACKOFF_FLOOR: Duration = Duration::from_secs(15);
 /// How often the idle loop reports that it is alive.
 const HEARTBEAT: Duration = Duration::from_millis(250);
 
-/// The delay before the next pass after `failures` consecutive failed passes.
+/// The delay before the next pass after `failures` consecutive failed passes:
+/// doubling, capped at two intervals or 15 s, whichever is longer, so the first
+/// pass after a recovery comes that soon.
 pub fn next_delay(interval: Duration, failures: u32) -> Duration {
     if failures == 0 {
         return interval;
     }
     let factor = 1u32 << failures.min(10);
-    interval.saturating_mul(factor).min(MAX_BACKOFF.max(interval))
+    let cap = interval.saturating_mul(2).max(BACKOFF_FLOOR);
+    interval.saturating_mul(factor).min(cap).max(interval)
 }
 
 /// When the pass loop last showed it was making progress.

@@ -192,7 +192,7 @@ fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
 const INDEX: &str = "sessiond\n\n/metrics  Prometheus metrics\n/healthz  liveness\n/readyz   readiness\n/status   the last pass, as JSON\n";
 
 /// Answers one request.
-pub fn handle(shared: &Shared, req: &Request<impl hyper::body::Body>) -> Response<Full<Bytes>> {
+pub async fn handle(shared: &Shared, req: &Request<impl hyper::body::Body>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "method not allowed\n");
         r.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
@@ -201,7 +201,7 @@ pub fn handle(shared: &Shared, req: &Request<impl hyper::body::Body>) -> Respons
     let path = req.uri().path();
     if matches!(path, "/metrics" | "/status") {
         let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        if !shared.web().authorized(header) {
+        if !shared.web().authorized(header).await {
             let mut r = text(StatusCode::UNAUTHORIZED, "text/plain; charset=utf-8", "unauthorized\n");
             r.headers_mut().insert(
                 hyper::header::WWW_AUTHENTICATE,
@@ -241,10 +241,11 @@ struct Endpoints(Arc<Shared>);
 impl hyper::service::Service<Request<hyper::body::Incoming>> for Endpoints {
     type Response = Response<Full<Bytes>>;
     type Error = Infallible;
-    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
-        std::future::ready(Ok(handle(&self.0, &req)))
+        let shared = Arc::clone(&self.0);
+        Box::pin(async move { Ok(handle(&shared, &req).await) })
     }
 }
 

@@ -72,9 +72,57 @@ impl std::fmt::Debug for WebConfig {
 
 struct BasicAuth {
     hashes: BTreeMap<String, String>,
-    /// Credentials that verified, so a scrape every few seconds does not pay for
-    /// a bcrypt hash each time. Keyed by user; holds the password that matched.
-    verified: Mutex<HashMap<String, String>>,
+    /// A hash of the same cost as the users' hashes, verified for unknown user
+    /// names so that a wrong user name takes as long as a wrong password: the
+    /// answer's timing does not tell which user names exist.
+    dummy: String,
+    /// Credentials that verified recently, so a scrape every few seconds does
+    /// not pay for a bcrypt hash each time. Holds a salted SHA-256 of the
+    /// password, never the password; bounded in size and age.
+    verified: Mutex<HashMap<String, (ring::digest::Digest, std::time::Instant)>>,
+    salt: [u8; 16],
+    /// bcrypt runs on the blocking pool, at most this many at once: a flood of
+    /// wrong passwords queues here, and never occupies the async workers that
+    /// answer the probes.
+    hashing: tokio::sync::Semaphore,
+}
+
+/// How many verified credentials are remembered, and for how long.
+const VERIFIED_CACHE_SIZE: usize = 64;
+const VERIFIED_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+/// bcrypt verifications at once.
+const HASHING_AT_ONCE: usize = 2;
+
+impl BasicAuth {
+    fn fingerprint(&self, password: &str) -> ring::digest::Digest {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&self.salt);
+        ctx.update(password.as_bytes());
+        ctx.finish()
+    }
+
+    fn remembered(&self, user: &str, password: &str) -> bool {
+        let cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        cache.get(user).is_some_and(|(digest, at)| {
+            at.elapsed() < VERIFIED_CACHE_TTL && constant_time_eq(digest.as_ref(), self.fingerprint(password).as_ref())
+        })
+    }
+
+    fn remember(&self, user: String, password: &str) {
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= VERIFIED_CACHE_SIZE && !cache.contains_key(&user) {
+            let oldest = cache.iter().min_by_key(|(_, (_, at))| *at).map(|(u, _)| u.clone());
+            if let Some(oldest) = oldest {
+                cache.remove(&oldest);
+            }
+        }
+        cache.insert(user, (self.fingerprint(password), std::time::Instant::now()));
+    }
+}
+
+/// The cost of a bcrypt hash (`$2y$10$...` → 10).
+fn bcrypt_cost(hash: &str) -> Option<u32> {
+    hash.split('$').nth(2)?.parse().ok()
 }
 
 impl WebConfig {
@@ -87,17 +135,35 @@ impl WebConfig {
         if raw.http_server_config.is_some() {
             return Err(err("http_server_config is not supported by sessiond; remove it".into()));
         }
+        let mut cost = None;
         for (user, hash) in &raw.basic_auth_users {
             if !(hash.starts_with("$2a$") || hash.starts_with("$2b$") || hash.starts_with("$2y$")) {
                 return Err(err(format!("basic_auth_users.{user}: the password must be a bcrypt hash ($2y$...)")));
             }
+            let c = bcrypt_cost(hash)
+                .ok_or_else(|| err(format!("basic_auth_users.{user}: the bcrypt hash has no valid cost")))?;
+            cost = cost.max(Some(c));
         }
         let tls = match raw.tls_server_config {
             None => None,
             Some(t) => Some(tls_acceptor(t).map_err(|p| err(format!("tls_server_config: {p}")))?),
         };
-        let auth = (!raw.basic_auth_users.is_empty())
-            .then(|| Arc::new(BasicAuth { hashes: raw.basic_auth_users, verified: Mutex::new(HashMap::new()) }));
+        let auth = match cost {
+            None => None,
+            Some(cost) => {
+                let dummy = bcrypt::hash("sessiond: no such user", cost)
+                    .map_err(|e| err(format!("basic_auth_users: cannot make a comparison hash: {e}")))?;
+                let mut salt = [0u8; 16];
+                salt.iter_mut().for_each(|b| *b = fastrand::u8(..));
+                Some(Arc::new(BasicAuth {
+                    hashes: raw.basic_auth_users,
+                    dummy,
+                    verified: Mutex::new(HashMap::new()),
+                    salt,
+                    hashing: tokio::sync::Semaphore::new(HASHING_AT_ONCE),
+                }))
+            }
+        };
         Ok(WebConfig { tls, auth })
     }
 
@@ -106,27 +172,26 @@ impl WebConfig {
         WebConfig { tls: None, auth: None }
     }
 
-    /// Whether the `Authorization` header value admits the request.
-    pub fn authorized(&self, header: Option<&str>) -> bool {
+    /// Whether the `Authorization` header value admits the request. bcrypt runs
+    /// on the blocking pool, a bounded number at once, and an unknown user is
+    /// checked against a hash of the same cost, so it answers no sooner.
+    pub async fn authorized(&self, header: Option<&str>) -> bool {
         let Some(auth) = &self.auth else { return true };
         let Some((user, password)) = header.and_then(parse_basic) else { return false };
-        let Some(hash) = auth.hashes.get(&user) else { return false };
-        {
-            let cache = auth.verified.lock().unwrap_or_else(|p| p.into_inner());
-            if cache.get(&user).is_some_and(|p| constant_time_eq(p.as_bytes(), password.as_bytes())) {
-                return true;
-            }
+        if auth.remembered(&user, &password) {
+            return true;
         }
-        if bcrypt::verify(&password, hash).unwrap_or(false) {
-            auth.verified.lock().unwrap_or_else(|p| p.into_inner()).insert(user, password);
-            true
-        } else {
-            false
+        let known = auth.hashes.contains_key(&user);
+        let hash = auth.hashes.get(&user).unwrap_or(&auth.dummy).clone();
+        let Ok(_permit) = auth.hashing.acquire().await else { return false };
+        let candidate = password.clone();
+        let matches = tokio::task::spawn_blocking(move || bcrypt::verify(&candidate, &hash).unwrap_or(false))
+            .await
+            .unwrap_or(false);
+        if matches && known {
+            auth.remember(user, &password);
         }
-    }
-
-    pub fn requires_auth(&self) -> bool {
-        self.auth.is_some()
+        matches && known
     }
 }
 
