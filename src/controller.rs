@@ -24,8 +24,8 @@ use crate::model::{
 /// Why an instance could not be read, or a stop request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
-    #[error("GET {url}: {source}")]
-    Request { url: String, source: reqwest::Error },
+    #[error("GET {url}: {problem}")]
+    Request { url: String, problem: String },
     #[error("GET {url}: timed out after {timeout:?}")]
     Timeout { url: String, timeout: Duration },
     #[error("GET {url}: answered HTTP {status}, expected 200")]
@@ -37,7 +37,13 @@ pub enum ControllerError {
     #[error("GET {url}: document names instance {found:?}, configured as {expected:?}")]
     WrongInstance { url: String, expected: String, found: String },
     #[error("POST {url}: {problem}")]
-    Stop { url: String, problem: String },
+    Stop {
+        url: String,
+        problem: String,
+        /// The request may have reached the controller (a timeout, an answer
+        /// lost on the way back): whether it took effect is unknown.
+        uncertain: bool,
+    },
 }
 
 /// A client for all configured controller instances.
@@ -56,7 +62,7 @@ impl ControllerClient {
             .pool_idle_timeout(Duration::from_secs(30))
             .user_agent(concat!("sessiond/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|source| ControllerError::Request { url: String::new(), source })?;
+            .map_err(|e| ControllerError::Request { url: String::new(), problem: describe(e) })?;
         Ok(ControllerClient { http })
     }
 
@@ -79,7 +85,8 @@ impl ControllerClient {
         let url = c.url.clone();
         let work = async {
             let req = authorize(self.http.get(&c.url).header("accept", "application/json"), c);
-            let mut resp = req.send().await.map_err(|source| ControllerError::Request { url: url.clone(), source })?;
+            let mut resp =
+                req.send().await.map_err(|e| ControllerError::Request { url: url.clone(), problem: describe(e) })?;
             if resp.status().as_u16() != 200 {
                 return Err(ControllerError::Status { url: url.clone(), status: resp.status().as_u16() });
             }
@@ -88,7 +95,7 @@ impl ControllerClient {
             }
             let mut body = Vec::new();
             while let Some(chunk) =
-                resp.chunk().await.map_err(|source| ControllerError::Request { url: url.clone(), source })?
+                resp.chunk().await.map_err(|e| ControllerError::Request { url: url.clone(), problem: describe(e) })?
             {
                 if body.len() as u64 + chunk.len() as u64 > c.max_body_bytes {
                     return Err(ControllerError::TooLarge { url: url.clone(), limit: c.max_body_bytes });
@@ -116,7 +123,11 @@ impl ControllerClient {
     /// Asks the controller to stop one session. 2xx or 404 means it is gone.
     pub async fn stop(&self, c: &ControllerConfig, id: &SessionId) -> Result<u16, ControllerError> {
         let Some(template) = &c.stop_url else {
-            return Err(ControllerError::Stop { url: String::new(), problem: "no stop_url is configured".into() });
+            return Err(ControllerError::Stop {
+                url: String::new(),
+                problem: "no stop_url is configured".into(),
+                uncertain: false,
+            });
         };
         // Ids matched the configured pattern; escaping keeps a permissive pattern
         // from turning an id into a different path.
@@ -127,15 +138,46 @@ impl ControllerClient {
             .map_err(|_| ControllerError::Stop {
                 url: url.clone(),
                 problem: format!("timed out after {:?}", c.timeout),
+                uncertain: true,
             })?
-            .map_err(|e| ControllerError::Stop { url: url.clone(), problem: e.to_string() })?;
+            .map_err(|e| ControllerError::Stop {
+                url: url.clone(),
+                // A connection that was never made carried nothing.
+                uncertain: !e.is_connect(),
+                problem: describe(e),
+            })?;
         let status = resp.status().as_u16();
         if resp.status().is_success() || status == 404 {
             Ok(status)
         } else {
-            Err(ControllerError::Stop { url, problem: format!("answered HTTP {status}") })
+            Err(ControllerError::Stop { url, problem: format!("answered HTTP {status}"), uncertain: false })
         }
     }
+}
+
+impl ControllerError {
+    /// Whether a failed stop may nevertheless have taken effect.
+    pub fn uncertain(&self) -> bool {
+        matches!(self, ControllerError::Stop { uncertain: true, .. })
+    }
+}
+
+/// A request error with its cause: reqwest's own text is "error sending
+/// request for url (…)", which says nothing of why. The causes underneath
+/// say: connection refused, a DNS failure, a certificate that does not verify.
+pub fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = cause.source();
+    }
+    s
 }
 
 /// Adds the controller's credentials: a bearer token, or basic auth from the URL.

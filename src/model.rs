@@ -234,8 +234,12 @@ pub struct OpenIntent {
 pub enum StopOutcome {
     /// The controller answered 2xx or 404, or a later pass found the session gone.
     Stopped,
-    /// The request failed; the session may still run.
+    /// The request failed before it could reach the controller, or was refused.
     Failed,
+    /// The request may have reached the controller (it timed out, or its answer
+    /// was lost): the intent stays open and a later pass settles it from what
+    /// the controller's list shows.
+    Uncertain,
     /// Recorded but never sent: the pass ran out of time first.
     NotSent,
     /// Left by a process that could not settle it while the controller still
@@ -248,6 +252,7 @@ impl StopOutcome {
         match self {
             StopOutcome::Stopped => "stopped",
             StopOutcome::Failed => "failed",
+            StopOutcome::Uncertain => "uncertain",
             StopOutcome::NotSent => "not_sent",
             StopOutcome::Unconfirmed => "unconfirmed",
         }

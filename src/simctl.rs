@@ -67,8 +67,13 @@ struct State {
     fault: Fault,
     stop_status: Option<u16>,
     stops: Vec<String>,
-    token: Option<String>,
+    /// The exact `Authorization` header every request must carry.
+    authorization: Option<String>,
     counters: crate::model::AppCounters,
+    /// How long a stop request takes to answer.
+    stop_delay: std::time::Duration,
+    /// Added to every time the controller reports: its clock's error.
+    clock_offset: chrono::Duration,
 }
 
 /// A running simulated controller.
@@ -99,8 +104,10 @@ impl SimController {
             fault: Fault::None,
             stop_status: None,
             stops: Vec::new(),
-            token: None,
+            authorization: None,
             counters: crate::model::AppCounters::default(),
+            stop_delay: std::time::Duration::ZERO,
+            clock_offset: chrono::Duration::zero(),
         }));
         let shutdown = CancellationToken::new();
         let sim = SimController { addr, state, shutdown: shutdown.clone() };
@@ -233,7 +240,20 @@ impl SimController {
     }
     /// Requires `Authorization: Bearer <token>` on every request.
     pub fn require_token(&self, token: Option<&str>) {
-        self.lock().token = token.map(str::to_owned);
+        self.lock().authorization = token.map(|t| format!("Bearer {t}"));
+    }
+    /// Requires this exact `Authorization` header on every request.
+    pub fn require_authorization(&self, header: Option<&str>) {
+        self.lock().authorization = header.map(str::to_owned);
+    }
+    /// Makes every stop request take this long to answer.
+    pub fn set_stop_delay(&self, delay: std::time::Duration) {
+        self.lock().stop_delay = delay;
+    }
+    /// Makes the controller's clock read `offset` off the true time: every time
+    /// it reports (started_at, generated_at) is shifted by it.
+    pub fn set_clock_offset(&self, offset: chrono::Duration) {
+        self.lock().clock_offset = offset;
     }
     /// The ids stop requests were received for, in order.
     pub fn stops(&self) -> Vec<String> {
@@ -251,6 +271,7 @@ impl SimController {
             .map(|(id, sess)| {
                 let mut v = serde_json::json!({"session_id": id, "owner_id": sess.owner_id, "state": sess.state});
                 if let Some(t) = sess.started_at {
+                    let t = t + s.clock_offset;
                     v["started_at"] = serde_json::json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
                 }
                 v
@@ -259,7 +280,7 @@ impl SimController {
         serde_json::json!({
             "instance": s.instance,
             "boot_id": s.boot_id,
-            "generated_at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "generated_at": (Utc::now() + s.clock_offset).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             "sessions": sessions,
             "counters": {
                 "sessions_created": s.counters.sessions_created,
@@ -276,18 +297,14 @@ impl SimController {
     }
 
     async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
-        let (token, fault) = {
+        let (authorization, fault, stop_delay) = {
             let s = self.lock();
-            (s.token.clone(), s.fault.clone())
+            (s.authorization.clone(), s.fault.clone(), s.stop_delay)
         };
-        if let Some(t) = token {
-            let ok = req
-                .headers()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v == format!("Bearer {t}"));
+        if let Some(want) = authorization {
+            let ok = req.headers().get("authorization").and_then(|v| v.to_str().ok()).is_some_and(|v| v == want);
             if !ok {
-                return reply(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+                return reply(StatusCode::UNAUTHORIZED, "missing or wrong credentials");
             }
         }
         let path = req.uri().path().to_owned();
@@ -328,18 +345,29 @@ impl SimController {
         }
         if req.method() == hyper::Method::POST {
             if let Some(id) = path.strip_prefix("/internal/sessions/").and_then(|r| r.strip_suffix("/stop")) {
-                let mut s = self.lock();
-                s.stops.push(id.to_owned());
-                if let Some(code) = s.stop_status {
-                    return reply(
-                        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                        "stop refused",
-                    );
-                }
-                return if s.sessions.remove(id).is_some() {
-                    reply(StatusCode::OK, "{\"stopped\": true}")
-                } else {
-                    reply(StatusCode::NOT_FOUND, "{\"error\": \"session not found\"}")
+                // A received stop is carried out even if the caller goes away
+                // while it runs, as a real controller's would be.
+                let id = id.to_owned();
+                let sim = self.clone();
+                let work = tokio::spawn(async move {
+                    if !stop_delay.is_zero() {
+                        tokio::time::sleep(stop_delay).await;
+                    }
+                    let mut s = sim.lock();
+                    s.stops.push(id.clone());
+                    if let Some(code) = s.stop_status {
+                        return StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                    }
+                    if s.sessions.remove(&id).is_some() {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::NOT_FOUND
+                    }
+                });
+                return match work.await.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR) {
+                    StatusCode::OK => reply(StatusCode::OK, "{\"stopped\": true}"),
+                    StatusCode::NOT_FOUND => reply(StatusCode::NOT_FOUND, "{\"error\": \"session not found\"}"),
+                    other => reply(other, "stop refused"),
                 };
             }
         }

@@ -835,9 +835,14 @@ impl Store {
                 "WITH input AS (
                      SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) AS t(id, outcome, details)
                  ),
+                 -- An uncertain stop stays open, expired at once, for the next
+                 -- pass to settle from what the controller's list shows.
                  settled AS (
                      UPDATE sessiond_stop_intents n
-                        SET settled_at = now(), outcome = i.outcome, details = n.details || i.details::jsonb
+                        SET settled_at = CASE WHEN i.outcome = 'uncertain' THEN NULL ELSE now() END,
+                            expires_at = CASE WHEN i.outcome = 'uncertain' THEN now() ELSE n.expires_at END,
+                            outcome = CASE WHEN i.outcome = 'uncertain' THEN NULL ELSE i.outcome END,
+                            details = n.details || i.details::jsonb
                        FROM input i
                       WHERE n.id = i.id AND n.settled_at IS NULL
                      RETURNING n.id, n.session_id, n.kind, n.row_version, n.row_state, n.end_row, n.outcome,

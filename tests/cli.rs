@@ -3,31 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{ago, config_text, sid, TestDb, IMMEDIATE};
+use common::{ago, config_text, run, sessiond, sid, text, write, TestDb, IMMEDIATE};
 use sessiond::simctl::SimController;
-
-fn sessiond(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sessiond"));
-    c.args(args).env_remove("DATABASE_URL").env_remove("SESSIOND_CONFIG").env("SESSIOND_LOG", "warn");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    sessiond(args).output().expect("run sessiond")
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).expect("write a file");
-    p
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 const MINIMAL: &str = "[database]\nurl = \"postgres://app@127.0.0.1:5432/app\"\n\n[[controller]]\nname = \"a\"\nurl = \"http://127.0.0.1:8080/internal/sessions\"\n";
 

@@ -91,8 +91,7 @@ fn spawn(config: &Path, notify: &NotifySocket, watchdog_usec: u64) -> Guarded {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().expect("kill");
-    assert!(ok.success());
+    common::signal(child.id(), sig);
 }
 
 fn daemon_config(db: &TestDb, a: &SimController, port: u16) -> String {
@@ -274,4 +273,48 @@ fn the_tmpfiles_entry_creates_a_root_only_credentials_directory() {
     let meta = std::fs::metadata(root.path().join("etc/sessiond/credentials")).expect("the directory exists");
     assert!(meta.is_dir());
     assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+}
+
+#[tokio::test]
+async fn a_long_batch_of_slow_stops_keeps_feeding_the_watchdog() {
+    let db = TestDb::migrated().await;
+    let a = SimController::start("ctrl-a").await.expect("controller");
+    // 40 zombies whose stops take half a second each: five waves of eight, a
+    // batch of 2.5 s against a watchdog of 1 s.
+    for i in 0..40 {
+        db.insert(&sid(i), &format!("u{i}"), "ctrl-a", "stopped", ago(600)).await;
+        a.add(&sid(i), &format!("u{i}"), "running", Some(ago(700)));
+    }
+    a.set_stop_delay(Duration::from_millis(500));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sessiond.toml");
+    std::fs::write(&path, daemon_config(&db, &a, free_port())).expect("write config");
+    let notify = NotifySocket::bind();
+    let t0 = Instant::now();
+    let child = spawn(&path, &notify, 1_000_000);
+    notify.wait_for(t0, &["READY=1"]).await;
+    for _ in 0..100 {
+        if !a.stops().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let from = Instant::now();
+    for _ in 0..100 {
+        if a.stops().len() >= 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let to = Instant::now();
+    assert_eq!(a.stops().len(), 40, "every stop was sent");
+    assert!(to - from >= Duration::from_secs(1), "the stops took a while: {:?}", to - from);
+    let mut longest_gap = Duration::ZERO;
+    let mut prev = from;
+    for p in notify.watchdog_pings(from, to).into_iter().chain(std::iter::once(to)) {
+        longest_gap = longest_gap.max(p.duration_since(prev));
+        prev = p;
+    }
+    assert!(longest_gap < Duration::from_millis(1200), "the watchdog went unfed for {longest_gap:?}");
+    drop(child);
 }

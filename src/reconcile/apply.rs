@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 
 use crate::config::{Config, DatabaseConfig};
-use crate::controller::ControllerClient;
+use crate::controller::{ControllerClient, ControllerError};
 use crate::model::StopOutcome;
 use crate::reconcile::classify::{Decision, Finding, Repair, SettleIntent};
 use crate::reconcile::FindingResult;
@@ -221,7 +221,7 @@ pub async fn apply(mut ctx: ApplyContext<'_>, findings: Vec<Finding>, settle: &[
 
 /// A stop's finding, its intent, and the controller's answer (`None`: not sent,
 /// the deadline passed first).
-type StopAnswer = (usize, i64, Option<Result<u16, String>>);
+type StopAnswer = (usize, i64, Option<Result<u16, ControllerError>>);
 
 /// Records, sends and settles one batch of stops. Returns whether the deadline
 /// passed while sending.
@@ -266,32 +266,26 @@ async fn stop_batch(
     };
 
     // Send the stops whose intent is recorded; the others are conflicts.
-    let mut to_send: Vec<(usize, i64)> = Vec::new();
-    for (&i, intent) in chunk.iter().zip(&opened) {
+    let mut to_send = Vec::new();
+    for ((&i, stop), intent) in chunk.iter().zip(&intents).zip(&opened) {
         match intent {
-            Some(id) => to_send.push((i, *id)),
+            Some(intent) => to_send.push((i, *intent, stop.id.clone())),
             None => results[i].outcome = Some(Outcome::Conflict),
         }
     }
     let deadline = ctx.deadline;
     let client = ctx.client;
     let progress = ctx.progress;
-    let answers: Vec<StopAnswer> = futures_util::stream::iter(to_send.into_iter().map(|(i, intent)| {
-        let id = match &results[i].finding.repair {
-            Some(Repair::StopLive { id, .. }) => Some(id.clone()),
-            _ => None,
-        };
-        async move {
-            let Some(id) = id else { return (i, intent, Some(Err("not a stop".to_owned()))) };
-            if Instant::now() >= deadline {
-                return (i, intent, None);
-            }
-            let answer = client.stop(ctrl, &id).await.map_err(|e| e.to_string());
-            if let Some(p) = progress {
-                p.tick();
-            }
-            (i, intent, Some(answer))
+    let answers: Vec<StopAnswer> = futures_util::stream::iter(to_send.into_iter().map(|(i, intent, id)| async move {
+        // A stall past the deadline sends nothing more from this plan.
+        if Instant::now() >= deadline {
+            return (i, intent, None);
         }
+        let answer = client.stop(ctrl, &id).await;
+        if let Some(p) = progress {
+            p.tick();
+        }
+        (i, intent, Some(answer))
     }))
     .buffer_unordered(STOP_CONCURRENCY)
     .collect()
@@ -304,8 +298,14 @@ async fn stop_batch(
             Some(Ok(status)) => (StopOutcome::Stopped, serde_json::json!({ "stop_status": status })),
             Some(Err(e)) => {
                 tracing::warn!(controller = %ctrl.name, error = %e, "stop request failed");
-                results[*i].error = Some(e.clone());
-                (StopOutcome::Failed, serde_json::json!({ "error": e }))
+                let uncertain = e.uncertain();
+                results[*i].error = Some(if uncertain {
+                    format!("{e}; whether it took effect is settled by a later pass")
+                } else {
+                    e.to_string()
+                });
+                let outcome = if uncertain { StopOutcome::Uncertain } else { StopOutcome::Failed };
+                (outcome, serde_json::json!({ "error": e.to_string() }))
             }
             None => {
                 expired = true;

@@ -367,3 +367,33 @@ impl Drop for Guarded {
         }
     }
 }
+
+/// The `sessiond` binary with a clean environment: no `DATABASE_URL` or
+/// `SESSIOND_CONFIG` from the caller, logs at `warn`.
+pub fn sessiond(args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_sessiond"));
+    c.args(args).env_remove("DATABASE_URL").env_remove("SESSIOND_CONFIG").env("SESSIOND_LOG", "warn");
+    c
+}
+
+/// Runs the binary to completion.
+pub fn run(args: &[&str]) -> std::process::Output {
+    sessiond(args).output().expect("run sessiond")
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write a file");
+    p
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Sends a signal (`STOP`, `CONT`, `KILL`, `TERM`, …) to a process.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("kill");
+    assert!(ok.success(), "kill -{sig} {pid} failed");
+}
