@@ -92,6 +92,7 @@ pub struct RawController {
     pub name: Option<String>,
     pub url: Option<String>,
     pub stop_url: Option<String>,
+    pub ca_file: Option<PathBuf>,
     pub timeout: Option<String>,
     pub max_body_bytes: Option<u64>,
     pub token_file: Option<PathBuf>,
@@ -189,6 +190,10 @@ pub struct ControllerConfig {
     /// Basic-auth credentials given as the URL's userinfo (`http://user:pass@…`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credentials: Option<BasicCredentials>,
+    /// The CA certificates that verify an `https` controller; the system's
+    /// trust store when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     #[serde(with = "humantime_serde_compat")]
     pub timeout: Duration,
     pub max_body_bytes: u64,
@@ -387,13 +392,8 @@ fn http_url(file: &Path, key: &str, value: &str) -> Result<reqwest::Url, ConfigE
     let url =
         reqwest::Url::parse(value).map_err(|e| ConfigError::at(file, key, format!("{value:?} is not a URL: {e}")))?;
     match url.scheme() {
-        "http" => Ok(url),
-        "https" => Err(ConfigError::at(
-            file,
-            key,
-            "https controller URLs are not supported by this build; put the controller's internal endpoint on http behind loopback or a private network",
-        )),
-        other => Err(ConfigError::at(file, key, format!("scheme {other:?} is not supported; use http"))),
+        "http" | "https" => Ok(url),
+        other => Err(ConfigError::at(file, key, format!("scheme {other:?} is not supported; use http or https"))),
     }
 }
 
@@ -652,11 +652,23 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
                 "has credentials in the URL and a token_file; use one way to authenticate",
             ));
         }
+        let https = url.starts_with("https:") || stop_url.as_deref().is_some_and(|u| u.starts_with("https:"));
+        let ca_file = c.ca_file.map(|p| resolve_credential(&p));
+        match &ca_file {
+            Some(p) => {
+                crate::tls::roots_from_file(p).map_err(|problem| ConfigError::at(file, k("ca_file"), problem))?;
+            }
+            None if https => {
+                crate::tls::system_roots().map_err(|problem| ConfigError::at(file, k("url"), problem))?;
+            }
+            None => {}
+        }
         controllers.push(ControllerConfig {
             name,
             url,
             stop_url,
             credentials: userinfo.as_deref().map(basic_credentials),
+            ca_file,
             timeout,
             max_body_bytes,
             token,

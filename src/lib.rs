@@ -20,4 +20,5 @@ pub mod reconcile;
 pub mod simctl;
 pub mod store;
 pub mod systemd;
+pub mod tls;
 pub mod web;

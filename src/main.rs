@@ -9,6 +9,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = sessiond::cli::Cli::parse();
+    sessiond::tls::install_default_provider();
     // The demo prints a line per pass of its own; its logs default to warnings.
     let default_filter = if matches!(cli.command, sessiond::cli::Command::Demo(_)) { "warn" } else { "info" };
     sessiond::logging::init_with_default(cli.log_format, default_filter);

@@ -172,6 +172,17 @@ pub struct ControllerList {
     pub sessions: Vec<LiveSession>,
     pub invalid: Vec<InvalidEntry>,
     pub counters: Option<AppCounters>,
+    /// Optional parts of the document that were present but malformed.
+    pub problems: Vec<PayloadProblem>,
+}
+
+/// A malformed optional part of a controller's document: the list is still
+/// used, the part is not, and the problem is logged and counted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PayloadProblem {
+    /// `counters` or `generated_at`.
+    pub part: &'static str,
+    pub detail: String,
 }
 
 /// One instance's side of the snapshot.
@@ -181,6 +192,9 @@ pub struct InstanceSnapshot {
     /// When sessiond sent the request: nothing created after this can be in the list.
     pub fetched_at: DateTime<Utc>,
     pub result: Result<ControllerList, String>,
+    /// The boot id of every answer this pass, the list's first, then those of
+    /// the verification fetches. Several processes behind one URL show here.
+    pub boot_ids: Vec<String>,
 }
 
 impl InstanceSnapshot {
@@ -259,13 +273,44 @@ impl StopOutcome {
     }
 }
 
-/// What sessiond remembers about an instance's process across its own restarts.
+/// What sessiond believes about the process(es) answering at an instance's URL,
+/// kept across passes, and (except the candidate) across its own restarts.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BootRecord {
-    pub boot_id: String,
-    /// When a boot id different from the previous one was first seen; `None` for
-    /// the first boot id ever seen, which explains nothing.
+    /// The boot id confirmed to answer there: one process, steadily.
+    pub trusted: Option<String>,
+    /// When the trusted boot id last changed to another confirmed one (a
+    /// restart, dated from the new one's first sight); `None` until then, as the
+    /// first boot id ever seen explains nothing.
     pub changed_at: Option<DateTime<Utc>>,
+    /// Other boot ids seen, oldest first: one of them answering again means
+    /// several processes answer at one URL.
+    pub history: Vec<String>,
+    /// Since when answers have disagreed.
+    pub inconsistent_since: Option<DateTime<Utc>>,
+    /// A boot id on probation (in memory only).
+    pub candidate: Option<BootCandidate>,
+}
+
+impl BootRecord {
+    /// Whether the parts kept in the database are the same.
+    pub fn same_persisted(&self, other: &BootRecord) -> bool {
+        self.trusted == other.trusted
+            && self.changed_at == other.changed_at
+            && self.history == other.history
+            && self.inconsistent_since == other.inconsistent_since
+    }
+}
+
+/// A boot id answering steadily but not trusted yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootCandidate {
+    pub boot_id: String,
+    /// First seen.
+    pub since: DateTime<Utc>,
+    /// Agreeing answers so far, and the passes they span.
+    pub fetches: u32,
+    pub passes: u32,
 }
 
 /// Boot records keyed by instance name.

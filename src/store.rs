@@ -165,6 +165,16 @@ CREATE UNIQUE INDEX IF NOT EXISTS sessiond_stop_intents_one_open
     ON sessiond_stop_intents (session_id) WHERE settled_at IS NULL;
 "#,
     ),
+    (
+        3,
+        "instance state: boot ids seen and inconsistency, for several processes behind one URL",
+        r#"
+-- boot_id is now the trusted (confirmed) boot id, unset until one is.
+ALTER TABLE sessiond_instance_state ALTER COLUMN boot_id DROP NOT NULL;
+ALTER TABLE sessiond_instance_state ADD COLUMN IF NOT EXISTS seen_boot_ids text[] NOT NULL DEFAULT '{}';
+ALTER TABLE sessiond_instance_state ADD COLUMN IF NOT EXISTS inconsistent_since timestamptz;
+"#,
+    ),
 ];
 
 /// The schema version this build needs.
@@ -515,22 +525,29 @@ impl Store {
             .map_err(|_| StoreError::Timeout { what, timeout: self.timeout })?
     }
 
-    /// sessiond's memory of each instance's boot id.
+    /// sessiond's memory of each instance's boot ids.
     pub async fn load_boots(&self) -> Result<BootRecords, StoreError> {
+        const WHAT: &str = "read instance state";
         let rows = self
             .bounded(
-                "read instance state",
-                self.client
-                    .query("SELECT controller_instance, boot_id, boot_changed_at FROM sessiond_instance_state", &[]),
+                WHAT,
+                self.client.query(
+                    "SELECT controller_instance, boot_id, boot_changed_at, seen_boot_ids, inconsistent_since
+                       FROM sessiond_instance_state",
+                    &[],
+                ),
             )
             .await?;
         let mut out = HashMap::new();
         for r in rows {
             out.insert(
-                r.try_get(0).map_err(q("read instance state"))?,
+                r.try_get(0).map_err(q(WHAT))?,
                 BootRecord {
-                    boot_id: r.try_get(1).map_err(q("read instance state"))?,
-                    changed_at: r.try_get(2).map_err(q("read instance state"))?,
+                    trusted: r.try_get(1).map_err(q(WHAT))?,
+                    changed_at: r.try_get(2).map_err(q(WHAT))?,
+                    history: r.try_get(3).map_err(q(WHAT))?,
+                    inconsistent_since: r.try_get(4).map_err(q(WHAT))?,
+                    candidate: None,
                 },
             );
         }
@@ -540,23 +557,31 @@ impl Store {
     /// Saves boot records in one statement.
     pub async fn save_boots(&self, boots: &BootRecords) -> Result<(), StoreError> {
         let mut names = Vec::new();
-        let mut ids = Vec::new();
+        let mut trusted: Vec<Option<&str>> = Vec::new();
         let mut changed: Vec<Option<DateTime<Utc>>> = Vec::new();
+        let mut history: Vec<String> = Vec::new();
+        let mut inconsistent: Vec<Option<DateTime<Utc>>> = Vec::new();
         for (name, rec) in boots {
             names.push(name.as_str());
-            ids.push(rec.boot_id.as_str());
+            trusted.push(rec.trusted.as_deref());
             changed.push(rec.changed_at);
+            // As JSON: unnest cannot take an array of arrays of another length.
+            history.push(serde_json::to_string(&rec.history).unwrap_or_else(|_| "[]".into()));
+            inconsistent.push(rec.inconsistent_since);
         }
         self.bounded(
             "save instance state",
             self.client.execute(
-                "INSERT INTO sessiond_instance_state (controller_instance, boot_id, boot_changed_at, updated_at)
-                 SELECT * , now() FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+                "INSERT INTO sessiond_instance_state
+                        (controller_instance, boot_id, boot_changed_at, seen_boot_ids, inconsistent_since, updated_at)
+                 SELECT n, b, c, ARRAY(SELECT jsonb_array_elements_text(h::jsonb)), i, now()
+                   FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::timestamptz[])
+                     AS t(n, b, c, h, i)
                  ON CONFLICT (controller_instance) DO UPDATE
-                    SET boot_id = EXCLUDED.boot_id, boot_changed_at = EXCLUDED.boot_changed_at, updated_at = now()
-                  WHERE sessiond_instance_state.boot_id IS DISTINCT FROM EXCLUDED.boot_id
-                     OR sessiond_instance_state.boot_changed_at IS DISTINCT FROM EXCLUDED.boot_changed_at",
-                &[&names, &ids, &changed],
+                    SET boot_id = EXCLUDED.boot_id, boot_changed_at = EXCLUDED.boot_changed_at,
+                        seen_boot_ids = EXCLUDED.seen_boot_ids, inconsistent_since = EXCLUDED.inconsistent_since,
+                        updated_at = now()",
+                &[&names, &trusted, &changed, &history, &inconsistent],
             ),
         )
         .await?;

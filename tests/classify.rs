@@ -3,7 +3,7 @@
 //!
 //! These are pure: no database, no HTTP, no clock.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use sessiond::config::{Policy, ReconcileConfig};
@@ -11,7 +11,8 @@ use sessiond::model::{
     BootRecord, BootRecords, ControllerList, DbSnapshot, InstanceSnapshot, InvalidEntry, InvalidEntryKind, LiveSession,
     LiveState, OpenIntent, RowState, SessionId, SessionRow,
 };
-use sessiond::reconcile::classify::{classify, observe_boots, Classification, Decision, Input, Memory, PassOptions};
+use sessiond::reconcile::boots::Trust;
+use sessiond::reconcile::classify::{classify, Classification, Decision, Input, Memory, PassOptions};
 
 fn t0() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).single().expect("a valid time")
@@ -27,6 +28,8 @@ struct World {
     stoppable: BTreeSet<String>,
     options: PassOptions,
     intents: Vec<OpenIntent>,
+    /// What each instance's list may be trusted for; missing means trusted.
+    trust: BTreeMap<String, Trust>,
 }
 
 impl World {
@@ -43,6 +46,7 @@ impl World {
             stoppable: BTreeSet::new(),
             options: PassOptions::default(),
             intents: Vec::new(),
+            trust: BTreeMap::new(),
         };
         w.instance("a");
         w
@@ -76,9 +80,11 @@ impl World {
                 sessions: vec![],
                 invalid: vec![],
                 counters: None,
+                problems: vec![],
             }),
+            boot_ids: vec!["boot-1".into()],
         });
-        self.boots.insert(name.into(), BootRecord { boot_id: "boot-1".into(), changed_at: None });
+        self.boots.insert(name.into(), BootRecord { trusted: Some("boot-1".into()), ..BootRecord::default() });
         self.stoppable.insert(name.into());
         self
     }
@@ -90,6 +96,7 @@ impl World {
             name: name.into(),
             fetched_at,
             result: Err("connection refused".into()),
+            boot_ids: vec![],
         });
         self
     }
@@ -142,6 +149,7 @@ impl World {
             db: &DbSnapshot { rows: self.rows.clone(), read_at: self.now, open_intents: self.intents.clone() },
             memory: &self.memory,
             boots: &self.boots,
+            trust: &self.trust,
             stoppable: &self.stoppable,
             options: self.options,
         })
@@ -449,7 +457,10 @@ fn guard_allows_a_minority_of_orphans() {
 fn a_controller_restart_explains_mass_orphans() {
     let mut w = World::new();
     many_orphans(&mut w, 10, 10); // the controller came back empty...
-    w.boots.insert("a".into(), BootRecord { boot_id: "boot-2".into(), changed_at: Some(w.secs_ago(5)) });
+    w.boots.insert(
+        "a".into(),
+        BootRecord { trusted: Some("boot-2".into()), changed_at: Some(w.secs_ago(5)), ..BootRecord::default() },
+    );
     let c = w.run(); // ...with a new boot id, after the rows were created
     assert!(c.findings.iter().all(|f| f.decision == Decision::Repair), "{}", render(&c));
     assert!(c.guard_tripped.is_empty());
@@ -502,29 +513,6 @@ fn a_read_only_pass_reports_every_repair() {
     w.row("s1", "o1", "a", RowState::Active, OLD);
     w.live("a", "s2", "o2", LiveState::Active, OLD);
     check(&w, "orphaned s1 report\nunpersisted s2 report");
-}
-
-#[test]
-fn the_first_boot_id_explains_nothing_and_a_new_one_marks_a_restart() {
-    let now = t0();
-    let snap = |boot: &str| InstanceSnapshot {
-        name: "a".into(),
-        fetched_at: now,
-        result: Ok(ControllerList {
-            boot_id: boot.into(),
-            generated_at: None,
-            sessions: vec![],
-            invalid: vec![],
-            counters: None,
-        }),
-    };
-    let first = observe_boots(&BootRecords::new(), &[snap("b1")], now);
-    assert_eq!(first.get("a"), Some(&BootRecord { boot_id: "b1".into(), changed_at: None }));
-    let same = observe_boots(&first, &[snap("b1")], now + Duration::seconds(15));
-    assert_eq!(same, first);
-    let later = now + Duration::seconds(30);
-    let restarted = observe_boots(&first, &[snap("b2")], later);
-    assert_eq!(restarted.get("a"), Some(&BootRecord { boot_id: "b2".into(), changed_at: Some(later) }));
 }
 
 #[test]

@@ -115,17 +115,21 @@ fn snapshots(w: &World) -> Vec<InstanceSnapshot> {
                     sessions: w.lists[i].clone(),
                     invalid: vec![],
                     counters: None,
+                    problems: vec![],
                 })
             } else {
                 Err("down".into())
             },
+            boot_ids: if w.reachable[i] { vec!["boot".into()] } else { vec![] },
         })
         .collect()
 }
 
 fn run(w: &World, memory: &Memory) -> Classification {
-    let boots: BootRecords =
-        INSTANCES.iter().map(|n| (n.to_string(), BootRecord { boot_id: "boot".into(), changed_at: None })).collect();
+    let boots: BootRecords = INSTANCES
+        .iter()
+        .map(|n| (n.to_string(), BootRecord { trusted: Some("boot".into()), ..BootRecord::default() }))
+        .collect();
     let stoppable: BTreeSet<String> = INSTANCES.iter().map(|s| s.to_string()).collect();
     classify(&Input {
         now: w.now,
@@ -134,6 +138,7 @@ fn run(w: &World, memory: &Memory) -> Classification {
         db: &DbSnapshot { rows: w.rows.clone(), read_at: w.now, open_intents: vec![] },
         memory,
         boots: &boots,
+        trust: &std::collections::BTreeMap::new(),
         stoppable: &stoppable,
         options: w.options,
     })

@@ -19,7 +19,12 @@ fn bad_configs_exit_78_naming_the_file_the_key_and_the_problem() {
         ("bad-mode.toml", format!("[daemon]\nmode = \"fix\"\n{MINIMAL}"), "daemon.mode"),
         ("no-db.toml", "[[controller]]\nname = \"a\"\nurl = \"http://x/\"\n".into(), "database"),
         ("no-ctrl.toml", "[database]\nurl = \"postgres://a@h/db\"\n".into(), "controller"),
-        ("https.toml", MINIMAL.replace("http://127", "https://127"), "controller[0].url"),
+        ("scheme.toml", MINIMAL.replace("http://127", "ftp://127"), "controller[0].url"),
+        (
+            "ca.toml",
+            MINIMAL.replace("name = \"a\"", "name = \"a\"\nca_file = \"/nonexistent/ca.pem\""),
+            "controller[0].ca_file",
+        ),
         ("fraction.toml", format!("{MINIMAL}\n[reconcile]\nmax_orphan_fraction = 1.5\n"), "max_orphan_fraction"),
         ("policy.toml", format!("{MINIMAL}\n[reconcile.policy]\nzombie = \"ignore\"\n"), "reconcile.policy.zombie"),
         ("pattern.toml", format!("{MINIMAL}\n[sessions]\nid_pattern = \"exec_.*\"\n"), "anchored"),

@@ -69,6 +69,7 @@ mod reqwest {
         let url = url.to_owned();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            sessiond::tls::install_default_provider();
             rt.block_on(async { ::reqwest::get(&url).await.expect("GET").text().await.expect("body") })
         })
         .join()

@@ -300,6 +300,6 @@ async fn readyz_explains_why_it_is_not_ready_while_healthz_and_status_answer() {
     assert!(m.contains("sessiond_database_up 0"), "{m}");
     assert!(m.contains("sessiond_reconcile_passes_total{outcome=\"failed\"}"));
     assert_eq!(d.get("/nope").await.map(|r| r.0), Some(404));
-    let post = reqwest::Client::new().post(d.url("/metrics")).send().await.expect("post");
+    let post = common::http().post(d.url("/metrics")).send().await.expect("post");
     assert_eq!(post.status().as_u16(), 405);
 }

@@ -52,7 +52,7 @@ impl Prometheus {
     async fn query(&self, q: &str) -> Vec<serde_json::Value> {
         let base = format!("http://127.0.0.1:{}/api/v1/query", self.port);
         let Ok(url) = reqwest::Url::parse_with_params(&base, &[("query", q)]) else { return vec![] };
-        let Ok(resp) = reqwest::get(url).await else { return vec![] };
+        let Ok(resp) = common::http().get(url).send().await else { return vec![] };
         let Ok(body) = resp.text().await else { return vec![] };
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else { return vec![] };
         v["data"]["result"].as_array().cloned().unwrap_or_default()

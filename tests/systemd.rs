@@ -197,7 +197,7 @@ async fn the_daemon_is_ready_without_its_database_and_says_it_is_not() {
     let child = spawn(&path, &notify, 0);
     notify.wait_for(t0, &["READY=1"]).await;
     notify.wait_for(t0, &["STATUS=last pass failed", "database DOWN"]).await;
-    let resp = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.expect("readyz");
+    let resp = common::http().get(format!("http://127.0.0.1:{port}/readyz")).send().await.expect("readyz");
     assert_eq!(resp.status().as_u16(), 503);
     assert!(notify.all().iter().all(|(_, m)| !m.contains("WATCHDOG=1")), "WATCHDOG_USEC=0 means no watchdog");
     drop(child);

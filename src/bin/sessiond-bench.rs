@@ -455,6 +455,7 @@ fn print(f: &Figures) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    sessiond::tls::install_default_provider();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

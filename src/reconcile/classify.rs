@@ -18,9 +18,10 @@ use serde::Serialize;
 
 use crate::config::{Policy, ReconcileConfig};
 use crate::model::{
-    BootRecord, BootRecords, ControllerList, DbSnapshot, InstanceSnapshot, InvalidEntryKind, LiveSession, LiveState,
-    RowState, SessionId, SessionRow, StopOutcome,
+    BootRecords, ControllerList, DbSnapshot, InstanceSnapshot, InvalidEntryKind, LiveSession, LiveState, RowState,
+    SessionId, SessionRow, StopOutcome,
 };
+use crate::reconcile::boots::Trust;
 
 /// The kinds of finding. The label values are part of the metrics contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -205,32 +206,14 @@ pub struct Input<'a> {
     pub instances: &'a [InstanceSnapshot],
     pub db: &'a DbSnapshot,
     pub memory: &'a Memory,
-    /// Boot records after this pass's lists were observed (see [`observe_boots`]).
+    /// Boot records after this pass's lists were observed (see `boots::observe`).
     pub boots: &'a BootRecords,
+    /// What each reachable instance's list may be trusted for (`boots::observe`);
+    /// an instance missing here is trusted.
+    pub trust: &'a BTreeMap<String, Trust>,
     /// Instances with a `stop_url`: zombies elsewhere can only be reported.
     pub stoppable: &'a BTreeSet<String>,
     pub options: PassOptions,
-}
-
-/// Updates boot records with the boot ids this pass saw. A boot id different from
-/// the recorded one marks a restart at `now`; the first boot id ever seen for an
-/// instance explains nothing.
-pub fn observe_boots(previous: &BootRecords, instances: &[InstanceSnapshot], now: DateTime<Utc>) -> BootRecords {
-    let mut boots = previous.clone();
-    for inst in instances {
-        let Ok(list) = &inst.result else { continue };
-        match boots.get_mut(&inst.name) {
-            Some(rec) if rec.boot_id == list.boot_id => {}
-            Some(rec) => {
-                rec.boot_id = list.boot_id.clone();
-                rec.changed_at = Some(now);
-            }
-            None => {
-                boots.insert(inst.name.clone(), BootRecord { boot_id: list.boot_id.clone(), changed_at: None });
-            }
-        }
-    }
-    boots
 }
 
 /// How long a live session had been running when its list was fetched. Both
@@ -303,16 +286,29 @@ pub fn classify(input: &Input<'_>) -> Classification {
     let mut out = Classification::default();
     let mut candidates: Vec<Candidate> = Vec::new();
 
-    // Reachability, and how long each unreachable instance has been so.
+    // Reachability, and how long each unreachable instance has been so. An
+    // instance where several processes answer is not reachable for this pass:
+    // none of its lists can be trusted. It is not "down" either, so it never
+    // counts towards instance_dead_after.
     let mut reachable: FxHashMap<&str, &InstanceSnapshot> = FxHashMap::default();
     let mut dead: BTreeSet<&str> = BTreeSet::new();
     let mut unreachable: FxHashMap<&str, String> = FxHashMap::default();
     for inst in input.instances {
-        match &inst.result {
-            Ok(_) => {
+        match (&inst.result, input.trust.get(&inst.name)) {
+            (Ok(_), Some(Trust::Inconsistent { boot_ids })) => {
+                unreachable.insert(
+                    &inst.name,
+                    format!(
+                        "several processes answer at its URL (boot ids {}); its rows are unverifiable until one \
+                         boot id holds steadily",
+                        boot_ids.join(", ")
+                    ),
+                );
+            }
+            (Ok(_), _) => {
                 reachable.insert(&inst.name, inst);
             }
-            Err(err) => {
+            (Err(err), _) => {
                 let since = input.memory.unreachable_since.get(&inst.name).copied().unwrap_or(inst.fetched_at);
                 out.memory.unreachable_since.insert(inst.name.clone(), since);
                 if let Some(after) = cfg.instance_dead_after {
@@ -324,13 +320,16 @@ pub fn classify(input: &Input<'_>) -> Classification {
             }
         }
     }
+    // Lists that are used: reachable instances only.
+    let lists = || input.instances.iter().filter(|i| reachable.contains_key(i.name.as_str()));
+    // Why absence from an instance's list proves nothing yet (a boot id on probation).
+    let unproven = |instance: &str| input.trust.get(instance).and_then(|t| t.absence_unproven(instance));
 
     // Every id a reachable controller holds, valid or not. Invalid entries still
     // count as held: their rows must never be taken for orphans. An id listed
     // more than once (twice by one instance, or by two) is ambiguous: it is held,
     // reported, and never acted on, because nothing says which listing is right.
-    let live_count: usize =
-        input.instances.iter().filter_map(|i| i.result.as_ref().ok()).map(|l| l.sessions.len()).sum();
+    let live_count: usize = lists().filter_map(|i| i.result.as_ref().ok()).map(|l| l.sessions.len()).sum();
     let mut held: FxHashMap<&str, Held<'_>> = FxHashMap::default();
     held.reserve(live_count);
     let mut ambiguous: BTreeMap<&str, Vec<String>> = BTreeMap::new();
@@ -338,7 +337,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
         Some(s) => format!("{inst} ({})", live_state_name(s.state)),
         None => format!("{inst} (unusable entry)"),
     };
-    for inst in input.instances {
+    for inst in lists() {
         let Ok(list) = &inst.result else { continue };
         let listings = list
             .sessions
@@ -428,7 +427,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
                         subject: row.id.to_string(),
                         instance: Some(instance.to_owned()),
                         detail: format!("creating since {}, not live", row.created_at.to_rfc3339()),
-                        decision: Decision::Note,
+                        decision: unproven(instance).map_or(Decision::Note, |reason| Decision::Wait { reason }),
                         repair: Some(end_row(row, RowState::Failed, "stuck_creating")),
                     },
                     changed_at: Some(row.changed_at),
@@ -466,7 +465,8 @@ pub fn classify(input: &Input<'_>) -> Classification {
                 subject: row.id.to_string(),
                 instance: Some(instance.to_owned()),
                 detail,
-                decision: Decision::Note,
+                // On probation, absence from the list proves nothing yet.
+                decision: unproven(instance).map_or(Decision::Note, |reason| Decision::Wait { reason }),
                 repair: Some(end_row(row, RowState::Stopped, "orphaned")),
             },
             changed_at: Some(row.changed_at),
@@ -476,7 +476,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
     }
 
     // Controller side: every well-formed live session.
-    for inst in input.instances {
+    for inst in lists() {
         let Ok(list) = &inst.result else { continue };
         for live in &list.sessions {
             match held.get(live.id.as_str()).and_then(Held::usable) {
@@ -557,7 +557,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
     unpersisted_duplicates(&by_owner, &mut candidates);
     // Duplicates span instances: their rows are compared with the earliest list.
     let earliest_fetch = reachable.values().map(|s| s.fetched_at).min().unwrap_or(input.db.read_at);
-    duplicates(&by_owner, &held, &reachable, &dead, earliest_fetch, &mut candidates);
+    duplicates(&by_owner, &held, &reachable, &dead, &unproven, earliest_fetch, &mut candidates);
     drop(by_owner);
 
     // Stops recorded by earlier passes (or another sessiond) and not settled.
@@ -766,6 +766,7 @@ fn duplicates(
     held: &FxHashMap<&str, Held<'_>>,
     reachable: &FxHashMap<&str, &InstanceSnapshot>,
     dead: &BTreeSet<&str>,
+    unproven: &dyn Fn(&str) -> Option<String>,
     reference: DateTime<Utc>,
     candidates: &mut Vec<Candidate>,
 ) {
@@ -784,8 +785,13 @@ fn duplicates(
         let keep = held_newest.or_else(|| newest(&mut rows.iter()));
         let ambiguous = rows.iter().any(|r| held.get(r.id.as_str()).is_some_and(|h| h.ambiguous));
         for row in rows.iter().filter(|r| Some(&r.id) != keep.as_ref()) {
+            // Ending a row nobody holds rests on its absence from the lists.
+            let absent_unproven =
+                if held.contains_key(row.id.as_str()) { None } else { unproven(row.controller_instance.as_str()) };
             let decision = if !verifiable {
                 Decision::Wait { reason: "another row of this owner is on an unreachable instance".into() }
+            } else if let Some(reason) = absent_unproven {
+                Decision::Wait { reason }
             } else if ambiguous {
                 Decision::Wait { reason: "a session of this owner is listed more than once".into() }
             } else {

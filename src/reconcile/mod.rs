@@ -14,6 +14,7 @@
 //! classify is left as it was.
 
 pub mod apply;
+pub mod boots;
 pub mod classify;
 pub mod report;
 
@@ -63,8 +64,11 @@ pub struct InstanceReport {
     pub sessions: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
-    /// The boot id changed since an earlier pass (the controller restarted).
+    /// The trusted boot id changed this pass: a confirmed controller restart.
     pub restarted: bool,
+    /// What this pass could trust of the list (unset when nothing was read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust: Option<boots::Trust>,
     #[serde(skip)]
     pub counters: Option<crate::model::AppCounters>,
     #[serde(skip)]
@@ -197,8 +201,8 @@ pub struct Reconciler {
 impl Reconciler {
     pub fn new(config: Arc<Config>) -> Result<Reconciler, crate::controller::ControllerError> {
         Ok(Reconciler {
+            client: ControllerClient::new(&config.controllers)?,
             config,
-            client: ControllerClient::new()?,
             store: None,
             memory: Memory::default(),
             boots: None,
@@ -228,6 +232,14 @@ impl Reconciler {
     pub fn set_config(&mut self, config: Arc<Config>) {
         if config.database != self.config.database {
             self.store = None;
+        }
+        if config.controllers != self.config.controllers {
+            match ControllerClient::new(&config.controllers) {
+                Ok(client) => self.client = client,
+                // The config was validated; a client that still cannot be made
+                // leaves the affected controllers unreachable, and says why.
+                Err(e) => tracing::error!(error = %e, "cannot set up the controller clients of the new config"),
+            }
         }
         self.config = config;
     }
@@ -260,11 +272,16 @@ impl Reconciler {
         // Controllers first, then the database: a row written between the two
         // reads is protected by the snapshot-skew rule, and a session created
         // between them is protected by grace.
-        let instances = self.client.fetch_all(&cfg.controllers, &cfg.sessions.id_pattern).await;
+        // Each list is read once, and its boot id a few more times over new
+        // connections: more while a boot id is unconfirmed (see `boots`).
+        let passes = if req.require_confirmations { cfg.reconcile.confirmations } else { 1 };
+        let known = self.boots.as_ref();
+        let verifications =
+            |name: &str, first: &str| boots::verifications(known.and_then(|b| b.get(name)), first, passes);
+        let instances = self.client.fetch_all(&cfg.controllers, &cfg.sessions.id_pattern, &verifications).await;
         report.stages.fetch = started.elapsed().as_secs_f64();
         self.tick();
         report.instances = instances.iter().map(instance_report).collect();
-        let any_unreachable = instances.iter().any(|i| !i.is_reachable());
 
         // The plan applies only while the evidence it rests on is fresh.
         let deadline = started + cfg.reconcile.plan_max_age();
@@ -277,7 +294,7 @@ impl Reconciler {
                 self.store = None;
             }
         }
-        if report.outcome == PassOutcome::Ok && any_unreachable {
+        if report.outcome == PassOutcome::Ok && report.instances.iter().any(|i| !i.reachable) {
             report.outcome = PassOutcome::Partial;
         }
         report.duration_seconds = started.elapsed().as_secs_f64();
@@ -325,11 +342,30 @@ impl Reconciler {
 
         let now = Utc::now();
         let previous_boots = self.boots.clone().unwrap_or_default();
-        let boots = classify::observe_boots(&previous_boots, &instances, now);
+        let passes = if require_confirmations { cfg.reconcile.confirmations } else { 1 };
+        let (boots, observed) = boots::observe(&previous_boots, &instances, now, passes);
         for inst in &mut report.instances {
-            let before = previous_boots.get(&inst.name).map(|b| b.boot_id.as_str());
-            inst.restarted = matches!((before, inst.boot_id.as_deref()), (Some(a), Some(b)) if a != b);
+            inst.restarted = observed.restarted.contains(&inst.name);
+            inst.trust = observed.trust.get(&inst.name).cloned();
+            if let Some(boots::Trust::Inconsistent { boot_ids }) = &inst.trust {
+                inst.reachable = false;
+                inst.error = Some(format!(
+                    "several processes answer at this URL (boot ids {}): its list is not used until one boot id \
+                     holds steadily",
+                    boot_ids.join(", ")
+                ));
+            }
         }
+        for name in &observed.became_inconsistent {
+            tracing::error!(
+                controller = %name,
+                "several processes answer at this controller's URL (answers with different boot ids, or a boot id \
+                 that came back after another): each has its own sessions, so no list is complete; its rows are \
+                 unverifiable until one boot id holds steadily. Run one process per URL, or serve the list from \
+                 state all of them share"
+            );
+        }
+        let trust = observed.trust;
         let stoppable: BTreeSet<String> =
             cfg.controllers.iter().filter(|c| c.stop_url.is_some()).map(|c| c.name.clone()).collect();
         // Classifying a large fleet takes CPU time: it runs on the blocking pool
@@ -347,6 +383,7 @@ impl Reconciler {
                 db: &db,
                 memory: &memory,
                 boots: &boots_for_classify,
+                trust: &trust,
                 stoppable: &stoppable,
                 options: PassOptions { read_only, force, require_confirmations },
             })
@@ -382,7 +419,9 @@ impl Reconciler {
             report.db_round_trips = self.round_trips.load(Ordering::Relaxed) - round_trips_before;
             return Ok(());
         }
-        if boots != previous_boots {
+        let changed = boots.len() != previous_boots.len()
+            || boots.iter().any(|(k, v)| previous_boots.get(k).is_none_or(|p| !p.same_persisted(v)));
+        if changed {
             store.save_boots(&boots).await?;
         }
         self.boots = Some(boots);
@@ -430,6 +469,7 @@ fn instance_report(s: &InstanceSnapshot) -> InstanceReport {
                 sessions: list.sessions.len() + list.invalid.len(),
                 boot_id: Some(list.boot_id.clone()),
                 restarted: false,
+                trust: None,
                 counters: list.counters.clone(),
                 live_states,
             }
@@ -441,6 +481,7 @@ fn instance_report(s: &InstanceSnapshot) -> InstanceReport {
             sessions: 0,
             boot_id: None,
             restarted: false,
+            trust: None,
             counters: None,
             live_states: BTreeMap::new(),
         },

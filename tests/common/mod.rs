@@ -307,7 +307,7 @@ impl Daemon {
 
     /// (status, content type, body) of a GET, or None if nothing answered.
     pub async fn get(&self, path: &str) -> Option<(u16, String, String)> {
-        let resp = reqwest::get(self.url(path)).await.ok()?;
+        let resp = http().get(self.url(path)).send().await.ok()?;
         let status = resp.status().as_u16();
         let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         Some((status, ct, resp.text().await.ok()?))
@@ -396,4 +396,10 @@ pub fn text(b: &[u8]) -> String {
 pub fn signal(pid: u32, sig: &str) {
     let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("kill");
     assert!(ok.success(), "kill -{sig} {pid} failed");
+}
+
+/// An HTTP client for the tests (rustls with the `ring` provider).
+pub fn http() -> reqwest::Client {
+    sessiond::tls::install_default_provider();
+    reqwest::Client::new()
 }

@@ -1,0 +1,259 @@
+//! The controller's JSON, converted into domain types by hand. Nothing outside
+//! the controller module sees the wire format.
+//!
+//! Entries are kept as raw JSON slices of the body until each is converted on
+//! its own: one malformed entry then costs only itself, and a large list is never
+//! held twice as a tree of generic JSON values.
+
+use chrono::{DateTime, Utc};
+use regex::Regex;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::model::{
+    AppCounters, ControllerList, InvalidEntry, InvalidEntryKind, LiveSession, LiveState, PayloadProblem, SessionId,
+};
+
+#[derive(Deserialize)]
+struct WireList<'a> {
+    #[serde(borrow)]
+    instance: Option<&'a RawValue>,
+    #[serde(borrow)]
+    boot_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    sessions: Option<Vec<&'a RawValue>>,
+    #[serde(borrow)]
+    counters: Option<&'a RawValue>,
+    #[serde(borrow)]
+    generated_at: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct WireSession<'a> {
+    #[serde(borrow)]
+    session_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    owner_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    state: Option<&'a RawValue>,
+    #[serde(borrow)]
+    started_at: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+struct WireCounters {
+    sessions_created: Option<u64>,
+    sessions_reused: Option<u64>,
+    #[serde(default)]
+    lookups: WireLookups,
+    #[serde(default)]
+    cleanups: WireCleanups,
+}
+
+#[derive(Deserialize, Default)]
+struct WireLookups {
+    found: Option<u64>,
+    invalid_format: Option<u64>,
+    never_existed: Option<u64>,
+    deleted: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct WireCleanups {
+    succeeded: Option<u64>,
+    failed: Option<u64>,
+}
+
+pub(super) enum ParseProblem {
+    Invalid(String),
+    WrongInstance(String),
+}
+
+/// A JSON string value, unescaped; `None` for anything else (null included).
+fn string(v: Option<&RawValue>) -> Option<String> {
+    let raw = v?.get();
+    if !raw.starts_with('"') {
+        return None;
+    }
+    match serde_json::from_str::<&str>(raw) {
+        Ok(s) => Some(s.to_owned()),
+        // Escapes need an owned string.
+        Err(_) => serde_json::from_str::<String>(raw).ok(),
+    }
+}
+
+/// Converts a controller document into domain types. Public for the fuzz-style
+/// tests; the daemon only calls it through [`ControllerClient::fetch`].
+pub fn parse_list_for_test(body: &[u8], instance: &str, id_pattern: &Regex) -> Result<ControllerList, String> {
+    parse_list(body, instance, id_pattern).map_err(|p| match p {
+        ParseProblem::Invalid(s) => s,
+        ParseProblem::WrongInstance(found) => format!("wrong instance {found:?}"),
+    })
+}
+
+pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Result<ControllerList, ParseProblem> {
+    let wire: WireList<'_> =
+        serde_json::from_slice(body).map_err(|e| ParseProblem::Invalid(format!("invalid JSON: {e}")))?;
+    let sessions =
+        wire.sessions.ok_or_else(|| ParseProblem::Invalid("the document has no \"sessions\" array".into()))?;
+    let boot_id = string(wire.boot_id)
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| ParseProblem::Invalid("the document has no \"boot_id\" string".into()))?;
+    if let Some(problem) = unstorable(&boot_id, MAX_BOOT_ID_BYTES) {
+        return Err(ParseProblem::Invalid(format!("boot_id {problem}")));
+    }
+    if let Some(found) = wire.instance {
+        match string(Some(found)) {
+            Some(name) if name == instance => {}
+            Some(name) => return Err(ParseProblem::WrongInstance(name)),
+            None => return Err(ParseProblem::Invalid("\"instance\" is not a string".into())),
+        }
+    }
+    let mut problems = Vec::new();
+    // Counters are optional extras: a malformed block is not fatal to the list,
+    // but it is reported (and counted), never dropped in silence.
+    let counters = match wire.counters {
+        None => None,
+        Some(v) if v.get() == "null" => None,
+        Some(v) => match serde_json::from_str::<WireCounters>(v.get()) {
+            Ok(c) => Some(AppCounters {
+                sessions_created: c.sessions_created.unwrap_or(0),
+                sessions_reused: c.sessions_reused.unwrap_or(0),
+                lookups_found: c.lookups.found.unwrap_or(0),
+                lookups_invalid_format: c.lookups.invalid_format.unwrap_or(0),
+                lookups_never_existed: c.lookups.never_existed.unwrap_or(0),
+                lookups_deleted: c.lookups.deleted.unwrap_or(0),
+                cleanups_succeeded: c.cleanups.succeeded.unwrap_or(0),
+                cleanups_failed: c.cleanups.failed.unwrap_or(0),
+            }),
+            Err(e) => {
+                problems.push(PayloadProblem { part: "counters", detail: e.to_string() });
+                None
+            }
+        },
+    };
+
+    // The controller's own clock, read with started_at: the age of a session is
+    // the difference of the two, so the clocks of other hosts never enter it.
+    let generated_at = match wire.generated_at {
+        None => None,
+        Some(v) if v.get() == "null" => None,
+        Some(v) => match string(Some(v)).and_then(|s| DateTime::parse_from_rfc3339(&s).ok()) {
+            Some(t) => Some(t.with_timezone(&Utc)),
+            None => {
+                problems.push(PayloadProblem {
+                    part: "generated_at",
+                    detail: format!("{} is not an RFC 3339 time", printable(v.get())),
+                });
+                None
+            }
+        },
+    };
+    let mut list = ControllerList {
+        boot_id,
+        generated_at,
+        sessions: Vec::with_capacity(sessions.len()),
+        invalid: Vec::new(),
+        counters,
+        problems,
+    };
+    for value in sessions {
+        match convert_session(value, id_pattern) {
+            Ok(s) => list.sessions.push(s),
+            Err(e) => list.invalid.push(e),
+        }
+    }
+    Ok(list)
+}
+
+/// The longest boot id accepted.
+pub const MAX_BOOT_ID_BYTES: usize = 255;
+/// The longest session id accepted; longer ones are `invalid_id` whatever the pattern.
+pub const MAX_ID_BYTES: usize = 255;
+/// The longest owner id accepted; a longer one makes its entry `invalid_entry`.
+pub const MAX_OWNER_BYTES: usize = 1024;
+/// How much of an unusable raw id a report shows.
+const SHOWN_ID_CHARS: usize = 80;
+
+/// Why a string from a controller cannot be stored or bound, if it cannot:
+/// PostgreSQL text holds no NUL byte, and an oversized value would fail (or
+/// bloat) the batch it travels in. Control characters are refused too: no id
+/// or owner legitimately contains them, and they would garble logs.
+fn unstorable(s: &str, max_bytes: usize) -> Option<String> {
+    if s.len() > max_bytes {
+        return Some(format!("is {} bytes long, more than the {max_bytes} accepted", s.len()));
+    }
+    if s.contains('\0') {
+        return Some("contains a NUL byte".into());
+    }
+    if s.chars().any(char::is_control) {
+        return Some("contains a control character".into());
+    }
+    None
+}
+
+/// A raw value as it may be shown in a report or a log: control characters
+/// escaped, and cut short.
+fn printable(s: &str) -> String {
+    let mut out: String = s.chars().take(SHOWN_ID_CHARS).flat_map(char::escape_debug).collect();
+    if s.chars().count() > SHOWN_ID_CHARS {
+        out.push('…');
+    }
+    out
+}
+
+fn convert_session(value: &RawValue, id_pattern: &Regex) -> Result<LiveSession, InvalidEntry> {
+    let wire: WireSession<'_> = serde_json::from_str(value.get()).map_err(|e| InvalidEntry {
+        raw_id: None,
+        kind: InvalidEntryKind::InvalidId,
+        problem: format!("entry is not an object: {e}"),
+    })?;
+    let Some(raw_id) = string(wire.session_id) else {
+        return Err(InvalidEntry {
+            raw_id: None,
+            kind: InvalidEntryKind::InvalidId,
+            problem: "entry has no string session_id".into(),
+        });
+    };
+    if let Some(problem) = unstorable(&raw_id, MAX_ID_BYTES) {
+        return Err(InvalidEntry {
+            raw_id: Some(printable(&raw_id)),
+            kind: InvalidEntryKind::InvalidId,
+            problem: format!("session_id {problem}"),
+        });
+    }
+    let Some(id) = SessionId::parse(&raw_id, id_pattern) else {
+        return Err(InvalidEntry {
+            // Exact, so a row with this id is still protected as held.
+            raw_id: Some(raw_id),
+            kind: InvalidEntryKind::InvalidId,
+            problem: "session_id does not match sessions.id_pattern".into(),
+        });
+    };
+    let bad =
+        |problem: String| InvalidEntry { raw_id: Some(raw_id.clone()), kind: InvalidEntryKind::InvalidEntry, problem };
+    let owner_id = match string(wire.owner_id) {
+        Some(s) if !s.is_empty() => match unstorable(&s, MAX_OWNER_BYTES) {
+            Some(problem) => return Err(bad(format!("owner_id {problem}"))),
+            None => s,
+        },
+        _ => return Err(bad("entry has no owner_id".into())),
+    };
+    let state = match string(wire.state) {
+        Some(s) => LiveState::parse(&s).ok_or_else(|| bad(format!("unknown state {s:?}")))?,
+        None => return Err(bad("entry has no state".into())),
+    };
+    let started_at = match wire.started_at {
+        None => None,
+        Some(v) if v.get() == "null" => None,
+        Some(v) => {
+            let s = string(Some(v)).ok_or_else(|| bad("started_at is not a string".into()))?;
+            Some(
+                DateTime::parse_from_rfc3339(&s)
+                    .map_err(|_| bad(format!("started_at {s:?} is not an RFC 3339 time")))?
+                    .with_timezone(&Utc),
+            )
+        }
+    };
+    Ok(LiveSession { id, owner_id, state, started_at })
+}

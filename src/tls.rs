@@ -1,0 +1,83 @@
+//! TLS for sessiond's own connections: to controllers over `https`, and to
+//! PostgreSQL. One place builds the rustls client configuration (the `ring`
+//! provider, TLS 1.2 and 1.3), from a CA file when one is configured, or from
+//! the system's trust store otherwise.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use rustls::RootCertStore;
+
+/// The crypto provider every TLS configuration uses.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Makes `ring` the process's default provider, for HTTP clients built with
+/// reqwest's defaults (the tests', the benchmark's). sessiond's own clients
+/// pass their configuration explicitly. Calling it twice is harmless.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The certificates of a PEM file, as trust anchors. Fails if the file cannot
+/// be read or holds no certificate.
+pub fn roots_from_file(path: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(roots)
+}
+
+/// The system's trust store (`/etc/ssl/certs` and the like).
+pub fn system_roots() -> Result<RootCertStore, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    for cert in found.certs {
+        // A certificate the store holds but webpki cannot parse is skipped, as
+        // every TLS client does; the others still verify.
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        let why = found.errors.first().map(|e| format!(" ({e})")).unwrap_or_default();
+        return Err(format!("the system trust store holds no certificate{why}; set ca_file"));
+    }
+    Ok(roots)
+}
+
+/// Trust anchors: `ca_file` if set, else the system's.
+pub fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
+    match ca_file {
+        Some(path) => roots_from_file(path),
+        None => system_roots(),
+    }
+}
+
+/// A client configuration that verifies the server's certificate chain and
+/// host name against `roots`.
+pub fn client_config(roots: RootCertStore) -> Result<rustls::ClientConfig, String> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Words for a failed TLS handshake that an operator can act on.
+pub fn hint(problem: &str) -> Option<&'static str> {
+    if problem.contains("invalid peer certificate") || problem.contains("UnknownIssuer") {
+        Some("the server's certificate does not verify against the trusted CAs; check ca_file and the host name")
+    } else if problem.contains("NotValidForName") || problem.contains("not valid for name") {
+        Some("the server's certificate is not valid for this host name")
+    } else {
+        None
+    }
+}
