@@ -53,6 +53,15 @@ pub enum Command {
     Migrate(ConfigArg),
     /// Validate the config and print it, secrets redacted.
     CheckConfig(ConfigArg),
+    /// Check the database and every controller before trusting them: one line
+    /// per check, ok/warn/fail. Changes nothing, calls no stop_url.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the lines as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Everything on one machine: a private PostgreSQL, simulated controllers
     /// and application with faults, the daemon and its endpoints.
     Demo(DemoArgs),
@@ -145,6 +154,25 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(EXIT_FAILED)
+            }
+        }
+        Command::Check { config, json } => {
+            let cfg = match load(&config.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let lines = crate::check::run(&cfg).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lines).unwrap_or_else(|e| format!("\"{e}\"")));
+            } else {
+                for l in &lines {
+                    println!("{l}");
+                }
+            }
+            if crate::check::worst(&lines) == crate::check::Status::Fail {
+                ExitCode::from(EXIT_FAILED)
+            } else {
+                ExitCode::SUCCESS
             }
         }
         Command::Demo(args) => demo(args).await,

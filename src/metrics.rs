@@ -22,6 +22,9 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Repair outcomes, the values of `sessiond_repairs_total{outcome}`.
 pub const REPAIR_OUTCOMES: [&str; 6] = ["repaired", "conflict", "failed", "guarded", "reported", "deferred"];
 
+/// The optional parts of a controller's document, for payload errors.
+const PAYLOAD_PARTS: [&str; 2] = ["counters", "generated_at"];
+
 /// Lookup results and reasons, as the application's API would answer.
 const LOOKUP_LABELS: [(&str, &str); 4] =
     [("found", "exists"), ("not_found", "never_existed"), ("not_found", "deleted"), ("not_found", "invalid_format")];
@@ -38,6 +41,8 @@ pub struct Metrics {
     discrepancies: IntGaugeVec,
     repairs: IntCounterVec,
     guard: IntGaugeVec,
+    inconsistent: IntGaugeVec,
+    payload_errors: IntCounterVec,
     probes: IntCounterVec,
     app_created: IntCounterVec,
     app_reused: IntCounterVec,
@@ -117,6 +122,22 @@ impl Metrics {
                 ),
                 &["controller"],
             )?,
+            inconsistent: IntGaugeVec::new(
+                opts(
+                    "sessiond_controller_inconsistent",
+                    "1 if several processes answer at the controller's URL (boot ids that disagree, or one that came \
+                     back after another): its list is not used and its rows are unverifiable.",
+                ),
+                &["controller"],
+            )?,
+            payload_errors: IntCounterVec::new(
+                opts(
+                    "sessiond_controller_payload_errors_total",
+                    "Controller documents whose optional part (counters, generated_at) was present but malformed; \
+                     the list itself was used.",
+                ),
+                &["controller", "part"],
+            )?,
             probes: IntCounterVec::new(
                 opts(
                     "sessiond_lookup_probes_total",
@@ -165,6 +186,8 @@ impl Metrics {
         m.registry.register(Box::new(m.discrepancies.clone()))?;
         m.registry.register(Box::new(m.repairs.clone()))?;
         m.registry.register(Box::new(m.guard.clone()))?;
+        m.registry.register(Box::new(m.inconsistent.clone()))?;
+        m.registry.register(Box::new(m.payload_errors.clone()))?;
         m.registry.register(Box::new(m.probes.clone()))?;
         m.registry.register(Box::new(m.app_created.clone()))?;
         m.registry.register(Box::new(m.app_reused.clone()))?;
@@ -204,6 +227,10 @@ impl Metrics {
         for gone in known.difference(&wanted) {
             let _ = self.controller_up.remove_label_values(&[gone]);
             let _ = self.guard.remove_label_values(&[gone]);
+            let _ = self.inconsistent.remove_label_values(&[gone]);
+            for part in PAYLOAD_PARTS {
+                let _ = self.payload_errors.remove_label_values(&[gone, part]);
+            }
             let _ = self.app_created.remove_label_values(&[gone]);
             let _ = self.app_reused.remove_label_values(&[gone]);
             for (result, reason) in LOOKUP_LABELS {
@@ -216,6 +243,10 @@ impl Metrics {
         for name in wanted.difference(&known) {
             self.controller_up.with_label_values(&[name]).set(0);
             self.guard.with_label_values(&[name]).set(0);
+            self.inconsistent.with_label_values(&[name]).set(0);
+            for part in PAYLOAD_PARTS {
+                self.payload_errors.with_label_values(&[name, part]);
+            }
         }
         *known = wanted;
     }
@@ -231,6 +262,13 @@ impl Metrics {
         for inst in &report.instances {
             self.controller_up.with_label_values(&[&inst.name]).set(i64::from(inst.reachable));
             self.guard.with_label_values(&[&inst.name]).set(i64::from(report.guard_tripped.contains_key(&inst.name)));
+            if inst.reachable || inst.trust.is_some() {
+                let inconsistent = matches!(inst.trust, Some(crate::reconcile::boots::Trust::Inconsistent { .. }));
+                self.inconsistent.with_label_values(&[&inst.name]).set(i64::from(inconsistent));
+            }
+            for part in &inst.problem_parts {
+                self.payload_errors.with_label_values(&[inst.name.as_str(), part]).inc();
+            }
             if let (Some(boot), Some(c)) = (&inst.boot_id, &inst.counters) {
                 self.record_app_counters(&inst.name, boot, c);
             }

@@ -112,6 +112,14 @@ impl LiveState {
         }
     }
 
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LiveState::Creating => "creating",
+            LiveState::Active => "active",
+            LiveState::Paused => "paused",
+        }
+    }
+
     /// The row state that agrees with this live state.
     pub fn row_state(self) -> RowState {
         match self {

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -50,6 +51,9 @@ pub enum Fault {
     Redirect,
     /// Answer 200 with exactly this body.
     Raw(String),
+    /// Answer as if several processes shared the URL: each answer carries the
+    /// next of these boot ids in turn.
+    Workers(Vec<String>),
 }
 
 #[derive(Clone, Debug)]
@@ -72,6 +76,8 @@ struct State {
     counters: crate::model::AppCounters,
     /// How long a stop request takes to answer.
     stop_delay: std::time::Duration,
+    /// Answers given to GET, for [`Fault::Workers`].
+    answers: usize,
     /// Added to every time the controller reports: its clock's error.
     clock_offset: chrono::Duration,
 }
@@ -80,6 +86,7 @@ struct State {
 #[derive(Clone)]
 pub struct SimController {
     addr: SocketAddr,
+    scheme: &'static str,
     state: Arc<Mutex<State>>,
     shutdown: CancellationToken,
 }
@@ -95,6 +102,35 @@ impl SimController {
     }
 
     pub async fn start_on(instance: &str, addr: SocketAddr) -> std::io::Result<SimController> {
+        Self::serve(instance, addr, None).await
+    }
+
+    /// Starts a controller that serves https with this certificate and key
+    /// (PEM files), on a free loopback port.
+    pub async fn start_tls(instance: &str, cert: &Path, key: &Path) -> std::io::Result<SimController> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+        let certs = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| bad(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(e.to_string()))?;
+        let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| bad(e.to_string()))?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Self::serve(instance, SocketAddr::from(([127, 0, 0, 1], 0)), Some(acceptor)).await
+    }
+
+    async fn serve(
+        instance: &str,
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<SimController> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State {
@@ -107,10 +143,12 @@ impl SimController {
             authorization: None,
             counters: crate::model::AppCounters::default(),
             stop_delay: std::time::Duration::ZERO,
+            answers: 0,
             clock_offset: chrono::Duration::zero(),
         }));
         let shutdown = CancellationToken::new();
-        let sim = SimController { addr, state, shutdown: shutdown.clone() };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let sim = SimController { addr, scheme, state, shutdown: shutdown.clone() };
         let served = sim.clone();
         tokio::spawn(async move {
             loop {
@@ -123,16 +161,29 @@ impl SimController {
                 };
                 let sim = served.clone();
                 let conn_shutdown = shutdown.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let sim = sim.clone();
                         async move { Ok::<_, Infallible>(sim.handle(req).await) }
                     });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = conn_shutdown.cancelled() => {}
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = conn_shutdown.cancelled() => {}
+                            }
+                        }
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else { return };
+                            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = conn_shutdown.cancelled() => {}
+                            }
+                        }
                     }
                 });
             }
@@ -150,10 +201,10 @@ impl SimController {
         self.addr
     }
     pub fn url(&self) -> String {
-        format!("http://{}/internal/sessions", self.addr)
+        format!("{}://{}/internal/sessions", self.scheme, self.addr)
     }
     pub fn stop_url(&self) -> String {
-        format!("http://{}/internal/sessions/{{session_id}}/stop", self.addr)
+        format!("{}://{}/internal/sessions/{{session_id}}/stop", self.scheme, self.addr)
     }
     /// This controller as a `[[controller]]` table of a sessiond config.
     pub fn controller_toml(&self, timeout: &str) -> String {
@@ -311,6 +362,18 @@ impl SimController {
         if req.method() == hyper::Method::GET && path == "/internal/sessions" {
             return match fault {
                 Fault::None => json(self.document().to_string()),
+                Fault::Workers(boots) => {
+                    let mut doc = self.document();
+                    let n = {
+                        let mut s = self.lock();
+                        s.answers += 1;
+                        s.answers
+                    };
+                    if let Some(boot) = boots.get(n % boots.len().max(1)) {
+                        doc["boot_id"] = serde_json::json!(boot);
+                    }
+                    json(doc.to_string())
+                }
                 Fault::Status(code) => {
                     reply(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), "{\"sessions\": []}")
                 }

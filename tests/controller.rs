@@ -59,3 +59,103 @@ fn a_document_that_is_not_a_session_list_is_rejected_whole() {
         assert!(err.contains(needle), "{doc}: {err}");
     }
 }
+
+#[test]
+fn a_malformed_counters_block_or_generated_at_is_reported_and_the_list_still_used() {
+    let doc = r#"{"boot_id": "b1", "generated_at": "yesterday", "counters": {"sessions_created": "many"},
+        "sessions": [{"session_id": "exec_20261121_095958_1a2b3c4d", "owner_id": "u1", "state": "running"}]}"#;
+    let list = parse(doc).expect("the list is still usable");
+    assert_eq!(list.sessions.len(), 1);
+    assert!(list.counters.is_none());
+    assert_eq!(list.generated_at, None);
+    let parts: Vec<&str> = list.problems.iter().map(|p| p.part).collect();
+    assert_eq!(parts, ["counters", "generated_at"]);
+    assert!(list.problems[0].detail.contains("invalid type"), "{:?}", list.problems[0]);
+}
+
+mod boot_id_scanner {
+    use proptest::prelude::*;
+    use sessiond::controller::scan::{boot_id_of, BootIdScanner, Scan};
+
+    #[test]
+    fn finds_the_top_level_boot_id_wherever_it_is_and_nowhere_else() {
+        let cases = [
+            (r#"{"boot_id": "b1", "sessions": []}"#, Scan::Found("b1".into())),
+            (r#"  {"instance":"a","sessions":[{"boot_id":"nested"}],"boot_id":"top"}"#, Scan::Found("top".into())),
+            (r#"{"x": {"boot_id": "deep"}, "n": 12.5e3, "t": true, "boot_id": "b\"2"}"#, Scan::Found("b\"2".into())),
+            (
+                r#"{"s": "a \"boot_id\": \"fake\" string", "boot\u005fid": "escaped-key"}"#,
+                Scan::Found("escaped-key".into()),
+            ),
+            (r#"{"sessions": [], "instance": "a"}"#, Scan::Invalid("the document has no \"boot_id\" string".into())),
+            (r#"{"boot_id": 12}"#, Scan::Invalid("\"boot_id\" is not a string".into())),
+            (r#"{"boot_id": ""}"#, Scan::Invalid("\"boot_id\" is empty".into())),
+            (r#"[1, 2]"#, Scan::Invalid("the document is not a JSON object".into())),
+            ("", Scan::Invalid("the body is empty".into())),
+            (r#"{"sessions": [1, 2"#, Scan::Invalid("the document ended before a \"boot_id\" string".into())),
+        ];
+        for (doc, want) in cases {
+            assert_eq!(boot_id_of(doc.as_bytes()), want, "{doc}");
+        }
+    }
+
+    #[test]
+    fn stops_reading_as_soon_as_it_has_the_boot_id() {
+        let mut s = BootIdScanner::new();
+        assert_eq!(s.feed(br#"{"instance": "a", "boot"#), Scan::More);
+        assert_eq!(s.feed(br#"_id": "b"#), Scan::More);
+        assert_eq!(s.feed(br#"1", "sessions": [ ...a megabyte that is never read"#), Scan::Found("b1".into()));
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            "[a-z\"\\\\{}\\[\\],: ]{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Whatever the other keys and values, and however the body is cut into
+        /// chunks, the scanner agrees with a full parse.
+        #[test]
+        fn agrees_with_a_full_parse_however_the_body_is_chunked(
+            others in proptest::collection::btree_map("[a-z_]{1,9}", json_value(), 0..5),
+            boot in "[ -~]{1,20}",
+            position in 0usize..6,
+            cuts in proptest::collection::vec(1usize..7, 0..40),
+        ) {
+            let mut fields: Vec<(String, serde_json::Value)> =
+                others.into_iter().filter(|(k, _)| k != "boot_id").collect();
+            let at = position.min(fields.len());
+            fields.insert(at, ("boot_id".into(), serde_json::Value::from(boot.clone())));
+            let body = format!(
+                "{{{}}}",
+                fields.iter().map(|(k, v)| format!("{}: {v}", serde_json::Value::from(k.as_str()))).collect::<Vec<_>>().join(", ")
+            );
+            let mut scanner = BootIdScanner::new();
+            let mut rest = body.as_bytes();
+            let mut found = Scan::More;
+            for cut in cuts.iter().copied().chain(std::iter::repeat(usize::MAX)) {
+                if rest.is_empty() {
+                    break;
+                }
+                let n = cut.min(rest.len());
+                found = scanner.feed(&rest[..n]);
+                rest = &rest[n..];
+                if found != Scan::More {
+                    break;
+                }
+            }
+            prop_assert_eq!(found, Scan::Found(boot), "{}", body);
+        }
+    }
+}

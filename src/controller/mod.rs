@@ -174,7 +174,16 @@ impl ControllerClient {
 
     /// Fetches one instance's list.
     pub async fn fetch(&self, c: &ControllerConfig, id_pattern: &Regex) -> Result<ControllerList, ControllerError> {
-        let url = c.url.clone();
+        let body = self.fetch_body(c).await?;
+        // Parsing a large list is CPU work: keep it off the async workers.
+        let (config, pattern) = (c.clone(), id_pattern.clone());
+        tokio::task::spawn_blocking(move || parse(&body, &config, &pattern))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
+    /// Fetches one instance's document, whole, within its timeout and size bound.
+    pub async fn fetch_body(&self, c: &ControllerConfig) -> Result<Vec<u8>, ControllerError> {
         let work = async {
             let mut resp = self.get(c).await?;
             let mut body = Vec::new();
@@ -184,20 +193,9 @@ impl ControllerClient {
             }
             Ok(body)
         };
-        let body = tokio::time::timeout(c.timeout, work)
+        tokio::time::timeout(c.timeout, work)
             .await
-            .map_err(|_| ControllerError::Timeout { url: url.clone(), timeout: c.timeout })??;
-        // Parsing a large list is CPU work: keep it off the async workers.
-        let (name, pattern) = (c.name.clone(), id_pattern.clone());
-        let parsed = tokio::task::spawn_blocking(move || wire::parse_list(&body, &name, &pattern))
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-        parsed.map_err(|problem| match problem {
-            wire::ParseProblem::Invalid(problem) => ControllerError::Invalid { url, problem },
-            wire::ParseProblem::WrongInstance(found) => {
-                ControllerError::WrongInstance { url, expected: c.name.clone(), found }
-            }
-        })
+            .map_err(|_| ControllerError::Timeout { url: c.url.clone(), timeout: c.timeout })?
     }
 
     /// Fetches the list again, over a new connection, and reads only as far as
@@ -284,7 +282,22 @@ pub fn describe(e: reqwest::Error) -> String {
         }
         source = cause.source();
     }
+    if let Some(hint) = crate::tls::hint(&s) {
+        s.push_str(" (");
+        s.push_str(hint);
+        s.push(')');
+    }
     s
+}
+
+/// Converts a controller's document into domain types.
+pub fn parse(body: &[u8], c: &ControllerConfig, id_pattern: &Regex) -> Result<ControllerList, ControllerError> {
+    wire::parse_list(body, &c.name, id_pattern).map_err(|problem| match problem {
+        wire::ParseProblem::Invalid(problem) => ControllerError::Invalid { url: c.url.clone(), problem },
+        wire::ParseProblem::WrongInstance(found) => {
+            ControllerError::WrongInstance { url: c.url.clone(), expected: c.name.clone(), found }
+        }
+    })
 }
 
 /// Adds the controller's credentials: a bearer token, or basic auth from the URL.

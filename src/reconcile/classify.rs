@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use crate::config::{Policy, ReconcileConfig};
 use crate::model::{
-    BootRecords, ControllerList, DbSnapshot, InstanceSnapshot, InvalidEntryKind, LiveSession, LiveState, RowState,
-    SessionId, SessionRow, StopOutcome,
+    BootRecords, ControllerList, DbSnapshot, InstanceSnapshot, InvalidEntryKind, LiveSession, RowState, SessionId,
+    SessionRow, StopOutcome,
 };
 use crate::reconcile::boots::Trust;
 
@@ -334,7 +334,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
     held.reserve(live_count);
     let mut ambiguous: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     let describe = |inst: &str, session: Option<&LiveSession>| match session {
-        Some(s) => format!("{inst} ({})", live_state_name(s.state)),
+        Some(s) => format!("{inst} ({})", s.state.as_str()),
         None => format!("{inst} (unusable entry)"),
     };
     for inst in lists() {
@@ -677,7 +677,7 @@ fn drift(row: &SessionRow, live: &LiveSession, instance: &str, fetched_at: DateT
     let want_state = live.state.row_state();
     let mut diffs = Vec::new();
     if row.state != want_state {
-        diffs.push(format!("state {} vs {}", row.state, live_state_name(live.state)));
+        diffs.push(format!("state {} vs {}", row.state, live.state.as_str()));
     }
     if row.owner_id != live.owner_id {
         diffs.push("owner differs".to_owned());
@@ -709,14 +709,6 @@ fn drift(row: &SessionRow, live: &LiveSession, instance: &str, fetched_at: DateT
         age: Some(fetched_at - row.changed_at),
         explained: Explained::No,
     })
-}
-
-fn live_state_name(s: LiveState) -> &'static str {
-    match s {
-        LiveState::Creating => "creating",
-        LiveState::Active => "active",
-        LiveState::Paused => "paused",
-    }
 }
 
 /// A live session with no row whose owner already has a live row that stays, or

@@ -71,6 +71,11 @@ pub struct InstanceReport {
     pub trust: Option<boots::Trust>,
     #[serde(skip)]
     pub counters: Option<crate::model::AppCounters>,
+    /// Optional parts of the document that were present but malformed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub payload_problems: Vec<String>,
+    #[serde(skip)]
+    pub problem_parts: Vec<&'static str>,
     #[serde(skip)]
     pub live_states: BTreeMap<&'static str, u64>,
 }
@@ -196,6 +201,9 @@ pub struct Reconciler {
     progress: Option<crate::daemon::Progress>,
     /// Round trips to the database, across reconnections.
     round_trips: Arc<AtomicU64>,
+    /// The malformed parts each controller's document had last time, so each
+    /// is logged once when it appears or changes, not every pass.
+    payload_problems: BTreeMap<String, Vec<String>>,
 }
 
 impl Reconciler {
@@ -209,6 +217,7 @@ impl Reconciler {
             actor: format!("sessiond@{}", hostname()),
             progress: None,
             round_trips: Arc::new(AtomicU64::new(0)),
+            payload_problems: BTreeMap::new(),
         })
     }
 
@@ -242,6 +251,28 @@ impl Reconciler {
             }
         }
         self.config = config;
+    }
+
+    /// Logs a controller's malformed optional parts (counters, generated_at)
+    /// when they appear or change, and when they are gone; they are counted in
+    /// a metric every pass.
+    fn log_payload_problems(&mut self, instances: &[InstanceReport]) {
+        for inst in instances.iter().filter(|i| i.reachable) {
+            let before = self.payload_problems.get(&inst.name).cloned().unwrap_or_default();
+            if before == inst.payload_problems {
+                continue;
+            }
+            if inst.payload_problems.is_empty() {
+                tracing::info!(controller = %inst.name, "the controller's document is well-formed again");
+            } else {
+                tracing::warn!(
+                    controller = %inst.name,
+                    problems = %inst.payload_problems.join("; "),
+                    "part of the controller's document is malformed and is not used"
+                );
+            }
+            self.payload_problems.insert(inst.name.clone(), inst.payload_problems.clone());
+        }
     }
 
     /// Runs one pass.
@@ -282,6 +313,7 @@ impl Reconciler {
         report.stages.fetch = started.elapsed().as_secs_f64();
         self.tick();
         report.instances = instances.iter().map(instance_report).collect();
+        self.log_payload_problems(&report.instances);
 
         // The plan applies only while the evidence it rests on is fresh.
         let deadline = started + cfg.reconcile.plan_max_age();
@@ -471,6 +503,8 @@ fn instance_report(s: &InstanceSnapshot) -> InstanceReport {
                 restarted: false,
                 trust: None,
                 counters: list.counters.clone(),
+                payload_problems: list.problems.iter().map(|p| format!("{}: {}", p.part, p.detail)).collect(),
+                problem_parts: list.problems.iter().map(|p| p.part).collect(),
                 live_states,
             }
         }
@@ -483,6 +517,8 @@ fn instance_report(s: &InstanceSnapshot) -> InstanceReport {
             restarted: false,
             trust: None,
             counters: None,
+            payload_problems: Vec::new(),
+            problem_parts: Vec::new(),
             live_states: BTreeMap::new(),
         },
     }

@@ -403,3 +403,91 @@ pub fn http() -> reqwest::Client {
     sessiond::tls::install_default_provider();
     reqwest::Client::new()
 }
+
+/// A certificate authority made for a test with `openssl`, and the certificates
+/// it issues.
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+    pub cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = (dir.path().join("ca.crt"), dir.path().join("ca.key"));
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            path(&key),
+            "-out",
+            path(&cert),
+        ]);
+        TestCa { dir, cert, key }
+    }
+
+    /// A server certificate for `sans` (e.g. `IP:127.0.0.1,DNS:localhost`):
+    /// (certificate, key).
+    pub fn issue(&self, name: &str, sans: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.path();
+        let (cert, key, csr, ext) = (
+            d.join(format!("{name}.crt")),
+            d.join(format!("{name}.key")),
+            d.join(format!("{name}.csr")),
+            d.join(format!("{name}.ext")),
+        );
+        std::fs::write(&ext, format!("subjectAltName={sans}\nextendedKeyUsage=serverAuth\n")).expect("write ext");
+        openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            path(&key),
+            "-out",
+            path(&csr),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            path(&csr),
+            "-CA",
+            path(&self.cert),
+            "-CAkey",
+            path(&self.key),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            path(&ext),
+            "-out",
+            path(&cert),
+        ]);
+        (cert, key)
+    }
+}
+
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().expect("a UTF-8 path")
+}
+
+fn openssl(args: &[&str]) {
+    let out = std::process::Command::new(tool("openssl", "openssl")).args(args).output().expect("run openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
