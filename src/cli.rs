@@ -1,5 +1,5 @@
 //! The command line: argument definitions and the dispatch from a parsed command
-//! to the library, mapped to the exit codes of DESIGN.md.
+//! to the library, mapped to the exit codes the README documents.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

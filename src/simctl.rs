@@ -1,5 +1,5 @@
 //! A simulated controller: a real HTTP server that speaks the controller contract
-//! of DESIGN.md exactly, so it doubles as an executable example of it.
+//! of `docs/controller-contract.md` exactly, so it doubles as an executable example of it.
 //!
 //! ```text
 //! GET  /internal/sessions                     the live list

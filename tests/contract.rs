@@ -112,3 +112,40 @@ async fn check_fails_on_each_breach_of_the_contract_and_names_it() {
     let (_, out) = check(&text).await;
     assert!(line_of(&out, "document").contains("no \"sessions\" array"), "{out}");
 }
+
+#[tokio::test]
+async fn the_simulated_controller_and_the_documented_example_match_the_json_schema() {
+    let a = SimController::start("ctrl-a").await.expect("controller");
+    a.add(&sid(1), "u1", "running", Some(ago(600)));
+    a.add(&sid(2), "u2", "paused", None);
+    a.count(3, 7);
+    let body = common::http().get(a.url()).send().await.expect("GET").text().await.expect("body");
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(common::schema_errors(&doc), Vec::<String>::new(), "{doc}");
+
+    let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/controller-contract.md"))
+        .expect("the contract page");
+    let example = page.split("```json\n").nth(1).and_then(|s| s.split("```").next()).expect("an example");
+    let example: serde_json::Value = serde_json::from_str(example).expect("the example is JSON");
+    assert_eq!(common::schema_errors(&example), Vec::<String>::new());
+}
+
+#[test]
+fn the_schema_refuses_what_sessiond_refuses() {
+    let ok = serde_json::json!({"boot_id": "b", "sessions": [
+        {"session_id": "exec_20261121_095958_1a2b3c4d", "owner_id": "u", "state": "running"}]});
+    assert!(common::schema_errors(&ok).is_empty());
+    let bad = [
+        serde_json::json!({"sessions": []}),
+        serde_json::json!({"boot_id": "", "sessions": []}),
+        serde_json::json!({"boot_id": "b", "sessions": {}}),
+        serde_json::json!({"boot_id": "b", "generated_at": "yesterday", "sessions": []}),
+        serde_json::json!({"boot_id": "b", "sessions": [{"session_id": "x", "owner_id": "u", "state": "exploding"}]}),
+        serde_json::json!({"boot_id": "b", "sessions": [{"session_id": "x", "state": "active"}]}),
+        serde_json::json!({"boot_id": "b", "sessions": [{"session_id": "x\u{0}y", "owner_id": "u", "state": "active"}]}),
+        serde_json::json!({"boot_id": "b", "sessions": [], "counters": {"sessions_created": -1}}),
+    ];
+    for doc in bad {
+        assert!(!common::schema_errors(&doc).is_empty(), "the schema accepts {doc}");
+    }
+}

@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -490,4 +491,149 @@ fn path(p: &std::path::Path) -> &str {
 fn openssl(args: &[&str]) {
     let out = std::process::Command::new(tool("openssl", "openssl")).args(args).output().expect("run openssl");
     assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The Python of a virtual environment with the reference controller's
+/// requirements (`examples/python/requirements.txt`), made on first use in
+/// `target/test-venv` from the machine's `python3` and PyPI (`.ci/run` makes it
+/// up front). Shared by every test process through a file lock; remade when
+/// the requirements change.
+pub fn python() -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+            let venv = root.join("target/test-venv");
+            let requirements = root.join("examples/python/requirements.txt");
+            let wanted = std::fs::read_to_string(&requirements).expect("read examples/python/requirements.txt");
+            let stamp = venv.join("requirements.stamp");
+            std::fs::create_dir_all(root.join("target")).expect("create target/");
+            let lock_path = root.join("target/test-venv.lock");
+            let lock = std::fs::File::create(&lock_path).expect("create the venv lock");
+            lock.lock().expect("lock the venv");
+            let python = venv.join("bin/python");
+            if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+                let system = tool("python3", "python3-venv");
+                let made = std::process::Command::new(system).args(["-m", "venv", "--clear"]).arg(&venv).output();
+                let made = made.expect("run python3 -m venv");
+                assert!(
+                    made.status.success(),
+                    "python3 -m venv failed: install Debian's python3-venv (.ci/run does): {}",
+                    String::from_utf8_lossy(&made.stderr)
+                );
+                let pip = std::process::Command::new(&python)
+                    .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+                    .arg(&requirements)
+                    .output()
+                    .expect("run pip");
+                assert!(
+                    pip.status.success(),
+                    "pip install -r examples/python/requirements.txt failed (PyPI must be reachable): {}",
+                    String::from_utf8_lossy(&pip.stderr)
+                );
+                std::fs::write(&stamp, &wanted).expect("write the venv stamp");
+            }
+            drop(lock);
+            python
+        })
+        .clone()
+}
+
+/// The reference controller (`examples/python/serve.py`) in `processes`
+/// processes sharing one port; killed on drop.
+pub struct PythonController {
+    pub child: Guarded,
+    pub port: u16,
+}
+
+impl Drop for PythonController {
+    fn drop(&mut self) {
+        // serve.py forks its workers into its own process group: end them all.
+        if let Some(child) = &self.child.0 {
+            let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+        }
+    }
+}
+
+impl PythonController {
+    pub async fn start(instance: &str, processes: usize) -> PythonController {
+        let python = python();
+        let port = free_port();
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/python");
+        let child = std::process::Command::new(python)
+            .arg("serve.py")
+            .args(["--port", &port.to_string(), "--processes", &processes.to_string()])
+            .current_dir(dir)
+            .process_group(0)
+            .env("CONTROLLER_INSTANCE", instance)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start the reference controller");
+        let c = PythonController { child: Guarded(Some(child)), port };
+        for _ in 0..200 {
+            if http().get(c.url()).send().await.is_ok_and(|r| r.status().is_success()) {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the reference controller never answered on port {port}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/internal/sessions", self.port)
+    }
+
+    pub fn stop_url(&self) -> String {
+        format!("http://127.0.0.1:{}/internal/sessions/{{session_id}}/stop", self.port)
+    }
+
+    /// A new session in whichever process takes the connection: (id, boot id).
+    pub async fn create(&self, owner: &str) -> (String, String) {
+        let body = http()
+            .post(format!("http://127.0.0.1:{}/sessions", self.port))
+            .header("content-type", "application/json")
+            .body(serde_json::json!({ "owner_id": owner }).to_string())
+            .send()
+            .await
+            .expect("POST /sessions")
+            .text()
+            .await
+            .expect("a body");
+        let resp: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        (resp["session_id"].as_str().expect("an id").to_owned(), resp["boot_id"].as_str().expect("a boot id").to_owned())
+    }
+
+    /// A cleanup that cleared memory but not the row (single process only).
+    pub async fn forget(&self, id: &str) {
+        let resp = http()
+            .post(format!("http://127.0.0.1:{}/sessions/{id}/forget", self.port))
+            .send()
+            .await
+            .expect("POST forget");
+        assert!(resp.status().is_success());
+    }
+
+    /// This controller as a `[[controller]]` table.
+    pub fn controller_toml(&self, name: &str) -> String {
+        format!(
+            "[[controller]]\nname = \"{name}\"\nurl = \"{}\"\nstop_url = \"{}\"\ntimeout = \"3s\"\n\n",
+            self.url(),
+            self.stop_url()
+        )
+    }
+}
+
+/// The controller document's JSON Schema (`docs/controller-contract.schema.json`),
+/// with formats (date-time) checked.
+pub fn contract_schema() -> jsonschema::Validator {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/controller-contract.schema.json");
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read the schema")).expect("the schema is JSON");
+    jsonschema::options().should_validate_formats(true).build(&schema).expect("a valid schema")
+}
+
+/// Why `doc` does not match the contract's schema, if it does not.
+pub fn schema_errors(doc: &serde_json::Value) -> Vec<String> {
+    contract_schema().iter_errors(doc).map(|e| format!("{} at {}", e, e.instance_path())).collect()
 }
