@@ -97,7 +97,10 @@ async fn check_fails_on_each_breach_of_the_contract_and_names_it() {
 
     assert_eq!(code, Some(1), "{out}");
     assert!(line_of(&out, "boot").starts_with("fail") && line_of(&out, "boot").contains("several processes"), "{out}");
-    assert!(line_of(&out, "entries").starts_with("fail") && line_of(&out, "entries").contains("unknown state"), "{out}");
+    assert!(
+        line_of(&out, "entries").starts_with("fail") && line_of(&out, "entries").contains("unknown state"),
+        "{out}"
+    );
     assert!(line_of(&out, "session").starts_with("fail") && line_of(&out, "session").contains("not-an-id"), "{out}");
     assert!(line_of(&out, "stop_url").starts_with("warn"), "{out}");
 

@@ -601,7 +601,10 @@ impl PythonController {
             .await
             .expect("a body");
         let resp: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
-        (resp["session_id"].as_str().expect("an id").to_owned(), resp["boot_id"].as_str().expect("a boot id").to_owned())
+        (
+            resp["session_id"].as_str().expect("an id").to_owned(),
+            resp["boot_id"].as_str().expect("a boot id").to_owned(),
+        )
     }
 
     /// A cleanup that cleared memory but not the row (single process only).
