@@ -471,6 +471,8 @@ async fn credentials_in_a_controller_url_are_used_and_never_shown() {
     a.shutdown();
     let (down, report) = once(&dir, &cfg).await;
     assert_eq!(report["instances"][0]["reachable"], false);
+    let error = report["instances"][0]["error"].as_str().unwrap_or("");
+    assert!(error.contains("Connection refused"), "the error names its cause: {error}");
     for (what, shown) in [("check-config", text(&checked.stdout)), ("once", format!("{report}{}", text(&down.stderr)))]
     {
         assert!(!shown.contains("s3cret") && !shown.contains("admin:"), "{what} shows the credentials:\n{shown}");
