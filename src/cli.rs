@@ -150,7 +150,10 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
             } else {
                 print!("{}", report::to_table(&rep));
             }
-            if rep.outcome == PassOutcome::Ok {
+            if let Some(e) = &rep.config_error {
+                eprintln!("sessiond: bad config: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            } else if rep.outcome == PassOutcome::Ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(EXIT_FAILED)
@@ -225,7 +228,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
 
 async fn migrate(cfg: &Config) -> Result<Vec<i32>, crate::store::StoreError> {
     let mut store = Store::connect(&cfg.database).await?;
-    store.migrate().await
+    store.migrate(&cfg.sessions).await
 }
 
 /// What the daemon loop reports to: the exporter's state and systemd.
@@ -314,14 +317,21 @@ async fn run_daemon(path: PathBuf, cfg: Config) -> ExitCode {
 
     let source = crate::daemon::ReloadSource { path, overrides: Overrides::from_env() };
     let mut hooks = Hooks { shared, notifier };
-    crate::daemon::run(reconciler, shutdown, reload_rx, source, &mut hooks, progress).await;
+    let end = crate::daemon::run(reconciler, shutdown.clone(), reload_rx, source, &mut hooks, progress).await;
+    shutdown.cancel();
     if let Err(e) = server.await {
         tracing::error!(error = %e, "http server task failed");
     }
     if let Some(w) = watchdog {
         w.abort();
     }
-    ExitCode::SUCCESS
+    match end {
+        crate::daemon::RunEnd::Shutdown => ExitCode::SUCCESS,
+        crate::daemon::RunEnd::BadConfig(e) => {
+            eprintln!("sessiond: bad config: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
 }
 
 /// SIGTERM and SIGINT tell systemd we are stopping and cancel `shutdown` (the

@@ -86,6 +86,16 @@ pub struct ReloadSource {
     pub overrides: Overrides,
 }
 
+/// Why the loop ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// `shutdown` was cancelled.
+    Shutdown,
+    /// The config cannot work against the database (the sessions table does
+    /// not fit its mapping): no pass can be right, so the daemon stops.
+    BadConfig(String),
+}
+
 /// Runs passes until `shutdown` is cancelled. `reload` fires on SIGHUP.
 pub async fn run(
     mut reconciler: Reconciler,
@@ -94,7 +104,7 @@ pub async fn run(
     source: ReloadSource,
     observer: &mut dyn PassObserver,
     progress: Progress,
-) {
+) -> RunEnd {
     reconciler.set_progress(progress.clone());
     let mut failures: u32 = 0;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
@@ -106,6 +116,9 @@ pub async fn run(
         progress.tick();
         failures = if report.outcome == PassOutcome::Failed { failures.saturating_add(1) } else { 0 };
         observer.pass_finished(&report);
+        if let Some(e) = report.config_error {
+            return RunEnd::BadConfig(e);
+        }
 
         let delay = next_delay(reconciler.config().daemon.interval, failures);
         if failures > 0 {
@@ -116,7 +129,7 @@ pub async fn run(
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     tracing::info!("shutting down");
-                    return;
+                    return RunEnd::Shutdown;
                 }
                 _ = tokio::time::sleep_until(next) => break,
                 _ = heartbeat.tick() => progress.tick(),

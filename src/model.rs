@@ -216,8 +216,10 @@ impl InstanceSnapshot {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionRow {
     pub id: SessionId,
-    pub owner_id: String,
-    pub controller_instance: String,
+    /// `None` when the table has no owner column.
+    pub owner_id: Option<String>,
+    /// `None` when the table has no instance column: the row belongs to the fleet.
+    pub controller_instance: Option<String>,
     pub state: RowState,
     /// Row times are on sessiond's clock: the store converts them from the
     /// database's clock with the offset it measures at each read.
@@ -232,10 +234,21 @@ pub struct SessionRow {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DbSnapshot {
     pub rows: Vec<SessionRow>,
+    /// Rows whose state the vocabulary does not know: findings, never repaired.
+    pub invalid_rows: Vec<InvalidRow>,
     /// When the read began, by sessiond's clock. Row times are on the same clock.
     pub read_at: DateTime<Utc>,
     /// Stop requests recorded and not settled yet.
     pub open_intents: Vec<OpenIntent>,
+}
+
+/// A row read with a state in no list of the vocabulary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidRow {
+    pub id: SessionId,
+    /// The value as the table holds it (`None`: NULL).
+    pub value: Option<String>,
+    pub controller_instance: Option<String>,
 }
 
 /// A stop request recorded before it was sent, and not settled yet.

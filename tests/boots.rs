@@ -193,7 +193,12 @@ impl Fleet {
                 .iter()
                 .map(|id| LiveSession {
                     id: SessionId::from_row(id.clone()),
-                    owner_id: self.rows.iter().find(|r| r.id.as_str() == id).map_or("x".into(), |r| r.owner_id.clone()),
+                    owner_id: self
+                        .rows
+                        .iter()
+                        .find(|r| r.id.as_str() == id)
+                        .and_then(|r| r.owner_id.clone())
+                        .unwrap_or_default(),
                     state: LiveState::Active,
                     started_at: Some(t0() - Duration::seconds(600)),
                 })
@@ -215,11 +220,13 @@ impl Fleet {
             now: self.now,
             config: &self.cfg,
             instances: &instances,
-            db: &DbSnapshot { rows: self.rows.clone(), read_at: self.now, open_intents: vec![] },
+            db: &DbSnapshot { rows: self.rows.clone(), invalid_rows: vec![], read_at: self.now, open_intents: vec![] },
             memory: &self.memory,
             boots: &boots,
             trust: &seen.trust,
             stoppable: &stoppable,
+            writable: &RowState::ALL.into_iter().collect(),
+            shape: Default::default(),
             options: PassOptions { read_only: false, force: false, require_confirmations: true },
         });
         self.boots = boots;
@@ -241,8 +248,8 @@ impl Fleet {
 fn row(id: &str, owner: &str, at: DateTime<Utc>) -> SessionRow {
     SessionRow {
         id: SessionId::from_row(id.into()),
-        owner_id: owner.into(),
-        controller_instance: "a".into(),
+        owner_id: Some(owner.into()),
+        controller_instance: Some("a".into()),
         state: RowState::Active,
         created_at: at,
         changed_at: at,
@@ -336,11 +343,18 @@ fn one_process_that_really_restarts_has_its_lost_sessions_ended_once_confirmed()
             now: fleet.now,
             config: &fleet.cfg,
             instances: &instances,
-            db: &DbSnapshot { rows: fleet.rows.clone(), read_at: fleet.now, open_intents: vec![] },
+            db: &DbSnapshot {
+                rows: fleet.rows.clone(),
+                invalid_rows: vec![],
+                read_at: fleet.now,
+                open_intents: vec![],
+            },
             memory: &fleet.memory,
             boots: &b,
             trust: &seen.trust,
             stoppable: &BTreeSet::new(),
+            writable: &RowState::ALL.into_iter().collect(),
+            shape: Default::default(),
             options: PassOptions { read_only: false, force: false, require_confirmations: true },
         });
         fleet.boots = b;

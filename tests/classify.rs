@@ -8,11 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use sessiond::config::{Policy, ReconcileConfig};
 use sessiond::model::{
-    BootRecord, BootRecords, ControllerList, DbSnapshot, InstanceSnapshot, InvalidEntry, InvalidEntryKind, LiveSession,
-    LiveState, OpenIntent, RowState, SessionId, SessionRow,
+    BootRecord, BootRecords, ControllerList, DbSnapshot, InstanceSnapshot, InvalidEntry, InvalidEntryKind, InvalidRow,
+    LiveSession, LiveState, OpenIntent, RowState, SessionId, SessionRow,
 };
 use sessiond::reconcile::boots::Trust;
-use sessiond::reconcile::classify::{classify, Classification, Decision, Input, Memory, PassOptions};
+use sessiond::reconcile::classify::{classify, Classification, Decision, Input, Memory, PassOptions, TableShape};
 
 fn t0() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).single().expect("a valid time")
@@ -30,6 +30,9 @@ struct World {
     intents: Vec<OpenIntent>,
     /// What each instance's list may be trusted for; missing means trusted.
     trust: BTreeMap<String, Trust>,
+    invalid_rows: Vec<InvalidRow>,
+    writable: BTreeSet<RowState>,
+    shape: TableShape,
 }
 
 impl World {
@@ -47,6 +50,9 @@ impl World {
             options: PassOptions::default(),
             intents: Vec::new(),
             trust: BTreeMap::new(),
+            invalid_rows: Vec::new(),
+            writable: RowState::ALL.into_iter().collect(),
+            shape: TableShape::default(),
         };
         w.instance("a");
         w
@@ -131,8 +137,8 @@ impl World {
         let at = self.secs_ago(age);
         self.rows.push(SessionRow {
             id: SessionId::from_row(id.into()),
-            owner_id: owner.into(),
-            controller_instance: inst.into(),
+            owner_id: Some(owner.into()),
+            controller_instance: Some(inst.into()),
             state,
             created_at: at,
             changed_at: at,
@@ -146,10 +152,17 @@ impl World {
             now: self.now,
             config: &self.cfg,
             instances: &self.instances,
-            db: &DbSnapshot { rows: self.rows.clone(), read_at: self.now, open_intents: self.intents.clone() },
+            db: &DbSnapshot {
+                rows: self.rows.clone(),
+                invalid_rows: self.invalid_rows.clone(),
+                read_at: self.now,
+                open_intents: self.intents.clone(),
+            },
             memory: &self.memory,
             boots: &self.boots,
             trust: &self.trust,
+            writable: &self.writable,
+            shape: self.shape,
             stoppable: &self.stoppable,
             options: self.options,
         })

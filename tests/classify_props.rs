@@ -82,8 +82,8 @@ fn world() -> impl Strategy<Value = World> {
                     let at = now - Duration::seconds(age);
                     w.rows.push(SessionRow {
                         id: id.clone(),
-                        owner_id: format!("o{owner}"),
-                        controller_instance: INSTANCES[inst].into(),
+                        owner_id: Some(format!("o{owner}")),
+                        controller_instance: Some(INSTANCES[inst].into()),
                         state,
                         created_at: at,
                         changed_at: at,
@@ -135,10 +135,12 @@ fn run(w: &World, memory: &Memory) -> Classification {
         now: w.now,
         config: &w.cfg,
         instances: &snapshots(w),
-        db: &DbSnapshot { rows: w.rows.clone(), read_at: w.now, open_intents: vec![] },
+        db: &DbSnapshot { rows: w.rows.clone(), invalid_rows: vec![], read_at: w.now, open_intents: vec![] },
         memory,
         boots: &boots,
         trust: &std::collections::BTreeMap::new(),
+        writable: &RowState::ALL.into_iter().collect(),
+        shape: Default::default(),
         stoppable: &stoppable,
         options: w.options,
     })
@@ -149,7 +151,7 @@ fn instance_of(w: &World, id: &str) -> Option<usize> {
 }
 
 fn owner_has_other_live_row(w: &World, owner: &str, except: &str) -> bool {
-    w.rows.iter().any(|r| r.state.is_live() && r.owner_id == owner && r.id.as_str() != except)
+    w.rows.iter().any(|r| r.state.is_live() && r.owner_id.as_deref() == Some(owner) && r.id.as_str() != except)
 }
 
 /// Applies a plan the way the store does: updates, then inserts, then stops;
@@ -172,16 +174,16 @@ fn apply(w: &mut World, c: &Classification) -> BTreeSet<(Kind, String)> {
                     conflicts.insert(key);
                     continue;
                 };
-                let new_owner = owner_id.clone().unwrap_or_else(|| w.rows[pos].owner_id.clone());
+                let new_owner = owner_id.clone().or_else(|| w.rows[pos].owner_id.clone()).unwrap_or_default();
                 if to.is_live() && owner_has_other_live_row(w, &new_owner, id.as_str()) {
                     conflicts.insert(key);
                     continue;
                 }
                 let row = &mut w.rows[pos];
                 row.state = *to;
-                row.owner_id = new_owner;
+                row.owner_id = Some(new_owner);
                 if let Some(inst) = controller_instance {
-                    row.controller_instance = inst.clone();
+                    row.controller_instance = Some(inst.clone());
                 }
                 row.changed_at = w.now;
                 row.version = "v1".into();
@@ -193,8 +195,8 @@ fn apply(w: &mut World, c: &Classification) -> BTreeSet<(Kind, String)> {
                 }
                 w.rows.push(SessionRow {
                     id: id.clone(),
-                    owner_id: owner_id.clone(),
-                    controller_instance: controller_instance.clone(),
+                    owner_id: Some(owner_id.clone()),
+                    controller_instance: Some(controller_instance.clone()),
                     state: *state,
                     created_at: *created_at,
                     changed_at: w.now.max(*created_at),
@@ -231,11 +233,12 @@ proptest! {
                 continue;
             }
             let live = w.lists[inst].iter().find(|s| s.id == row.id).expect("listed");
+            let owner = row.owner_id.as_deref().unwrap_or_default();
             let consistent = live.state.row_state() == row.state
-                && live.owner_id == row.owner_id
-                && row.controller_instance == INSTANCES[inst]
-                && !owner_has_other_live_row(&w, &row.owner_id, row.id.as_str())
-                && (0..2).all(|i| w.lists[i].iter().filter(|s| s.owner_id == row.owner_id).count() <= usize::from(i == inst));
+                && live.owner_id == owner
+                && row.controller_instance.as_deref() == Some(INSTANCES[inst])
+                && !owner_has_other_live_row(&w, owner, row.id.as_str())
+                && (0..2).all(|i| w.lists[i].iter().filter(|s| s.owner_id == owner).count() <= usize::from(i == inst));
             if consistent {
                 for f in c.findings.iter().filter(|f| f.subject == row.id.as_str()) {
                     prop_assert!(f.decision != Decision::Repair, "repaired a consistent session: {f:?}");
@@ -250,7 +253,7 @@ proptest! {
         for f in c.findings.iter().filter(|f| f.decision == Decision::Repair) {
             let target = match &f.repair {
                 Some(Repair::UpdateRow { id, .. }) => {
-                    w.rows.iter().find(|r| &r.id == id).map(|r| r.controller_instance.clone())
+                    w.rows.iter().find(|r| &r.id == id).and_then(|r| r.controller_instance.clone())
                 }
                 Some(Repair::InsertRow { controller_instance, .. }) => Some(controller_instance.clone()),
                 Some(Repair::StopLive { controller_instance, .. }) => Some(controller_instance.clone()),

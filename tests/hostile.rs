@@ -515,16 +515,7 @@ async fn after_a_database_outage_the_first_pass_comes_within_15_seconds() {
     .expect("start a private PostgreSQL");
     let url = cluster.url("postgres");
     let db = TestDb { name: "postgres".into(), url: url.clone() };
-    let mut store = sessiond::store::Store::connect(&sessiond::config::DatabaseConfig {
-        url: url.clone(),
-        password: None,
-        password_file: None,
-        statement_timeout: Duration::from_secs(5),
-    })
-    .await
-    .expect("connect");
-    store.migrate().await.expect("migrate");
-    drop(store);
+    db.migrate().await;
     let a = SimController::start("ctrl-a").await.expect("controller");
     let cfg = config_text(&db, &[&a], IMMEDIATE)
         .replace("statement_timeout = \"5s\"", "statement_timeout = \"1s\"")

@@ -13,13 +13,11 @@ use sessiond::simctl::SimController;
 use sessiond::store::{AuditContext, RowResult, RowUpdate, Store};
 
 async fn store(db: &TestDb) -> Store {
-    let cfg = DatabaseConfig {
-        url: db.url.clone(),
-        password: None,
-        password_file: None,
-        statement_timeout: Duration::from_secs(5),
-    };
-    Store::connect(&cfg).await.expect("connect")
+    let cfg = DatabaseConfig { statement_timeout: Duration::from_secs(5), ..DatabaseConfig::for_url(&db.url) };
+    let mut store = Store::connect(&cfg).await.expect("connect");
+    let sessions = sessiond::config::SessionsConfig::reference(&cfg.schema);
+    store.bind_table(&sessions, &Default::default()).await.expect("bind the reference table");
+    store
 }
 
 async fn version(db: &TestDb, id: &str) -> String {

@@ -305,12 +305,11 @@ async fn measure_in(base_url: &str, name: &str, n: usize, naive_sample: usize) -
     url.set_path(&format!("/{name}"));
     let db_url = url.to_string();
     let dbcfg = sessiond::config::DatabaseConfig {
-        url: db_url.clone(),
-        password: None,
-        password_file: None,
         statement_timeout: Duration::from_secs(600),
+        ..sessiond::config::DatabaseConfig::for_url(&db_url)
     };
-    sessiond::store::Store::connect(&dbcfg).await?.migrate().await?;
+    let sessions = sessiond::config::SessionsConfig::reference(&dbcfg.schema);
+    sessiond::store::Store::connect(&dbcfg).await?.migrate(&sessions).await?;
     let (client, conn) = tokio_postgres::connect(&db_url, NoTls).await?;
     tokio::spawn(conn);
 

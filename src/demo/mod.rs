@@ -171,7 +171,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> anyhow::Resu
         SimController::start("ctrl-b").await.context("start simulated controller ctrl-b")?,
     ];
     let cfg = demo_config(&db_url, &controllers, opts.listen)?;
-    crate::store::Store::connect(&cfg.database).await?.migrate().await?;
+    crate::store::Store::connect(&cfg.database).await?.migrate(&cfg.sessions).await?;
 
     let (client, conn) =
         tokio_postgres::connect(&db_url, tokio_postgres::NoTls).await.context("connect the simulated application")?;
@@ -251,7 +251,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> anyhow::Resu
     let (_reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
     let source = ReloadSource { path: PathBuf::from("<demo>"), overrides: Overrides::default() };
     let mut printer = Printer { shared, started };
-    crate::daemon::run(reconciler, shutdown.clone(), reload_rx, source, &mut printer, Progress::new()).await;
+    let _ = crate::daemon::run(reconciler, shutdown.clone(), reload_rx, source, &mut printer, Progress::new()).await;
 
     let mut app = app_task.await.context("the simulated application")?;
     let verdict = app.verdict(since, SETTLE).await.context("read the audit trail")?;

@@ -76,8 +76,7 @@ impl ApplyContext<'_> {
     async fn store(&mut self) -> Result<&mut Store, StoreError> {
         if self.store.as_ref().is_none_or(Store::is_closed) {
             *self.store = None;
-            let mut store = Store::connect(self.database).await?;
-            store.share_round_trips(Arc::clone(self.round_trips));
+            let store = crate::reconcile::connect(self.config, self.round_trips).await?;
             tracing::info!("database connection re-made during the pass");
             *self.store = Some(store);
         }

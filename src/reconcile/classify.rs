@@ -5,11 +5,23 @@
 //! Architecture Invariant: nothing here does I/O or reads a clock. Time comes in
 //! as `now`, so every safety rule can be tested by moving a number.
 //!
-//! Rules are applied in this order for each finding: what it is (kind), whether
-//! it may be acted on at all (grace, confirmations), the policy for its kind, and
-//! finally the mass-repair guard over the whole pass.
+//! A pass goes through named stages, in order:
+//!
+//! 1. [`reachability`]: which instances' lists are usable this pass;
+//! 2. [`listings`]: every id a usable list holds, and what is wrong with a list;
+//! 3. [`rows`]: each live row against the lists (orphans, drift, stuck rows);
+//! 4. [`sessions`]: each listed session against the rows (zombies, unpersisted);
+//! 5. [`duplicates`]: owners with more than one live session;
+//! 6. [`intents`]: stops recorded earlier and not settled;
+//! 7. [`decide`]: grace, then confirmations, then policy, per finding;
+//! 8. [`guard`]: the mass-repair guard over the whole pass;
+//! 9. [`read_only`]: `observe` and `--dry-run` turn every repair into a report.
+//!
+//! Why a finding is held back is a typed [`Hold`], so tests assert the reason,
+//! not a sentence.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -35,11 +47,12 @@ pub enum Kind {
     Drift,
     InvalidId,
     InvalidEntry,
+    InvalidRow,
     Unverifiable,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Orphaned,
         Kind::Zombie,
         Kind::Unpersisted,
@@ -48,6 +61,7 @@ impl Kind {
         Kind::Drift,
         Kind::InvalidId,
         Kind::InvalidEntry,
+        Kind::InvalidRow,
         Kind::Unverifiable,
     ];
 
@@ -65,6 +79,7 @@ impl Kind {
             Kind::Drift => "drift",
             Kind::InvalidId => "invalid_id",
             Kind::InvalidEntry => "invalid_entry",
+            Kind::InvalidRow => "invalid_row",
             Kind::Unverifiable => "unverifiable",
         }
     }
@@ -78,8 +93,80 @@ impl Kind {
             Kind::Duplicate => p.duplicate,
             Kind::StuckCreating => p.stuck_creating,
             Kind::Drift => p.drift,
-            Kind::InvalidId | Kind::InvalidEntry | Kind::Unverifiable => Policy::Report,
+            Kind::InvalidId | Kind::InvalidEntry | Kind::InvalidRow | Kind::Unverifiable => Policy::Report,
         }
+    }
+}
+
+/// Why a finding that has a repair waits this pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Younger than `grace` at its snapshot.
+    Young { grace: std::time::Duration },
+    /// Seen in fewer than `confirmations` consecutive passes.
+    Confirming { seen: u32, needed: u32 },
+    /// A stop of this session is recorded and not settled.
+    StopInFlight,
+    /// Absence from this instance's list proves nothing yet: its boot id is
+    /// not confirmed.
+    Unproven { why: String },
+    /// The row names an instance that did not answer, which may hold it too.
+    InstanceUnreachable { instance: String },
+    /// Another row of the owner is on an instance that did not answer.
+    OwnerUnverifiable,
+    /// A session of the owner is listed more than once.
+    Ambiguous,
+}
+
+impl fmt::Display for Hold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hold::Young { grace } => write!(f, "younger than grace ({})", humantime::format_duration(*grace)),
+            Hold::Confirming { seen, needed } => write!(f, "seen in {seen} of {needed} passes"),
+            Hold::StopInFlight => f.write_str("a stop of this session is in flight or unsettled"),
+            Hold::Unproven { why } => f.write_str(why),
+            Hold::InstanceUnreachable { instance } => write!(f, "the row's instance {instance} is unreachable"),
+            Hold::OwnerUnverifiable => f.write_str("another row of this owner is on an unreachable instance"),
+            Hold::Ambiguous => f.write_str("a session of this owner is listed more than once"),
+        }
+    }
+}
+
+impl Serialize for Hold {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Why a finding that has a repair is only reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReportReason {
+    /// `reconcile.policy.<kind> = "report"`.
+    Policy,
+    /// `observe` mode or `--dry-run`.
+    ReadOnly,
+    /// The instance has no `stop_url`.
+    NoStopUrl,
+    /// The table has no value for the state the repair would write.
+    NoStateValue { state: RowState },
+}
+
+impl fmt::Display for ReportReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReportReason::Policy => f.write_str("policy is report"),
+            ReportReason::ReadOnly => f.write_str("read-only pass (observe mode or --dry-run)"),
+            ReportReason::NoStopUrl => f.write_str("no stop_url is configured for this instance"),
+            ReportReason::NoStateValue { state } => {
+                write!(f, "the table has no value for state {state} (sessions.states.{state})")
+            }
+        }
+    }
+}
+
+impl Serialize for ReportReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -90,11 +177,11 @@ pub enum Decision {
     /// Repair it now; the plan is in [`Finding::repair`].
     Repair,
     /// Not yet: too young, not confirmed, or its evidence is incomplete.
-    Wait { reason: String },
+    Wait { reason: Hold },
     /// The mass-repair guard held it back.
     Guarded,
     /// Reported only: policy `report`, `observe` mode, `--dry-run`, or no way to repair.
-    Report { reason: String },
+    Report { reason: ReportReason },
     /// A finding with no repair (invalid ids, unverifiable rows).
     Note,
 }
@@ -128,6 +215,18 @@ pub enum Repair {
     StopLive { id: SessionId, controller_instance: String, row_version: String, row_state: RowState, end_row: bool },
 }
 
+impl Repair {
+    /// The state the repair writes to the row, if it writes one.
+    fn writes(&self) -> Option<RowState> {
+        match self {
+            Repair::UpdateRow { to, .. } => Some(*to),
+            Repair::InsertRow { state, .. } => Some(*state),
+            Repair::StopLive { end_row: true, .. } => Some(RowState::Stopped),
+            Repair::StopLive { .. } => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Finding {
     pub kind: Kind,
@@ -150,6 +249,23 @@ pub struct PassOptions {
     pub force: bool,
     /// `once` acts on one pass; the daemon requires `confirmations` passes.
     pub require_confirmations: bool,
+}
+
+/// The shape of the sessions table, as far as the rules care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableShape {
+    /// The table has an owner column: duplicates can be found.
+    pub owner: bool,
+    /// The table has an instance column: a row belongs to one instance.
+    /// Without one, a row belongs to the fleet, and absence means absence from
+    /// every list.
+    pub instance: bool,
+}
+
+impl Default for TableShape {
+    fn default() -> Self {
+        TableShape { owner: true, instance: true }
+    }
 }
 
 /// What sessiond remembers from one pass to the next (in the daemon's memory).
@@ -213,6 +329,9 @@ pub struct Input<'a> {
     pub trust: &'a BTreeMap<String, Trust>,
     /// Instances with a `stop_url`: zombies elsewhere can only be reported.
     pub stoppable: &'a BTreeSet<String>,
+    /// Canonical states the table has a value for (writing another is reported).
+    pub writable: &'a BTreeSet<RowState>,
+    pub shape: TableShape,
     pub options: PassOptions,
 }
 
@@ -277,26 +396,59 @@ struct Candidate {
     explained: Explained,
 }
 
-/// Classifies one pass. Pure: same input, same output.
-pub fn classify(input: &Input<'_>) -> Classification {
-    let now = input.now;
+/// The key the guard counts a row under: its instance, or the whole fleet when
+/// the table has no instance column.
+const FLEET: &str = "";
+
+/// Which lists are usable this pass.
+struct Reach<'a> {
+    /// Instances whose lists are used.
+    reachable: FxHashMap<&'a str, &'a InstanceSnapshot>,
+    /// Instances unreachable for longer than `instance_dead_after`.
+    dead: BTreeSet<&'a str>,
+    /// Why each unusable instance is so.
+    unreachable: FxHashMap<&'a str, String>,
+    /// The earliest list fetched: rows compared with every list are compared
+    /// with this one.
+    earliest: DateTime<Utc>,
+}
+
+impl Reach<'_> {
+    /// Why absence from `instance`'s list proves nothing yet (probation).
+    fn unproven(&self, input: &Input<'_>, instance: &str) -> Option<Hold> {
+        input.trust.get(instance).and_then(|t| t.absence_unproven(instance)).map(|why| Hold::Unproven { why })
+    }
+
+    /// For a row of the whole fleet (no instance column): whether every list
+    /// answered, and if not, which did not.
+    fn fleet_gap(&self, input: &Input<'_>) -> Option<String> {
+        input.instances.iter().find_map(|i| {
+            self.unreachable.get(i.name.as_str()).map(|why| format!("instance {} is unreachable: {why}", i.name))
+        })
+    }
+
+    /// For a row of the whole fleet: why absence proves nothing yet.
+    fn fleet_unproven(&self, input: &Input<'_>) -> Option<Hold> {
+        input.instances.iter().find_map(|i| self.unproven(input, &i.name))
+    }
+}
+
+/// Stage 1: which instances' lists are usable, and how long each unreachable
+/// one has been so. An instance where several processes answer is not
+/// reachable for this pass: none of its lists can be trusted. It is not "down"
+/// either, so it never counts towards `instance_dead_after`.
+fn reachability<'a>(input: &Input<'a>, out: &mut Classification) -> Reach<'a> {
     let cfg = input.config;
-    let grace = to_chrono(cfg.grace);
-
-    let mut out = Classification::default();
-    let mut candidates: Vec<Candidate> = Vec::new();
-
-    // Reachability, and how long each unreachable instance has been so. An
-    // instance where several processes answer is not reachable for this pass:
-    // none of its lists can be trusted. It is not "down" either, so it never
-    // counts towards instance_dead_after.
-    let mut reachable: FxHashMap<&str, &InstanceSnapshot> = FxHashMap::default();
-    let mut dead: BTreeSet<&str> = BTreeSet::new();
-    let mut unreachable: FxHashMap<&str, String> = FxHashMap::default();
+    let mut reach = Reach {
+        reachable: FxHashMap::default(),
+        dead: BTreeSet::new(),
+        unreachable: FxHashMap::default(),
+        earliest: input.db.read_at,
+    };
     for inst in input.instances {
         match (&inst.result, input.trust.get(&inst.name)) {
             (Ok(_), Some(Trust::Inconsistent { boot_ids })) => {
-                unreachable.insert(
+                reach.unreachable.insert(
                     &inst.name,
                     format!(
                         "several processes answer at its URL (boot ids {}); its rows are unverifiable until one \
@@ -306,29 +458,35 @@ pub fn classify(input: &Input<'_>) -> Classification {
                 );
             }
             (Ok(_), _) => {
-                reachable.insert(&inst.name, inst);
+                reach.reachable.insert(&inst.name, inst);
+                reach.earliest = reach.earliest.min(inst.fetched_at);
             }
             (Err(err), _) => {
                 let since = input.memory.unreachable_since.get(&inst.name).copied().unwrap_or(inst.fetched_at);
                 out.memory.unreachable_since.insert(inst.name.clone(), since);
                 if let Some(after) = cfg.instance_dead_after {
-                    if now - since >= to_chrono(after) {
-                        dead.insert(&inst.name);
+                    if input.now - since >= to_chrono(after) {
+                        reach.dead.insert(&inst.name);
                     }
                 }
-                unreachable.insert(&inst.name, err.clone());
+                reach.unreachable.insert(&inst.name, err.clone());
             }
         }
     }
-    // Lists that are used: reachable instances only.
-    let lists = || input.instances.iter().filter(|i| reachable.contains_key(i.name.as_str()));
-    // Why absence from an instance's list proves nothing yet (a boot id on probation).
-    let unproven = |instance: &str| input.trust.get(instance).and_then(|t| t.absence_unproven(instance));
+    reach
+}
 
-    // Every id a reachable controller holds, valid or not. Invalid entries still
-    // count as held: their rows must never be taken for orphans. An id listed
-    // more than once (twice by one instance, or by two) is ambiguous: it is held,
-    // reported, and never acted on, because nothing says which listing is right.
+/// Stage 2: every id a usable list holds, valid or not. Invalid entries still
+/// count as held: their rows must never be taken for orphans. An id listed
+/// more than once (twice by one instance, or by two) is ambiguous: it is held,
+/// reported, and never acted on, because nothing says which listing is right.
+fn listings<'a>(
+    input: &Input<'a>,
+    reach: &Reach<'a>,
+    out: &mut Classification,
+    candidates: &mut Vec<Candidate>,
+) -> FxHashMap<&'a str, Held<'a>> {
+    let lists = || input.instances.iter().filter(|i| reach.reachable.contains_key(i.name.as_str()));
     let live_count: usize = lists().filter_map(|i| i.result.as_ref().ok()).map(|l| l.sessions.len()).sum();
     let mut held: FxHashMap<&str, Held<'_>> = FxHashMap::default();
     held.reserve(live_count);
@@ -339,12 +497,12 @@ pub fn classify(input: &Input<'_>) -> Classification {
     };
     for inst in lists() {
         let Ok(list) = &inst.result else { continue };
-        let listings = list
+        let entries = list
             .sessions
             .iter()
             .map(|s| (s.id.as_str(), Some(s)))
             .chain(list.invalid.iter().filter_map(|bad| bad.raw_id.as_deref().map(|raw| (raw, None))));
-        for (id, session) in listings {
+        for (id, session) in entries {
             match held.get_mut(id) {
                 Some(first) => {
                     let seen = ambiguous.entry(id).or_insert_with(|| vec![describe(first.instance, first.session)]);
@@ -368,7 +526,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
             candidates.push(note(kind, &subject, Some(&inst.name), bad.problem.clone()));
         }
     }
-    for (id, listings) in &ambiguous {
+    for (id, entries) in &ambiguous {
         let first = held.get(id).map(|h| h.instance);
         candidates.push(note(
             Kind::InvalidEntry,
@@ -376,58 +534,83 @@ pub fn classify(input: &Input<'_>) -> Classification {
             first,
             format!(
                 "listed {} times: by {}; nothing is done until one listing remains",
-                listings.len(),
-                listings.join(", ")
+                entries.len(),
+                entries.join(", ")
             ),
         ));
     }
+    held
+}
 
-    let rows_by_id: FxHashMap<&str, &SessionRow> = input.db.rows.iter().map(|r| (r.id.as_str(), r)).collect();
-    let mut live_rows_per_instance: FxHashMap<&str, usize> = FxHashMap::default();
-    // Rows a row-side finding already deals with; duplicates leave them alone.
-    let mut handled_rows: BTreeSet<&str> = BTreeSet::new();
-
-    // Row side: every live row.
+/// Stage 3: every live row against the lists. Returns the rows a finding here
+/// already deals with (duplicates leave them alone), and the live rows per
+/// instance for the guard.
+fn rows<'a>(
+    input: &Input<'a>,
+    reach: &Reach<'a>,
+    held: &FxHashMap<&'a str, Held<'a>>,
+    candidates: &mut Vec<Candidate>,
+) -> (BTreeSet<&'a str>, FxHashMap<&'a str, usize>) {
+    let cfg = input.config;
+    let grace = to_chrono(cfg.grace);
+    let mut handled: BTreeSet<&str> = BTreeSet::new();
+    let mut live_per_instance: FxHashMap<&str, usize> = FxHashMap::default();
     for row in input.db.rows.iter().filter(|r| r.state.is_live()) {
-        *live_rows_per_instance.entry(row.controller_instance.as_str()).or_default() += 1;
+        let instance = row.controller_instance.as_deref();
+        *live_per_instance.entry(instance.unwrap_or(FLEET)).or_default() += 1;
         if let Some(h) = held.get(row.id.as_str()) {
             if let Some(live) = h.usable() {
-                let fetched_at = reachable.get(h.instance).map_or(input.db.read_at, |s| s.fetched_at);
-                if let Some(mut c) = drift(row, live, h.instance, fetched_at) {
-                    let claimed_by = row.controller_instance.as_str();
-                    if claimed_by != h.instance && !reachable.contains_key(claimed_by) {
-                        // The instance the row names may hold the session too.
-                        c.finding.decision =
-                            Decision::Wait { reason: format!("the row's instance {claimed_by} is unreachable") };
+                let fetched_at = reach.reachable.get(h.instance).map_or(input.db.read_at, |s| s.fetched_at);
+                if let Some(mut c) = drift(row, live, h.instance, fetched_at, input.shape) {
+                    if let Some(claimed_by) = instance.filter(|c| *c != h.instance) {
+                        if !reach.reachable.contains_key(claimed_by) {
+                            // The instance the row names may hold the session too.
+                            c.finding.decision = Decision::Wait {
+                                reason: Hold::InstanceUnreachable { instance: claimed_by.to_owned() },
+                            };
+                        }
                     }
                     candidates.push(c);
                 }
             }
             continue;
         }
-        let instance = row.controller_instance.as_str();
-        let snapshot = reachable.get(instance);
-        let is_dead = dead.contains(instance);
-        if snapshot.is_none() && !is_dead {
-            let why = match unreachable.get(instance) {
-                Some(err) => format!("instance {instance} is unreachable: {err}"),
-                None => format!("instance {instance} is not configured"),
-            };
-            candidates.push(note(Kind::Unverifiable, row.id.as_str(), Some(instance), why));
-            continue;
-        }
-        // What the row is compared with was read at this moment.
-        let reference = snapshot.map_or(input.db.read_at, |s| s.fetched_at);
+        // Not held by any list: absent from its instance's list (or, without
+        // an instance column, from every list).
+        let (reference, unproven, is_dead) = match instance {
+            Some(name) => {
+                let snapshot = reach.reachable.get(name);
+                let is_dead = reach.dead.contains(name);
+                if snapshot.is_none() && !is_dead {
+                    let why = match reach.unreachable.get(name) {
+                        Some(err) => format!("instance {name} is unreachable: {err}"),
+                        None => format!("instance {name} is not configured"),
+                    };
+                    candidates.push(note(Kind::Unverifiable, row.id.as_str(), Some(name), why));
+                    continue;
+                }
+                (snapshot.map_or(input.db.read_at, |s| s.fetched_at), reach.unproven(input, name), is_dead)
+            }
+            None => {
+                if let Some(why) = reach.fleet_gap(input) {
+                    let why = format!("the table has no instance column, and {why}");
+                    candidates.push(note(Kind::Unverifiable, row.id.as_str(), None, why));
+                    continue;
+                }
+                (reach.earliest, reach.fleet_unproven(input), false)
+            }
+        };
+        let wait = |hold: Option<Hold>| hold.map_or(Decision::Note, |reason| Decision::Wait { reason });
         if row.state == RowState::Creating {
             if reference - row.created_at >= to_chrono(cfg.creating_timeout) {
-                handled_rows.insert(row.id.as_str());
+                handled.insert(row.id.as_str());
                 candidates.push(Candidate {
                     finding: Finding {
                         kind: Kind::StuckCreating,
                         subject: row.id.to_string(),
-                        instance: Some(instance.to_owned()),
+                        instance: instance.map(str::to_owned),
                         detail: format!("creating since {}, not live", row.created_at.to_rfc3339()),
-                        decision: unproven(instance).map_or(Decision::Note, |reason| Decision::Wait { reason }),
+                        decision: wait(unproven),
                         repair: Some(end_row(row, RowState::Failed, "stuck_creating")),
                     },
                     changed_at: Some(row.changed_at),
@@ -439,34 +622,38 @@ pub fn classify(input: &Input<'_>) -> Classification {
             continue;
         }
         // Snapshot skew: a row that changed after (or within grace of) the moment
-        // its instance's list was taken may simply not be in that list yet.
+        // its list was taken may simply not be in that list yet.
         let explained = if is_dead {
             Explained::InstanceDead
         } else {
             if row.changed_at > reference - grace {
                 continue;
             }
-            match input.boots.get(instance).and_then(|b| b.changed_at) {
+            // Without an instance column, no one restart explains a row: the
+            // guard counts every orphan.
+            match instance.and_then(|i| input.boots.get(i)).and_then(|b| b.changed_at) {
                 Some(restart) if row.created_at < restart => Explained::Restart,
                 _ => Explained::No,
             }
         };
-        handled_rows.insert(row.id.as_str());
+        handled.insert(row.id.as_str());
+        let whose = instance.map_or_else(|| "every controller's list".to_owned(), |i| format!("{i}'s list"));
         let detail = match explained {
-            Explained::InstanceDead => {
-                format!("instance {instance} has been unreachable longer than instance_dead_after")
-            }
-            Explained::Restart => format!("{} but absent from {instance}'s list since it restarted", row.state),
-            Explained::No => format!("{} but absent from {instance}'s list", row.state),
+            Explained::InstanceDead => format!(
+                "instance {} has been unreachable longer than instance_dead_after",
+                instance.unwrap_or_default()
+            ),
+            Explained::Restart => format!("{} but absent from {whose} since it restarted", row.state),
+            Explained::No => format!("{} but absent from {whose}", row.state),
         };
         candidates.push(Candidate {
             finding: Finding {
                 kind: Kind::Orphaned,
                 subject: row.id.to_string(),
-                instance: Some(instance.to_owned()),
+                instance: instance.map(str::to_owned),
                 detail,
                 // On probation, absence from the list proves nothing yet.
-                decision: unproven(instance).map_or(Decision::Note, |reason| Decision::Wait { reason }),
+                decision: wait(unproven),
                 repair: Some(end_row(row, RowState::Stopped, "orphaned")),
             },
             changed_at: Some(row.changed_at),
@@ -474,9 +661,30 @@ pub fn classify(input: &Input<'_>) -> Classification {
             explained,
         });
     }
+    for bad in &input.db.invalid_rows {
+        let value = bad.value.as_deref().map_or_else(|| "NULL".to_owned(), |v| format!("{v:?}"));
+        candidates.push(note(
+            Kind::InvalidRow,
+            bad.id.as_str(),
+            bad.controller_instance.as_deref(),
+            format!("state {value} is in no list of sessions.states; the row is left alone"),
+        ));
+    }
+    (handled, live_per_instance)
+}
 
-    // Controller side: every well-formed live session.
-    for inst in lists() {
+/// Stage 4: every usable listed session against the rows: zombies and
+/// unpersisted sessions, and the lookups the application's API would answer.
+fn sessions(
+    input: &Input<'_>,
+    reach: &Reach<'_>,
+    held: &FxHashMap<&str, Held<'_>>,
+    out: &mut Classification,
+    candidates: &mut Vec<Candidate>,
+) {
+    let rows_by_id: FxHashMap<&str, &SessionRow> = input.db.rows.iter().map(|r| (r.id.as_str(), r)).collect();
+    let invalid: FxHashSet<&str> = input.db.invalid_rows.iter().map(|r| r.id.as_str()).collect();
+    for inst in input.instances.iter().filter(|i| reach.reachable.contains_key(i.name.as_str())) {
         let Ok(list) = &inst.result else { continue };
         for live in &list.sessions {
             match held.get(live.id.as_str()).and_then(Held::usable) {
@@ -513,6 +721,9 @@ pub fn classify(input: &Input<'_>) -> Classification {
                         explained: Explained::No,
                     });
                 }
+                // A row exists, with a state the vocabulary does not know: it is
+                // reported as such, and nothing is inserted over it.
+                None if invalid.contains(live.id.as_str()) => out.probes.found += 1,
                 None => {
                     out.probes.never_existed += 1;
                     let age = live_age(input, inst, list, live);
@@ -539,37 +750,25 @@ pub fn classify(input: &Input<'_>) -> Classification {
             }
         }
     }
+}
 
-    // Live rows that stay live after this pass, by the owner they will have once
-    // drift is repaired, sorted so that an owner's rows are adjacent.
-    let mut by_owner: Vec<(&str, &SessionRow)> = input
-        .db
-        .rows
-        .iter()
-        .filter(|r| r.state.is_live() && !handled_rows.contains(r.id.as_str()))
-        .map(|r| {
-            let owner =
-                held.get(r.id.as_str()).and_then(Held::usable).map_or(r.owner_id.as_str(), |s| s.owner_id.as_str());
-            (owner, r)
-        })
-        .collect();
-    by_owner.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    unpersisted_duplicates(&by_owner, &mut candidates);
-    // Duplicates span instances: their rows are compared with the earliest list.
-    let earliest_fetch = reachable.values().map(|s| s.fetched_at).min().unwrap_or(input.db.read_at);
-    duplicates(&by_owner, &held, &reachable, &dead, &unproven, earliest_fetch, &mut candidates);
-    drop(by_owner);
-
-    // Stops recorded by earlier passes (or another sessiond) and not settled.
-    // One still in flight holds back any new stop of its session; one whose
-    // sender is gone is settled by what this pass's lists show.
+/// Stage 6: stops recorded by earlier passes (or another sessiond) and not
+/// settled. One still in flight holds back any new stop of its session; one
+/// whose sender is gone is settled by what this pass's lists show. Returns the
+/// sessions whose stop is in flight.
+fn intents<'a>(
+    input: &Input<'a>,
+    reach: &Reach<'_>,
+    held: &FxHashMap<&str, Held<'_>>,
+    out: &mut Classification,
+) -> FxHashSet<&'a str> {
     let mut in_flight: FxHashSet<&str> = FxHashSet::default();
     for intent in &input.db.open_intents {
         if !intent.expired {
             in_flight.insert(intent.session_id.as_str());
             continue;
         }
-        if !reachable.contains_key(intent.controller.as_str()) {
+        if !reach.reachable.contains_key(intent.controller.as_str()) {
             continue; // settled once its controller answers again
         }
         let still_held = held.get(intent.session_id.as_str()).is_some_and(|h| h.instance == intent.controller);
@@ -587,57 +786,82 @@ pub fn classify(input: &Input<'_>) -> Classification {
         };
         out.settle.push(SettleIntent { intent: intent.intent, session_id: intent.session_id.clone(), outcome, detail });
     }
+    in_flight
+}
 
-    // Decide: grace, confirmations, policy.
+/// Stage 7: grace, then confirmations, then policy, for each finding.
+fn decide(input: &Input<'_>, in_flight: &FxHashSet<&str>, candidates: &mut [Candidate], out: &mut Classification) {
+    let cfg = input.config;
+    let grace = to_chrono(cfg.grace);
     let mut next_streaks = HashMap::new();
-    for c in &mut candidates {
+    for c in candidates.iter_mut() {
         let key = (c.finding.kind, c.finding.subject.clone());
         let previous = input.memory.streaks.get(&key);
         let streak = Streak {
             passes: previous.map_or(1, |s| s.passes.saturating_add(1)),
-            first_seen: previous.map_or(now, |s| s.first_seen),
+            first_seen: previous.map_or(input.now, |s| s.first_seen),
         };
         next_streaks.insert(key, streak);
-        if c.finding.repair.is_none() {
+        let Some(repair) = &c.finding.repair else {
             c.finding.decision = Decision::Note;
             continue;
-        }
+        };
         if let Decision::Wait { .. } = c.finding.decision {
             continue; // already held for want of evidence
         }
-        if matches!(c.finding.repair, Some(Repair::StopLive { .. })) && in_flight.contains(c.finding.subject.as_str()) {
-            c.finding.decision = Decision::Wait { reason: "a stop of this session is in flight or unsettled".into() };
+        if matches!(repair, Repair::StopLive { .. }) && in_flight.contains(c.finding.subject.as_str()) {
+            c.finding.decision = Decision::Wait { reason: Hold::StopInFlight };
             continue;
         }
-        let young = c.age.is_some_and(|age| age < grace);
-        c.finding.decision = if young {
-            Decision::Wait { reason: format!("younger than grace ({})", humantime::format_duration(cfg.grace)) }
+        let unwritable = repair.writes().filter(|s| !input.writable.contains(s));
+        c.finding.decision = if c.age.is_some_and(|age| age < grace) {
+            Decision::Wait { reason: Hold::Young { grace: cfg.grace } }
         } else if input.options.require_confirmations && streak.passes < cfg.confirmations {
-            Decision::Wait { reason: format!("seen in {} of {} passes", streak.passes, cfg.confirmations) }
+            Decision::Wait { reason: Hold::Confirming { seen: streak.passes, needed: cfg.confirmations } }
         } else if c.finding.kind.policy(cfg) == Policy::Report {
-            Decision::Report { reason: "policy is report".into() }
-        } else if matches!(&c.finding.repair, Some(Repair::StopLive { controller_instance, .. })
+            Decision::Report { reason: ReportReason::Policy }
+        } else if let Some(state) = unwritable {
+            Decision::Report { reason: ReportReason::NoStateValue { state } }
+        } else if matches!(repair, Repair::StopLive { controller_instance, .. }
             if !input.stoppable.contains(controller_instance))
         {
-            Decision::Report { reason: "no stop_url is configured for this instance".into() }
+            Decision::Report { reason: ReportReason::NoStopUrl }
         } else {
             Decision::Repair
         };
     }
     out.memory.streaks = next_streaks;
+}
 
-    guard(input, &live_rows_per_instance, &mut candidates, &mut out.guard_tripped);
-
-    for c in &mut candidates {
+/// Stage 9: a read-only pass turns every repair into a report. A finding that
+/// waits has no repair yet; a guarded or reported one keeps it, so the report
+/// shows what would have been done.
+fn read_only(input: &Input<'_>, candidates: &mut [Candidate]) {
+    for c in candidates.iter_mut() {
         if c.finding.decision == Decision::Repair && input.options.read_only {
-            c.finding.decision = Decision::Report { reason: "read-only pass (observe mode or --dry-run)".into() };
+            c.finding.decision = Decision::Report { reason: ReportReason::ReadOnly };
         }
-        // A finding that waits has no repair yet; a guarded or reported one keeps
-        // it, so the report shows what would have been done.
         if let Decision::Wait { .. } = c.finding.decision {
             c.finding.repair = None;
         }
     }
+}
+
+/// Classifies one pass. Pure: same input, same output.
+pub fn classify(input: &Input<'_>) -> Classification {
+    let mut out = Classification::default();
+    let mut candidates: Vec<Candidate> = Vec::new();
+    let reach = reachability(input, &mut out);
+    let held = listings(input, &reach, &mut out, &mut candidates);
+    let (handled, live_per_instance) = rows(input, &reach, &held, &mut candidates);
+    sessions(input, &reach, &held, &mut out, &mut candidates);
+    if input.shape.owner {
+        duplicates(input, &reach, &held, &handled, &mut candidates);
+    }
+    let in_flight = intents(input, &reach, &held, &mut out);
+    decide(input, &in_flight, &mut candidates, &mut out);
+    guard(input, &reach, &live_per_instance, &mut candidates, &mut out.guard_tripped);
+    read_only(input, &mut candidates);
     out.findings = candidates.into_iter().map(|c| c.finding).collect();
     out.findings.sort_by(|a, b| (a.kind, &a.subject).cmp(&(b.kind, &b.subject)));
     out
@@ -672,18 +896,27 @@ fn note(kind: Kind, subject: &str, instance: Option<&str>, detail: String) -> Ca
     }
 }
 
-/// A live row and its live session disagree on state, owner or instance.
-fn drift(row: &SessionRow, live: &LiveSession, instance: &str, fetched_at: DateTime<Utc>) -> Option<Candidate> {
+/// A live row and its live session disagree on state, owner or instance (the
+/// last two only when the table has those columns).
+fn drift(
+    row: &SessionRow,
+    live: &LiveSession,
+    instance: &str,
+    fetched_at: DateTime<Utc>,
+    shape: TableShape,
+) -> Option<Candidate> {
     let want_state = live.state.row_state();
     let mut diffs = Vec::new();
     if row.state != want_state {
         diffs.push(format!("state {} vs {}", row.state, live.state.as_str()));
     }
-    if row.owner_id != live.owner_id {
+    let owner_differs = shape.owner && row.owner_id.as_deref() != Some(live.owner_id.as_str());
+    if owner_differs {
         diffs.push("owner differs".to_owned());
     }
-    if row.controller_instance != instance {
-        diffs.push(format!("instance {} vs {}", row.controller_instance, instance));
+    let instance_differs = shape.instance && row.controller_instance.as_deref() != Some(instance);
+    if instance_differs {
+        diffs.push(format!("instance {} vs {}", row.controller_instance.as_deref().unwrap_or("none"), instance));
     }
     if diffs.is_empty() {
         return None;
@@ -700,8 +933,8 @@ fn drift(row: &SessionRow, live: &LiveSession, instance: &str, fetched_at: DateT
                 version: row.version.clone(),
                 from: row.state,
                 to: want_state,
-                owner_id: (row.owner_id != live.owner_id).then(|| live.owner_id.clone()),
-                controller_instance: (row.controller_instance != instance).then(|| instance.to_owned()),
+                owner_id: owner_differs.then(|| live.owner_id.clone()),
+                controller_instance: instance_differs.then(|| instance.to_owned()),
                 end_reason: None,
             }),
         },
@@ -709,6 +942,31 @@ fn drift(row: &SessionRow, live: &LiveSession, instance: &str, fetched_at: DateT
         age: Some(fetched_at - row.changed_at),
         explained: Explained::No,
     })
+}
+
+/// Stage 5: owners with more than one live session.
+fn duplicates(
+    input: &Input<'_>,
+    reach: &Reach<'_>,
+    held: &FxHashMap<&str, Held<'_>>,
+    handled: &BTreeSet<&str>,
+    candidates: &mut Vec<Candidate>,
+) {
+    // Live rows that stay live after this pass, by the owner they will have once
+    // drift is repaired, sorted so that an owner's rows are adjacent.
+    let mut by_owner: Vec<(&str, &SessionRow)> = input
+        .db
+        .rows
+        .iter()
+        .filter(|r| r.state.is_live() && !handled.contains(r.id.as_str()))
+        .filter_map(|r| {
+            let listed = held.get(r.id.as_str()).and_then(Held::usable).map(|s| s.owner_id.as_str());
+            listed.or(r.owner_id.as_deref()).map(|owner| (owner, r))
+        })
+        .collect();
+    by_owner.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    unpersisted_duplicates(&by_owner, candidates);
+    rows_of_one_owner(input, &by_owner, held, reach, candidates);
 }
 
 /// A live session with no row whose owner already has a live row that stays, or
@@ -753,13 +1011,11 @@ fn unpersisted_duplicates(by_owner: &[(&str, &SessionRow)], candidates: &mut [Ca
 /// newest of those if it holds several, else the newest row) and stop the rest.
 /// Rows that another finding already stops are left to it, and a group with a
 /// row on an unreachable instance waits: we cannot know what that instance holds.
-fn duplicates(
+fn rows_of_one_owner(
+    input: &Input<'_>,
     by_owner: &[(&str, &SessionRow)],
     held: &FxHashMap<&str, Held<'_>>,
-    reachable: &FxHashMap<&str, &InstanceSnapshot>,
-    dead: &BTreeSet<&str>,
-    unproven: &dyn Fn(&str) -> Option<String>,
-    reference: DateTime<Utc>,
+    reach: &Reach<'_>,
     candidates: &mut Vec<Candidate>,
 ) {
     let mut superseded: FxHashSet<String> = FxHashSet::default();
@@ -767,8 +1023,10 @@ fn duplicates(
         let rows: Vec<&SessionRow> = group.iter().map(|(_, r)| *r).collect();
         let verifiable = rows.iter().all(|r| {
             held.contains_key(r.id.as_str())
-                || reachable.contains_key(r.controller_instance.as_str())
-                || dead.contains(r.controller_instance.as_str())
+                || match r.controller_instance.as_deref() {
+                    Some(i) => reach.reachable.contains_key(i) || reach.dead.contains(i),
+                    None => reach.fleet_gap(input).is_none(),
+                }
         });
         let newest = |rs: &mut dyn Iterator<Item = &&SessionRow>| -> Option<SessionId> {
             rs.max_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id))).map(|r| r.id.clone())
@@ -778,14 +1036,20 @@ fn duplicates(
         let ambiguous = rows.iter().any(|r| held.get(r.id.as_str()).is_some_and(|h| h.ambiguous));
         for row in rows.iter().filter(|r| Some(&r.id) != keep.as_ref()) {
             // Ending a row nobody holds rests on its absence from the lists.
-            let absent_unproven =
-                if held.contains_key(row.id.as_str()) { None } else { unproven(row.controller_instance.as_str()) };
+            let absent_unproven = if held.contains_key(row.id.as_str()) {
+                None
+            } else {
+                match row.controller_instance.as_deref() {
+                    Some(i) => reach.unproven(input, i),
+                    None => reach.fleet_unproven(input),
+                }
+            };
             let decision = if !verifiable {
-                Decision::Wait { reason: "another row of this owner is on an unreachable instance".into() }
+                Decision::Wait { reason: Hold::OwnerUnverifiable }
             } else if let Some(reason) = absent_unproven {
                 Decision::Wait { reason }
             } else if ambiguous {
-                Decision::Wait { reason: "a session of this owner is listed more than once".into() }
+                Decision::Wait { reason: Hold::Ambiguous }
             } else {
                 Decision::Note
             };
@@ -807,7 +1071,7 @@ fn duplicates(
                 finding: Finding {
                     kind: Kind::Duplicate,
                     subject: row.id.to_string(),
-                    instance: Some(row.controller_instance.clone()),
+                    instance: row.controller_instance.clone(),
                     detail: format!(
                         "{} live rows for one owner; keeping {}",
                         rows.len(),
@@ -817,7 +1081,7 @@ fn duplicates(
                     repair: Some(repair),
                 },
                 changed_at: Some(row.changed_at),
-                age: Some(reference - row.changed_at),
+                age: Some(reach.earliest - row.changed_at),
                 explained: Explained::No,
             });
         }
@@ -827,24 +1091,35 @@ fn duplicates(
     }
 }
 
-/// The mass-repair guard. Two limits, both lifted by `--force`:
-/// - more than `guard_min_orphans - 1` unexplained orphans that are also more than
-///   `max_orphan_fraction` of an instance's live rows hold back that instance's
-///   orphan repairs (a restart or a declared-dead instance explains orphans);
+/// Stage 8: the mass-repair guard. Two limits, both lifted by `--force`:
+/// - at least `guard_min_orphans` unexplained orphans that are also more than
+///   `max_orphan_fraction` of an instance's live rows (or the fleet's, without
+///   an instance column) hold back those orphan repairs (a restart or a
+///   declared-dead instance explains orphans);
 /// - more than `max_repairs_per_pass` repairs of one kind hold back that kind.
 fn guard(
     input: &Input<'_>,
+    reach: &Reach<'_>,
     live_rows: &FxHashMap<&str, usize>,
     candidates: &mut [Candidate],
     tripped: &mut BTreeMap<String, BTreeSet<Kind>>,
 ) {
     let cfg = input.config;
+    let key = |c: &Candidate| c.finding.instance.clone().unwrap_or_default();
+    // A trip over the fleet shows on every instance.
+    let trip = |inst: &str, kind: Kind, tripped: &mut BTreeMap<String, BTreeSet<Kind>>| {
+        if inst == FLEET {
+            for name in reach.reachable.keys() {
+                tripped.entry((*name).to_owned()).or_default().insert(kind);
+            }
+        } else {
+            tripped.entry(inst.to_owned()).or_default().insert(kind);
+        }
+    };
     let mut unexplained: BTreeMap<String, usize> = BTreeMap::new();
     for c in candidates.iter() {
         if c.finding.kind == Kind::Orphaned && c.explained == Explained::No {
-            if let Some(inst) = &c.finding.instance {
-                *unexplained.entry(inst.clone()).or_default() += 1;
-            }
+            *unexplained.entry(key(c)).or_default() += 1;
         }
     }
     let mut held_instances: BTreeSet<String> = BTreeSet::new();
@@ -856,12 +1131,11 @@ fn guard(
     }
     for c in candidates.iter_mut() {
         if c.finding.kind == Kind::Orphaned && c.explained == Explained::No {
-            if let Some(inst) = &c.finding.instance {
-                if held_instances.contains(inst) && c.finding.decision == Decision::Repair {
-                    tripped.entry(inst.clone()).or_default().insert(Kind::Orphaned);
-                    if !input.options.force {
-                        c.finding.decision = Decision::Guarded;
-                    }
+            let inst = key(c);
+            if held_instances.contains(&inst) && c.finding.decision == Decision::Repair {
+                trip(&inst, Kind::Orphaned, tripped);
+                if !input.options.force {
+                    c.finding.decision = Decision::Guarded;
                 }
             }
         }
@@ -875,9 +1149,8 @@ fn guard(
         if per_kind.get(&c.finding.kind).is_some_and(|&n| n > cfg.max_repairs_per_pass)
             && c.finding.decision == Decision::Repair
         {
-            if let Some(inst) = &c.finding.instance {
-                tripped.entry(inst.clone()).or_default().insert(c.finding.kind);
-            }
+            let inst = key(c);
+            trip(&inst, c.finding.kind, tripped);
             if !input.options.force {
                 c.finding.decision = Decision::Guarded;
             }

@@ -101,6 +101,10 @@ pub struct PassReport {
     pub outcome: PassOutcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The config cannot work against this database (the sessions table does
+    /// not fit its mapping): no later pass can be right, so the process stops.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_error: Option<String>,
     pub mode: Mode,
     pub dry_run: bool,
     pub forced: bool,
@@ -239,7 +243,7 @@ impl Reconciler {
     /// Takes a new config from the next pass on. Memory is kept: findings keep
     /// their confirmation streaks across a reload.
     pub fn set_config(&mut self, config: Arc<Config>) {
-        if config.database != self.config.database {
+        if config.database != self.config.database || config.sessions != self.config.sessions {
             self.store = None;
         }
         if config.controllers != self.config.controllers {
@@ -287,6 +291,7 @@ impl Reconciler {
             duration_seconds: 0.0,
             outcome: PassOutcome::Ok,
             error: None,
+            config_error: None,
             mode: cfg.daemon.mode,
             dry_run,
             forced: force,
@@ -319,6 +324,14 @@ impl Reconciler {
         let deadline = started + cfg.reconcile.plan_max_age();
         match self.read_and_classify(&cfg, instances, &mut report, req, deadline).await {
             Ok(()) => {}
+            Err(e) if e.is_fatal() => {
+                tracing::error!(error = %e, "the sessions table does not fit the config; no pass can be right");
+                report.outcome = PassOutcome::Failed;
+                report.database_up = true;
+                report.error = Some(e.to_string());
+                report.config_error = Some(e.to_string());
+                self.store = None;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "pass failed: database unavailable");
                 report.outcome = PassOutcome::Failed;
@@ -346,12 +359,15 @@ impl Reconciler {
         let PassRequest { force, require_confirmations, .. } = req;
         let round_trips_before = self.round_trips.load(Ordering::Relaxed);
         if self.store.as_ref().is_none_or(Store::is_closed) {
-            let mut store = Store::connect(&cfg.database).await?;
-            store.share_round_trips(Arc::clone(&self.round_trips));
-            store.check_schema().await?;
-            self.store = Some(store);
+            self.store = Some(connect(cfg, &self.round_trips).await?);
         }
         let Some(store) = self.store.as_mut() else { unreachable!("the store was connected just above") };
+        let mut instances = instances;
+        let table = store.table()?;
+        normalize_ids(&mut instances, table.id.kind);
+        let shape = classify::TableShape { owner: table.owner.is_some(), instance: table.instance.is_some() };
+        let writable: BTreeSet<RowState> =
+            RowState::ALL.into_iter().filter(|s| table.vocabulary.written(*s).is_some()).collect();
         if self.boots.is_none() {
             self.boots = Some(store.load_boots().await?);
         }
@@ -417,6 +433,8 @@ impl Reconciler {
                 boots: &boots_for_classify,
                 trust: &trust,
                 stoppable: &stoppable,
+                writable: &writable,
+                shape,
                 options: PassOptions { read_only, force, require_confirmations },
             })
         })
@@ -484,6 +502,52 @@ impl Reconciler {
         }
         report.findings = applied.results;
         Ok(())
+    }
+}
+
+/// Connects, checks sessiond's schema, and binds the sessions table (a table
+/// that does not fit is fatal).
+pub async fn connect(cfg: &Config, round_trips: &Arc<AtomicU64>) -> Result<Store, StoreError> {
+    let mut store = Store::connect(&cfg.database).await?;
+    store.share_round_trips(Arc::clone(round_trips));
+    store.check_schema().await?;
+    store.bind_table(&cfg.sessions, &cfg.reconcile.policy).await?;
+    Ok(store)
+}
+
+/// Ids as the table's id column writes them: a uuid or integer column reads
+/// back its canonical text (`A0EE…` as `a0ee…`, `007` as `7`), so the lists'
+/// ids are put in that form before they are compared with rows. An id such a
+/// column cannot hold is an invalid id.
+fn normalize_ids(instances: &mut [InstanceSnapshot], kind: crate::store::mapping::Kind) {
+    use crate::store::mapping::Kind;
+    let canonical = |id: &str| -> Option<String> {
+        match kind {
+            Kind::Uuid => uuid::Uuid::parse_str(id).ok().map(|u| u.hyphenated().to_string()),
+            Kind::Int => id.parse::<i64>().ok().map(|n| n.to_string()),
+            _ => Some(id.to_owned()),
+        }
+    };
+    if !matches!(kind, Kind::Uuid | Kind::Int) {
+        return;
+    }
+    for inst in instances {
+        let Ok(list) = &mut inst.result else { continue };
+        let mut kept = Vec::with_capacity(list.sessions.len());
+        for mut s in std::mem::take(&mut list.sessions) {
+            match canonical(s.id.as_str()) {
+                Some(c) => {
+                    s.id = crate::model::SessionId::from_row(c);
+                    kept.push(s);
+                }
+                None => list.invalid.push(crate::model::InvalidEntry {
+                    raw_id: Some(s.id.as_str().to_owned()),
+                    kind: crate::model::InvalidEntryKind::InvalidId,
+                    problem: "session_id is not a value of the table's id column type".into(),
+                }),
+            }
+        }
+        list.sessions = kept;
     }
 }
 

@@ -102,15 +102,15 @@ impl TestDb {
     /// A new database with the reference schema applied.
     pub async fn migrated() -> TestDb {
         let db = TestDb::empty().await;
-        let cfg = sessiond::config::DatabaseConfig {
-            url: db.url.clone(),
-            password: None,
-            password_file: None,
-            statement_timeout: Duration::from_secs(10),
-        };
-        let mut store = sessiond::store::Store::connect(&cfg).await.expect("connect");
-        store.migrate().await.expect("migrate");
+        db.migrate().await;
         db
+    }
+
+    /// Applies sessiond's schema with the reference table.
+    pub async fn migrate(&self) {
+        let cfg = sessiond::config::DatabaseConfig::for_url(&self.url);
+        let mut store = sessiond::store::Store::connect(&cfg).await.expect("connect");
+        store.migrate(&sessiond::config::SessionsConfig::reference(&cfg.schema)).await.expect("migrate");
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {

@@ -12,6 +12,12 @@ use std::time::Duration;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use crate::model::RowState;
+
+pub mod sessions;
+
+pub use sessions::{Columns, Ident, TableName, Vocabulary};
+
 /// A configuration error: the file, the key (dotted path, may be empty) and the problem.
 #[derive(Debug, thiserror::Error)]
 #[error("{}: {}{problem}", file.display(), key.as_deref().map(|k| format!("{k}: ")).unwrap_or_default())]
@@ -84,6 +90,8 @@ pub struct RawDatabase {
     pub url: Option<String>,
     pub password_file: Option<PathBuf>,
     pub statement_timeout: Option<String>,
+    pub schema: Option<String>,
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +135,9 @@ pub struct RawPolicy {
 #[serde(deny_unknown_fields)]
 pub struct RawSessions {
     pub id_pattern: Option<String>,
+    pub table: Option<String>,
+    pub columns: Option<sessions::RawColumns>,
+    pub states: Option<sessions::RawStates>,
 }
 
 // ---------------------------------------------------------------------------
@@ -178,6 +189,59 @@ pub struct DatabaseConfig {
     pub password_file: Option<PathBuf>,
     #[serde(with = "humantime_serde_compat")]
     pub statement_timeout: Duration,
+    /// Where sessiond's own tables live (and the reference `sessions` table).
+    pub schema: Ident,
+    /// TLS to the database, with libpq's meanings (`sslmode` in the URL).
+    pub sslmode: SslMode,
+    /// The CA certificates that verify the server (`verify-ca`, `verify-full`,
+    /// or `require`, which then verifies the chain); the system's otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// TLS to PostgreSQL, as libpq's `sslmode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// TLS if the server offers it, unverified; plain otherwise (libpq's default).
+    #[default]
+    Prefer,
+    /// TLS, unverified (or verified against `ca_file` when one is given).
+    Require,
+    /// TLS, the server's certificate verified against the CA.
+    VerifyCa,
+    /// TLS, the certificate verified and issued for the host connected to.
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(s: &str) -> Option<SslMode> {
+        Some(match s {
+            "disable" => SslMode::Disable,
+            "prefer" | "allow" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+}
+
+impl DatabaseConfig {
+    /// A config for `url` with every default: for tools and tests.
+    pub fn for_url(url: &str) -> DatabaseConfig {
+        DatabaseConfig {
+            url: url.to_owned(),
+            password: None,
+            password_file: None,
+            statement_timeout: Duration::from_secs(10),
+            schema: Ident::parse("public").unwrap_or_else(|_| unreachable!("a valid identifier")),
+            sslmode: SslMode::Prefer,
+            ca_file: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -271,11 +335,37 @@ impl Default for ReconcileConfig {
 pub struct SessionsConfig {
     #[serde(serialize_with = "serialize_regex")]
     pub id_pattern: Regex,
+    /// The table that holds the sessions.
+    pub table: TableName,
+    /// The reference table `migrate` creates (`table` was not set).
+    pub reference: bool,
+    pub columns: Columns,
+    pub states: Vocabulary,
+}
+
+impl SessionsConfig {
+    /// The reference table in `schema`, with the default id pattern.
+    pub fn reference(schema: &Ident) -> SessionsConfig {
+        SessionsConfig {
+            id_pattern: Regex::new(DEFAULT_ID_PATTERN).unwrap_or_else(|_| unreachable!("the default pattern compiles")),
+            table: TableName {
+                schema: Some(schema.clone()),
+                name: Ident::parse("sessions").unwrap_or_else(|_| unreachable!("a valid identifier")),
+            },
+            reference: true,
+            columns: Columns::reference(),
+            states: Vocabulary::reference(),
+        }
+    }
 }
 
 impl PartialEq for SessionsConfig {
     fn eq(&self, other: &Self) -> bool {
         self.id_pattern.as_str() == other.id_pattern.as_str()
+            && self.table == other.table
+            && self.reference == other.reference
+            && self.columns == other.columns
+            && self.states == other.states
     }
 }
 
@@ -395,6 +485,33 @@ fn http_url(file: &Path, key: &str, value: &str) -> Result<reqwest::Url, ConfigE
         "http" | "https" => Ok(url),
         other => Err(ConfigError::at(file, key, format!("scheme {other:?} is not supported; use http or https"))),
     }
+}
+
+/// The TLS settings a PostgreSQL URL carries: `sslmode` (libpq's values) and
+/// `sslrootcert` (used as `ca_file` when that is not set).
+fn url_tls(file: &Path, key: &str, url: &str) -> Result<(SslMode, Option<PathBuf>), ConfigError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| ConfigError::at(file, key, e.to_string()))?;
+    let mut mode = SslMode::default();
+    let mut root = None;
+    for (k, v) in parsed.query_pairs() {
+        match k.as_ref() {
+            "sslmode" => {
+                mode = SslMode::parse(&v).ok_or_else(|| {
+                    ConfigError::at(
+                        file,
+                        key,
+                        format!("sslmode={v} is not known; use disable, prefer, require, verify-ca or verify-full"),
+                    )
+                })?
+            }
+            "sslrootcert" => root = Some(PathBuf::from(v.as_ref())),
+            "sslcert" | "sslkey" => {
+                return Err(ConfigError::at(file, key, format!("{k} (client certificates) is not supported")))
+            }
+            _ => {}
+        }
+    }
+    Ok((mode, root))
 }
 
 /// Splits a password out of a PostgreSQL URL so the URL itself can be logged.
@@ -591,6 +708,15 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
         Some(p) => Some(read_secret(file, "database.password_file", p)?),
         None => url_password,
     };
+    let (sslmode, url_ca) = url_tls(file, url_key, &url)?;
+    let ca_file = raw_db.ca_file.map(|p| resolve_credential(&p)).or(url_ca);
+    if let Some(p) = &ca_file {
+        crate::tls::roots_from_file(p).map_err(|problem| ConfigError::at(file, "database.ca_file", problem))?;
+    } else if matches!(sslmode, SslMode::VerifyCa | SslMode::VerifyFull) {
+        crate::tls::system_roots().map_err(|problem| ConfigError::at(file, "database.ca_file", problem))?;
+    }
+    let schema = Ident::parse(raw_db.schema.as_deref().unwrap_or("public"))
+        .map_err(|p| ConfigError::at(file, "database.schema", p))?;
     let database = DatabaseConfig {
         url,
         password,
@@ -602,6 +728,9 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
             Duration::from_secs(10),
             STATEMENT_TIMEOUT_BOUNDS,
         )?,
+        schema,
+        sslmode,
+        ca_file,
     };
 
     if raw.controller.is_empty() {
@@ -745,15 +874,58 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
     check_anchored(&pattern_text).map_err(|problem| ConfigError::at(file, "sessions.id_pattern", problem))?;
     let id_pattern = Regex::new(&pattern_text)
         .map_err(|e| ConfigError::at(file, "sessions.id_pattern", format!("is not a valid regular expression: {e}")))?;
+    let at = |(key, problem): (String, String)| ConfigError::at(file, key, problem);
+    let sessions = match raw.sessions.table {
+        None => {
+            if raw.sessions.columns.is_some() || raw.sessions.states.is_some() {
+                return Err(ConfigError::at(
+                    file,
+                    "sessions.table",
+                    "is not set, so sessiond uses its reference table, whose columns and states are fixed; set \
+                     table to map [sessions.columns] and [sessions.states] onto your own",
+                ));
+            }
+            SessionsConfig { id_pattern, ..SessionsConfig::reference(&database.schema) }
+        }
+        Some(table) => SessionsConfig {
+            id_pattern,
+            table: TableName::parse(&table).map_err(|p| ConfigError::at(file, "sessions.table", p))?,
+            reference: false,
+            columns: sessions::columns(raw.sessions.columns.unwrap_or_default()).map_err(at)?,
+            states: sessions::states(raw.sessions.states.unwrap_or_default()).map_err(at)?,
+        },
+    };
+    refuse_impossible_repairs(file, &sessions, &reconcile.policy)?;
 
-    Ok(Config {
-        source: file.to_owned(),
-        daemon,
-        database,
-        controllers,
-        reconcile,
-        sessions: SessionsConfig { id_pattern },
-    })
+    Ok(Config { source: file.to_owned(), daemon, database, controllers, reconcile, sessions })
+}
+
+/// Each kind of repair writes some canonical state; one whose state has no
+/// value in the table cannot work, and is refused now, naming the kind and the
+/// state, rather than failing at every pass. A kind reported only needs nothing.
+fn refuse_impossible_repairs(file: &Path, s: &SessionsConfig, p: &PolicyConfig) -> Result<(), ConfigError> {
+    let needs: [(&str, Policy, RowState, &str); 4] = [
+        ("orphaned", p.orphaned, RowState::Stopped, "ending an orphan's row writes"),
+        ("duplicate", p.duplicate, RowState::Stopped, "ending a duplicate's row writes"),
+        ("unpersisted", p.unpersisted, RowState::Active, "inserting a live session's row writes"),
+        ("drift", p.drift, RowState::Active, "a row following its controller writes"),
+    ];
+    let stuck = ("stuck_creating", p.stuck_creating, RowState::Failed, "failing a stuck row writes");
+    let creating_exists = !s.states.values(RowState::Creating).is_empty();
+    for (kind, policy, state, why) in needs.into_iter().chain(creating_exists.then_some(stuck)) {
+        if policy == Policy::Repair && s.states.written(state).is_none() {
+            return Err(ConfigError::at(
+                file,
+                format!("reconcile.policy.{kind}"),
+                format!(
+                    "{why} state {st}, and sessions.states.{st} has no value: add the table's value for it, or set \
+                     reconcile.policy.{kind} = \"report\"",
+                    st = state.as_str()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Serializes durations the way they are written in the file ("15s").

@@ -1,0 +1,292 @@
+//! sessiond's schema and its migrations.
+//!
+//! `migrate` creates sessiond's own tables (the audit trail, instance state,
+//! stop intents, the migration record) in `database.schema`, and the
+//! reference `sessions` table there when `sessions.table` is unset. It never
+//! alters a table it did not create: before its first migration it refuses,
+//! naming the difference, if a table of one of its names already exists there.
+//! Migrations are versioned, each applied in the transaction that records it,
+//! and serialised by an advisory lock, so running it twice (or twice at once)
+//! is safe.
+
+use std::collections::BTreeSet;
+
+use super::{q, Store, StoreError};
+use crate::config::SessionsConfig;
+
+/// One migration: sessiond's own objects, and the reference table's (applied
+/// only when the reference table is in use).
+struct Migration {
+    version: i32,
+    description: &'static str,
+    own: &'static str,
+    reference: &'static str,
+}
+
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "sessions, audit trail and sessiond's own state",
+        reference: r#"
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id          text PRIMARY KEY,
+    owner_id            text NOT NULL,
+    controller_instance text NOT NULL,
+    state               text NOT NULL
+        CHECK (state IN ('creating', 'active', 'paused', 'stopped', 'failed', 'deleted')),
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    ended_at            timestamptz,
+    deleted_at          timestamptz,
+    end_reason          text,
+    CHECK (state <> 'deleted' OR deleted_at IS NOT NULL)
+);
+
+-- One live session per owner: the constraint whose absence let duplicate
+-- sessions pile up in the incidents.
+CREATE UNIQUE INDEX IF NOT EXISTS sessions_one_live_per_owner
+    ON sessions (owner_id) WHERE state IN ('creating', 'active', 'paused');
+
+-- The snapshot read scans live rows only.
+CREATE INDEX IF NOT EXISTS sessions_live_by_instance
+    ON sessions (controller_instance) WHERE state IN ('creating', 'active', 'paused');
+"#,
+        own: r#"
+CREATE TABLE IF NOT EXISTS session_audit (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    session_id  text NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now(),
+    old_state   text,
+    new_state   text,
+    trigger     text NOT NULL,
+    actor       text NOT NULL,
+    reason      text,
+    details     jsonb NOT NULL DEFAULT '{}'::jsonb
+);
+CREATE INDEX IF NOT EXISTS session_audit_by_session ON session_audit (session_id, at);
+
+CREATE OR REPLACE FUNCTION session_audit_append_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'session_audit is append-only (% refused)', TG_OP;
+END
+$$;
+DROP TRIGGER IF EXISTS session_audit_no_update ON session_audit;
+CREATE TRIGGER session_audit_no_update BEFORE UPDATE OR DELETE ON session_audit
+    FOR EACH ROW EXECUTE FUNCTION session_audit_append_only();
+DROP TRIGGER IF EXISTS session_audit_no_truncate ON session_audit;
+CREATE TRIGGER session_audit_no_truncate BEFORE TRUNCATE ON session_audit
+    FOR EACH STATEMENT EXECUTE FUNCTION session_audit_append_only();
+
+CREATE TABLE IF NOT EXISTS sessiond_instance_state (
+    controller_instance text PRIMARY KEY,
+    boot_id             text NOT NULL,
+    boot_changed_at     timestamptz,
+    updated_at          timestamptz NOT NULL DEFAULT now()
+);
+"#,
+    },
+    Migration {
+        version: 2,
+        description: "stop intents: every stop request is recorded before it is sent",
+        reference: "",
+        own: r#"
+CREATE TABLE IF NOT EXISTS sessiond_stop_intents (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    session_id  text NOT NULL,
+    controller  text NOT NULL,
+    kind        text NOT NULL,
+    row_version text NOT NULL,
+    row_state   text NOT NULL,
+    end_row     boolean NOT NULL,
+    pass_id     text NOT NULL,
+    actor       text NOT NULL,
+    details     jsonb NOT NULL DEFAULT '{}'::jsonb,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    -- Until then the sender may still settle it; after, any pass may.
+    expires_at  timestamptz NOT NULL,
+    settled_at  timestamptz,
+    outcome     text
+);
+-- At most one stop in flight per session, whoever sends it.
+CREATE UNIQUE INDEX IF NOT EXISTS sessiond_stop_intents_one_open
+    ON sessiond_stop_intents (session_id) WHERE settled_at IS NULL;
+"#,
+    },
+    Migration {
+        version: 3,
+        description: "instance state: boot ids seen and inconsistency, for several processes behind one URL",
+        reference: "",
+        own: r#"
+-- boot_id is now the trusted (confirmed) boot id, unset until one is.
+ALTER TABLE sessiond_instance_state ALTER COLUMN boot_id DROP NOT NULL;
+ALTER TABLE sessiond_instance_state ADD COLUMN IF NOT EXISTS seen_boot_ids text[] NOT NULL DEFAULT '{}';
+ALTER TABLE sessiond_instance_state ADD COLUMN IF NOT EXISTS inconsistent_since timestamptz;
+"#,
+    },
+];
+
+/// The schema version this build needs.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
+
+/// sessiond's own tables, which must not exist before its first migration.
+const OWN_TABLES: [&str; 3] = ["session_audit", "sessiond_instance_state", "sessiond_stop_intents"];
+
+/// An arbitrary, fixed key for the advisory lock that serialises migrations.
+const MIGRATION_LOCK_KEY: i64 = 0x5e55_10d0_0001;
+
+/// The reference table's columns and types, to name what a foreign table of
+/// that name lacks.
+const REFERENCE_COLUMNS: [(&str, &str); 9] = [
+    ("session_id", "text"),
+    ("owner_id", "text"),
+    ("controller_instance", "text"),
+    ("state", "text"),
+    ("created_at", "timestamp with time zone"),
+    ("updated_at", "timestamp with time zone"),
+    ("ended_at", "timestamp with time zone"),
+    ("deleted_at", "timestamp with time zone"),
+    ("end_reason", "text"),
+];
+
+impl Store {
+    /// Creates or upgrades sessiond's schema in `database.schema`, and the
+    /// reference table when `sessions` uses it. Returns the versions applied.
+    pub async fn migrate(&mut self, sessions: &SessionsConfig) -> Result<Vec<i32>, StoreError> {
+        let timeout = self.timeout;
+        let schema = self.schema.clone();
+        let tx = self.client.transaction().await.map_err(q("begin migration"))?;
+        let bounded = |what: &'static str| move |_| StoreError::Timeout { what, timeout };
+        tokio::time::timeout(timeout, tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY]))
+            .await
+            .map_err(bounded("take the migration lock"))?
+            .map_err(q("take the migration lock"))?;
+        let exists = tx
+            .query_one("SELECT count(*) > 0 FROM pg_namespace WHERE nspname = $1", &[&schema.as_str()])
+            .await
+            .map_err(q("look up the schema"))?
+            .get::<_, bool>(0);
+        if !exists {
+            tx.batch_execute(&format!("CREATE SCHEMA {}", schema.quoted())).await.map_err(q("create the schema"))?;
+        }
+        // Everything below is created in sessiond's schema.
+        tx.batch_execute(&format!("SET LOCAL search_path = {}", schema.quoted()))
+            .await
+            .map_err(q("set the search path"))?;
+        let recorded = tx
+            .query_one("SELECT to_regclass('sessiond_schema_migrations') IS NOT NULL", &[])
+            .await
+            .map_err(q("look for the migration record"))?
+            .get::<_, bool>(0);
+        if !recorded {
+            refuse_foreign_tables(&tx, &schema, sessions.reference).await?;
+        }
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS sessiond_schema_migrations (
+                 version     integer PRIMARY KEY,
+                 description text NOT NULL,
+                 applied_at  timestamptz NOT NULL DEFAULT now()
+             )",
+        )
+        .await
+        .map_err(q("create the migrations table"))?;
+        let applied: BTreeSet<i32> = tx
+            .query("SELECT version FROM sessiond_schema_migrations", &[])
+            .await
+            .map_err(q("read applied migrations"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if let Some(&newest) = applied.iter().next_back() {
+            if newest > SCHEMA_VERSION {
+                return Err(StoreError::SchemaTooNew { found: newest, wanted: SCHEMA_VERSION });
+            }
+        }
+        // The reference table may be wanted after migrations made without it
+        // (the config stopped mapping a table of its own): its parts are
+        // idempotent, and run whenever it is missing.
+        let reference_missing = sessions.reference
+            && !tx
+                .query_one("SELECT to_regclass('sessions') IS NOT NULL", &[])
+                .await
+                .map_err(q("look for the reference table"))?
+                .get::<_, bool>(0);
+        let mut done = Vec::new();
+        for m in MIGRATIONS {
+            let new = !applied.contains(&m.version);
+            if sessions.reference && (new || reference_missing) && !m.reference.is_empty() {
+                tx.batch_execute(m.reference).await.map_err(q("create the reference sessions table"))?;
+            }
+            if !new {
+                continue;
+            }
+            tx.batch_execute(m.own).await.map_err(q("apply a migration"))?;
+            tx.execute(
+                "INSERT INTO sessiond_schema_migrations (version, description) VALUES ($1, $2)",
+                &[&m.version, &m.description],
+            )
+            .await
+            .map_err(q("record a migration"))?;
+            done.push(m.version);
+        }
+        tx.commit().await.map_err(q("commit the migration"))?;
+        Ok(done)
+    }
+}
+
+/// Before sessiond's first migration in a schema, none of its tables may
+/// exist there: one that does belongs to someone else, and sessiond must not
+/// add indexes, triggers or columns to it.
+async fn refuse_foreign_tables(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &crate::config::Ident,
+    reference: bool,
+) -> Result<(), StoreError> {
+    let mut names: Vec<&str> = OWN_TABLES.to_vec();
+    if reference {
+        names.push("sessions");
+    }
+    for name in names {
+        let columns: Vec<(String, String)> = tx
+            .query(
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+                   FROM pg_attribute a
+                  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+                  ORDER BY a.attnum",
+                &[&name],
+            )
+            .await
+            .map_err(q("look for existing tables"))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        if columns.is_empty() {
+            continue;
+        }
+        let difference = if name == "sessions" {
+            let missing: Vec<String> = REFERENCE_COLUMNS
+                .iter()
+                .filter(|(c, t)| !columns.iter().any(|(n, ty)| n == c && ty == t))
+                .map(|(c, t)| format!("{c} {t}"))
+                .collect();
+            if missing.is_empty() {
+                "it has the reference columns, but no migration record says sessiond made it".to_owned()
+            } else {
+                format!("it lacks {} of the reference table", missing.join(", "))
+            }
+        } else {
+            "it is not one sessiond made (no migration is recorded)".to_owned()
+        };
+        return Err(StoreError::ForeignTable {
+            table: format!("{schema}.{name}"),
+            difference,
+            hint: if name == "sessions" {
+                "to reconcile that table, set sessions.table and map its columns and states; to keep sessiond's \
+                 tables apart, set database.schema to a schema of their own"
+            } else {
+                "set database.schema to a schema of sessiond's own"
+            },
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! The repairs: row updates and inserts (each with its audit row, in one
+//! statement per batch), and stop intents recorded before a stop is sent and
+//! settled after it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio_postgres::types::{ToSql, Type};
+
+use super::{
+    is_row_error, outcomes, q, row_result_of, AuditContext, RowInsert, RowResult, RowUpdate, Settle, Settled,
+    StopIntent, Store, StoreError, Tx,
+};
+use crate::model::RowState;
+
+impl Store {
+    /// Applies row updates in one transaction. Each applies only if the row still
+    /// has the version it was classified with, and is not locked by anyone
+    /// else; the others are conflicts. A batch that fails on a row's data is
+    /// retried a row at a time, so only the offending row is lost.
+    pub async fn update_rows(
+        &mut self,
+        batch: &[RowUpdate],
+        audit: &AuditContext,
+    ) -> Result<Vec<RowResult>, StoreError> {
+        match self.update_rows_once(batch, audit).await {
+            Err(e) if is_row_error(&e) && batch.len() > 1 => {
+                let mut out = Vec::with_capacity(batch.len());
+                for one in batch {
+                    out.push(match self.update_rows_once(std::slice::from_ref(one), audit).await {
+                        Ok(mut o) => o.pop().unwrap_or(RowResult::Conflict),
+                        Err(e) if is_row_error(&e) => row_result_of(&e),
+                        Err(e) => return Err(e),
+                    });
+                }
+                Ok(out)
+            }
+            Err(e) if is_row_error(&e) => Ok(vec![row_result_of(&e)]),
+            other => other,
+        }
+    }
+
+    async fn update_rows_once(
+        &mut self,
+        batch: &[RowUpdate],
+        audit: &AuditContext,
+    ) -> Result<Vec<RowResult>, StoreError> {
+        const WHAT: &str = "apply row repairs";
+        let table = self.table()?;
+        let sql = table.update_sql();
+        let mut values = Vec::with_capacity(batch.len());
+        for u in batch {
+            values.push(written(table, u.to)?.to_owned());
+        }
+        let ids: Vec<&str> = batch.iter().map(|u| u.id.as_str()).collect();
+        let versions: Vec<&str> = batch.iter().map(|u| u.version.as_str()).collect();
+        let owners: Vec<Option<&str>> = batch.iter().map(|u| u.owner_id.as_deref()).collect();
+        let instances: Vec<Option<&str>> = batch.iter().map(|u| u.controller_instance.as_deref()).collect();
+        let end_reasons: Vec<Option<&str>> = batch.iter().map(|u| u.end_reason).collect();
+        let ending: Vec<bool> = batch.iter().map(|u| matches!(u.to, RowState::Stopped | RowState::Failed)).collect();
+        let from: Vec<&str> = batch.iter().map(|u| u.from.as_str()).collect();
+        let to: Vec<&str> = batch.iter().map(|u| u.to.as_str()).collect();
+        let reasons: Vec<&str> = batch.iter().map(|u| u.reason).collect();
+        let details: Vec<String> = batch.iter().map(|u| u.details.to_string()).collect();
+        let params: [(&(dyn ToSql + Sync), Type); 12] = [
+            (&ids, Type::TEXT_ARRAY),
+            (&versions, Type::TEXT_ARRAY),
+            (&values, Type::TEXT_ARRAY),
+            (&owners, Type::TEXT_ARRAY),
+            (&instances, Type::TEXT_ARRAY),
+            (&end_reasons, Type::TEXT_ARRAY),
+            (&ending, Type::BOOL_ARRAY),
+            (&from, Type::TEXT_ARRAY),
+            (&to, Type::TEXT_ARRAY),
+            (&reasons, Type::TEXT_ARRAY),
+            (&details, Type::TEXT_ARRAY),
+            (&audit.actor, Type::TEXT),
+        ];
+        let rows = self.write(WHAT, &sql, &params).await?;
+        Ok(outcomes(ids.iter().copied(), rows.iter().filter_map(|r| r.try_get::<_, String>(0).ok())))
+    }
+
+    /// Inserts rows for live sessions that have none, each only if no row with its
+    /// id exists and its owner has no live row; anything else is a conflict. A
+    /// batch that fails on a row's data is retried a row at a time.
+    pub async fn insert_rows(
+        &mut self,
+        batch: &[RowInsert],
+        audit: &AuditContext,
+    ) -> Result<Vec<RowResult>, StoreError> {
+        match self.insert_rows_once(batch, audit).await {
+            Err(e) if is_row_error(&e) && batch.len() > 1 => {
+                let mut out = Vec::with_capacity(batch.len());
+                for one in batch {
+                    out.push(match self.insert_rows_once(std::slice::from_ref(one), audit).await {
+                        Ok(mut o) => o.pop().unwrap_or(RowResult::Conflict),
+                        Err(e) if is_row_error(&e) => row_result_of(&e),
+                        Err(e) => return Err(e),
+                    });
+                }
+                Ok(out)
+            }
+            Err(e) if is_row_error(&e) => Ok(vec![row_result_of(&e)]),
+            other => other,
+        }
+    }
+
+    async fn insert_rows_once(
+        &mut self,
+        batch: &[RowInsert],
+        audit: &AuditContext,
+    ) -> Result<Vec<RowResult>, StoreError> {
+        const WHAT: &str = "insert unpersisted rows";
+        let table = self.table()?;
+        let sql = table.insert_sql();
+        let mut values = Vec::with_capacity(batch.len());
+        for u in batch {
+            values.push(written(table, u.state)?.to_owned());
+        }
+        let ids: Vec<&str> = batch.iter().map(|u| u.id.as_str()).collect();
+        let states: Vec<&str> = batch.iter().map(|u| u.state.as_str()).collect();
+        let owners: Vec<&str> = batch.iter().map(|u| u.owner_id.as_str()).collect();
+        let instances: Vec<&str> = batch.iter().map(|u| u.controller_instance.as_str()).collect();
+        let created: Vec<chrono::DateTime<chrono::Utc>> = batch.iter().map(|u| u.created_at).collect();
+        let details: Vec<String> = batch.iter().map(|u| u.details.to_string()).collect();
+        let params: [(&(dyn ToSql + Sync), Type); 8] = [
+            (&ids, Type::TEXT_ARRAY),
+            (&values, Type::TEXT_ARRAY),
+            (&states, Type::TEXT_ARRAY),
+            (&owners, Type::TEXT_ARRAY),
+            (&instances, Type::TEXT_ARRAY),
+            (&created, Type::TIMESTAMPTZ_ARRAY),
+            (&details, Type::TEXT_ARRAY),
+            (&audit.actor, Type::TEXT),
+        ];
+        let rows = self.write(WHAT, &sql, &params).await?;
+        Ok(outcomes(ids.iter().copied(), rows.iter().filter_map(|r| r.try_get::<_, String>(0).ok())))
+    }
+
+    /// Runs one write statement in its own transaction, and commits.
+    async fn write(
+        &mut self,
+        what: &'static str,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let timeout = self.timeout;
+        self.count(2); // the statement, COMMIT
+        let tx = self.begin(what, Tx::Write).await?;
+        let rows = tokio::time::timeout(timeout, tx.query_typed(sql, params))
+            .await
+            .map_err(|_| StoreError::Timeout { what, timeout })?
+            .map_err(q(what))?;
+        tokio::time::timeout(timeout, tx.commit())
+            .await
+            .map_err(|_| StoreError::Timeout { what, timeout })?
+            .map_err(q(what))?;
+        Ok(rows)
+    }
+
+    /// Records the intent to stop these sessions, before any request is sent.
+    /// An intent is recorded only for a row still exactly as classified and not
+    /// locked by the application at this instant, and only if no other stop of
+    /// the same session is in flight (whoever sends it). The transaction is
+    /// short: no lock is held while the stops are sent. Returns each stop's
+    /// intent id, or `None` for a conflict.
+    pub async fn open_stops(
+        &mut self,
+        stops: &[StopIntent],
+        audit: &AuditContext,
+        expires_in: Duration,
+    ) -> Result<Vec<Option<i64>>, StoreError> {
+        const WHAT: &str = "record stop intents";
+        let sql = self.table()?.open_stops_sql();
+        let ids: Vec<&str> = stops.iter().map(|z| z.id.as_str()).collect();
+        let versions: Vec<&str> = stops.iter().map(|z| z.version.as_str()).collect();
+        let states: Vec<&str> = stops.iter().map(|z| z.state.as_str()).collect();
+        let ends: Vec<bool> = stops.iter().map(|z| z.end_row).collect();
+        let controllers: Vec<&str> = stops.iter().map(|z| z.controller.as_str()).collect();
+        let kinds: Vec<&str> = stops.iter().map(|z| z.reason).collect();
+        let details: Vec<String> = stops.iter().map(|z| z.details.to_string()).collect();
+        let expires_ms = i64::try_from(expires_in.as_millis()).unwrap_or(i64::MAX);
+        let params: [(&(dyn ToSql + Sync), Type); 10] = [
+            (&ids, Type::TEXT_ARRAY),
+            (&versions, Type::TEXT_ARRAY),
+            (&states, Type::TEXT_ARRAY),
+            (&ends, Type::BOOL_ARRAY),
+            (&controllers, Type::TEXT_ARRAY),
+            (&kinds, Type::TEXT_ARRAY),
+            (&details, Type::TEXT_ARRAY),
+            (&audit.pass_id, Type::TEXT),
+            (&audit.actor, Type::TEXT),
+            (&expires_ms, Type::INT8),
+        ];
+        let rows = self.write(WHAT, &sql, &params).await?;
+        let mut by_id: HashMap<String, i64> = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            by_id.insert(r.try_get(1).map_err(q(WHAT))?, r.try_get(0).map_err(q(WHAT))?);
+        }
+        Ok(ids.iter().map(|id| by_id.get(*id).copied()).collect())
+    }
+
+    /// Settles stop intents with what became of them, in one statement: the
+    /// intent is closed; for a stop that took effect, the audit row is written
+    /// and the session's row touched (or, for a duplicate, ended), but only if
+    /// the row is still as it was when the intent was recorded and nobody holds
+    /// it: an application that re-activated the session meanwhile keeps its
+    /// write. An intent already settled (by another pass) is left alone, so a
+    /// stop is audited exactly once. Returns, per intent, whether this call
+    /// settled it and whether the row was changed.
+    pub async fn settle_stops(&mut self, settles: &[Settle], audit: &AuditContext) -> Result<Vec<Settled>, StoreError> {
+        const WHAT: &str = "settle stop intents";
+        let table = self.table()?;
+        let sql = table.settle_stops_sql();
+        let stopped = written(table, RowState::Stopped)?.to_owned();
+        let ids: Vec<i64> = settles.iter().map(|s| s.intent).collect();
+        let outcomes: Vec<&str> = settles.iter().map(|s| s.outcome.as_str()).collect();
+        let details: Vec<String> = settles.iter().map(|s| s.details.to_string()).collect();
+        let params: [(&(dyn ToSql + Sync), Type); 5] = [
+            (&ids, Type::INT8_ARRAY),
+            (&outcomes, Type::TEXT_ARRAY),
+            (&details, Type::TEXT_ARRAY),
+            (&audit.actor, Type::TEXT),
+            (&stopped, Type::TEXT),
+        ];
+        let rows = self.write(WHAT, &sql, &params).await?;
+        let mut done: HashMap<i64, bool> = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            done.insert(r.try_get(0).map_err(q(WHAT))?, r.try_get(1).map_err(q(WHAT))?);
+        }
+        Ok(ids
+            .iter()
+            .map(|id| match done.get(id) {
+                Some(&row_updated) => Settled { by_us: true, row_updated },
+                None => Settled { by_us: false, row_updated: false },
+            })
+            .collect())
+    }
+}
+
+/// The table's value for a state a repair writes. The config refuses repairs
+/// whose state has no value, so a missing one here is a row-level failure.
+fn written(table: &super::Table, state: RowState) -> Result<&str, StoreError> {
+    table.vocabulary.written(state).ok_or_else(|| {
+        StoreError::Mapping(super::MappingError {
+            table: table.table.clone(),
+            problems: vec![format!("sessions.states.{} has no value to write", state.as_str())],
+        })
+    })
+}
