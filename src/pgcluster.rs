@@ -27,6 +27,8 @@ pub struct PrivateCluster {
     bin: PathBuf,
     run_as: Option<String>,
     pub stop_on_drop: bool,
+    /// Serve TLS with the certificate and key copied into the cluster directory.
+    tls: bool,
 }
 
 /// Finds the directory holding `initdb` and `pg_ctl`.
@@ -102,7 +104,21 @@ impl PrivateCluster {
         } else {
             None
         };
-        Ok(PrivateCluster { dir: dir.to_owned(), port, bin, run_as, stop_on_drop: false })
+        Ok(PrivateCluster { dir: dir.to_owned(), port, bin, run_as, stop_on_drop: false, tls: false })
+    }
+
+    /// Serves TLS (`ssl = on`) with this certificate and key (PEM), besides
+    /// plain connections.
+    pub fn with_tls(mut self, cert: &Path, key: &Path) -> Result<PrivateCluster, ClusterError> {
+        use std::os::unix::fs::PermissionsExt;
+        let step =
+            |e: std::io::Error| ClusterError::Step { step: "install the TLS files".into(), detail: e.to_string() };
+        std::fs::create_dir_all(&self.dir).map_err(step)?;
+        std::fs::copy(cert, self.dir.join("server.crt")).map_err(step)?;
+        std::fs::copy(key, self.dir.join("server.key")).map_err(step)?;
+        std::fs::set_permissions(self.dir.join("server.key"), std::fs::Permissions::from_mode(0o600)).map_err(step)?;
+        self.tls = true;
+        Ok(self)
     }
 
     fn data(&self) -> PathBuf {
@@ -144,12 +160,18 @@ impl PrivateCluster {
         if self.is_running() {
             return Ok(());
         }
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
              -c full_page_writes=off -c max_connections=200",
             self.port,
             self.dir.display()
         );
+        if self.tls {
+            opts.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key",
+                d = self.dir.display()
+            ));
+        }
         let mut c = self.command("pg_ctl");
         c.arg("start")
             .arg("-D")

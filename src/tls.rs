@@ -73,10 +73,10 @@ pub fn client_config(roots: RootCertStore) -> Result<rustls::ClientConfig, Strin
 
 /// Words for a failed TLS handshake that an operator can act on.
 pub fn hint(problem: &str) -> Option<&'static str> {
-    if problem.contains("invalid peer certificate") || problem.contains("UnknownIssuer") {
-        Some("the server's certificate does not verify against the trusted CAs; check ca_file and the host name")
-    } else if problem.contains("NotValidForName") || problem.contains("not valid for name") {
-        Some("the server's certificate is not valid for this host name")
+    if problem.contains("NotValidForName") || problem.contains("not valid for name") {
+        Some("the server's certificate is not valid for this host name: connect by a name it lists")
+    } else if problem.contains("invalid peer certificate") || problem.contains("UnknownIssuer") {
+        Some("the server's certificate does not verify against the trusted CAs; check ca_file")
     } else {
         None
     }

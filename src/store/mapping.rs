@@ -114,6 +114,8 @@ impl CatalogColumn {
 pub struct Table {
     /// The table, quoted and schema-qualified as found.
     pub table: String,
+    /// The same, for messages (`schema.name`).
+    pub name: String,
     pub id: Col,
     pub state: Col,
     pub created_at: Col,
@@ -242,6 +244,7 @@ impl Table {
         let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
         Ok(Table {
             table: format!("{}.{}", q(&cat.schema), q(&cat.name)),
+            name: format!("{}.{}", cat.schema, cat.name),
             id,
             state,
             created_at,

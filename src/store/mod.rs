@@ -328,6 +328,21 @@ impl Store {
         Ok(tx)
     }
 
+    /// A read for `sessiond check`, as one unnamed statement.
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        self.bounded("check the database", self.client.query_typed(sql, params)).await
+    }
+
+    /// The TLS version of this connection, if it is encrypted.
+    pub async fn tls(&self) -> Result<Option<String>, StoreError> {
+        let rows = self.query("SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl", &[]).await?;
+        Ok(rows.first().and_then(|r| r.try_get(0).ok()))
+    }
+
     /// Fails unless sessiond's schema is exactly the version this build needs.
     pub async fn check_schema(&self) -> Result<(), StoreError> {
         const WHAT: &str = "read the schema version";
@@ -511,16 +526,15 @@ where
 fn pg_config(cfg: &DatabaseConfig) -> Result<tokio_postgres::Config, StoreError> {
     let bad = |problem: String| StoreError::Tls { url: cfg.url.clone(), problem };
     let mut url = reqwest::Url::parse(&cfg.url).map_err(|e| bad(e.to_string()))?;
-    let kept: Vec<(String, String)> = url
-        .query_pairs()
-        .filter(|(k, _)| !matches!(k.as_ref(), "sslmode" | "sslrootcert"))
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+    // The other parameters are kept exactly as written (their encoding too).
+    let kept: Vec<String> = url
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("sslmode=") && !p.starts_with("sslrootcert="))
+        .map(str::to_owned)
         .collect();
-    if kept.is_empty() {
-        url.set_query(None);
-    } else {
-        url.query_pairs_mut().clear().extend_pairs(kept);
-    }
+    url.set_query((!kept.is_empty()).then(|| kept.join("&")).as_deref());
     let mut pg: tokio_postgres::Config =
         url.as_str().parse().map_err(|source| StoreError::Connect { url: cfg.url.clone(), source })?;
     if let Some(p) = &cfg.password {

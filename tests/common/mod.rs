@@ -640,3 +640,31 @@ pub fn contract_schema() -> jsonschema::Validator {
 pub fn schema_errors(doc: &serde_json::Value) -> Vec<String> {
     contract_schema().iter_errors(doc).map(|e| format!("{} at {}", e, e.instance_path())).collect()
 }
+
+/// Runs the binary to completion off the test's runtime, which keeps serving
+/// the simulated controllers meanwhile.
+pub async fn run_async(args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&a)
+    })
+    .await
+    .expect("join")
+}
+
+/// The definition of a table as `pg_dump --schema-only` prints it: columns,
+/// constraints, indexes and triggers.
+pub fn table_definition(url: &str, table: &str) -> String {
+    let out = std::process::Command::new(tool("pg_dump", "postgresql-client"))
+        .args(["--schema-only", "--no-owner", "--no-privileges", "--table", table, url])
+        .output()
+        .expect("run pg_dump");
+    assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+    // Newer pg_dump fences its output with a random key: not part of the table.
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
