@@ -476,3 +476,35 @@ fn a_repair_whose_state_the_table_lacks_is_refused_at_load_naming_the_kind() {
     let out = common::run(&["check-config", "--config", path.to_str().expect("utf-8")]);
     assert_eq!(out.status.code(), Some(0), "reported only, it needs no value: {}", text(&out.stderr));
 }
+
+#[tokio::test]
+async fn the_mapped_role_template_is_all_a_daemon_needs_to_repair_every_kind() {
+    let role;
+    let db = TestDb::empty().await;
+    db.client().await.batch_execute(DATA_COLLECTION.ddl).await.expect("the table");
+    let a = SimController::start("ctrl-a").await.expect("controller");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let owner = DATA_COLLECTION.config(&db, &a);
+    let path = write(dir.path(), "owner.toml", &owner);
+    assert_eq!(run_async(&["migrate", "--config", path.to_str().expect("utf-8")]).await.status.code(), Some(0));
+    role = common::Role::create(&db, "docs/sessiond-role-mapped.sql");
+    let f = &DATA_COLLECTION;
+    for n in 0..4 {
+        f.row(&db, n, f.active, 600.0).await;
+        a.add(&(f.id)(n), &(f.owner)(n), "running", Some(ago(600)));
+    }
+    f.row(&db, 10, f.active, 600.0).await; // orphan
+    f.row(&db, 11, "completed", 600.0).await; // zombie
+    a.add(&(f.id)(11), "u11", "running", Some(ago(700)));
+    a.add(&(f.id)(12), "u12", "running", Some(ago(600))); // unpersisted
+    let as_role = write(dir.path(), "role.toml", &owner.replace(&db.url, &role.url(&db.url)));
+    let p = as_role.to_str().expect("utf-8");
+
+    let checked = run_async(&["check", "--config", p]).await;
+    assert_eq!(checked.status.code(), Some(0), "{}", text(&checked.stdout));
+    let once = run_async(&["once", "--config", p]).await;
+    assert_eq!(once.status.code(), Some(0), "{}{}", text(&once.stdout), text(&once.stderr));
+    assert_eq!(f.state(&db, 10).await.as_deref(), Some("stopped"));
+    assert_eq!(f.state(&db, 12).await.as_deref(), Some("running"));
+    assert_eq!(a.stops(), [(f.id)(11)]);
+}

@@ -6,39 +6,10 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{ago, config_text, outcomes, sid, tool, TestDb, IMMEDIATE};
+use common::{ago, config_text, outcomes, sid, Role, TestDb, IMMEDIATE};
 use sessiond::config::{Config, Overrides};
 use sessiond::reconcile::{PassOutcome, PassRequest, Reconciler};
 use sessiond::simctl::SimController;
-
-/// A role created from the shipped SQL, dropped (after its database) on drop.
-struct Role {
-    name: String,
-}
-
-impl Role {
-    fn create(db: &TestDb) -> Role {
-        let name = format!("sessiond_role_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let sql = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/sessiond-role.sql");
-        let out = std::process::Command::new(tool("psql", "postgresql-client"))
-            .args(["-X", "-v", "ON_ERROR_STOP=1", "-v"])
-            .arg(format!("role={name}"))
-            .arg("-d")
-            .arg(&db.url)
-            .arg("-f")
-            .arg(&sql)
-            .output()
-            .expect("run psql");
-        assert!(out.status.success(), "the role SQL failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        Role { name }
-    }
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        common::admin_blocking(format!("DROP ROLE IF EXISTS {}", self.name));
-    }
-}
 
 fn as_role(db: &TestDb, role: &Role, a: &SimController) -> Arc<Config> {
     let mut url = reqwest::Url::parse(&db.url).expect("url");
@@ -52,7 +23,7 @@ async fn the_least_privileged_role_repairs_every_kind() {
     // Declared first so it is dropped after the database that refers to it.
     let role;
     let db = TestDb::migrated().await;
-    role = Role::create(&db);
+    role = Role::create(&db, "docs/sessiond-role.sql");
     let a = SimController::start("ctrl-a").await.expect("controller");
     db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await; // orphaned
     db.insert(&sid(2), "u2", "ctrl-a", "stopped", ago(600)).await; // zombie
@@ -85,7 +56,7 @@ async fn the_least_privileged_role_repairs_every_kind() {
 async fn a_missing_privilege_fails_clearly_naming_the_table() {
     let role;
     let db = TestDb::migrated().await;
-    role = Role::create(&db);
+    role = Role::create(&db, "docs/sessiond-role.sql");
     let a = SimController::start("ctrl-a").await.expect("controller");
     db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await;
     let admin = db.client().await;

@@ -668,3 +668,40 @@ pub fn table_definition(url: &str, table: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// A role created from one of the shipped SQL templates, dropped (after its
+/// database, so declare it first) on drop.
+pub struct Role {
+    pub name: String,
+}
+
+impl Role {
+    pub fn create(db: &TestDb, template: &str) -> Role {
+        let name = format!("sessiond_role_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let sql = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(template);
+        let out = std::process::Command::new(tool("psql", "postgresql-client"))
+            .args(["-X", "-v", "ON_ERROR_STOP=1", "-v"])
+            .arg(format!("role={name}"))
+            .arg("-d")
+            .arg(&db.url)
+            .arg("-f")
+            .arg(&sql)
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "{template} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        Role { name }
+    }
+
+    /// `url` with this role as its user.
+    pub fn url(&self, url: &str) -> String {
+        let mut u = reqwest::Url::parse(url).expect("a URL");
+        let _ = u.set_username(&self.name);
+        u.to_string()
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        admin_blocking(format!("DROP ROLE IF EXISTS {}", self.name));
+    }
+}
