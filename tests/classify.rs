@@ -611,3 +611,95 @@ fn an_id_listed_by_two_instances_is_a_finding_and_never_a_write() {
     let s1 = c.findings.iter().find(|f| f.subject == "s1").expect("the s1 finding");
     assert!(s1.detail.contains("by a (active), b (active)"), "{}", s1.detail);
 }
+
+/// The world's rows without an instance (a table with no instance column).
+fn fleet(w: &mut World) -> &mut World {
+    w.shape.instance = false;
+    for r in &mut w.rows {
+        r.controller_instance = None;
+    }
+    w
+}
+
+#[test]
+fn without_an_instance_column_a_row_is_an_orphan_only_when_every_controller_answered_without_it() {
+    let mut w = World::new();
+    w.instance("b");
+    w.live("b", "s1", "o1", LiveState::Active, OLD).row("s1", "o1", "a", RowState::Active, OLD);
+    w.row("s2", "o2", "a", RowState::Active, OLD);
+    fleet(&mut w);
+    // s1 is held by b (no instance column: that is fine, and no drift); s2 by no one.
+    check(&w, "orphaned s2 repair");
+    w.unreachable("b");
+    check(&w, "unverifiable s1 note\nunverifiable s2 note");
+}
+
+#[test]
+fn without_an_instance_column_no_restart_explains_orphans_to_the_guard() {
+    let mut w = World::new();
+    many_orphans(&mut w, 10, 10);
+    fleet(&mut w);
+    w.boots.insert(
+        "a".into(),
+        BootRecord { trusted: Some("boot-2".into()), changed_at: Some(w.secs_ago(5)), ..BootRecord::default() },
+    );
+    let c = w.run();
+    assert!(c.findings.iter().all(|f| f.decision == Decision::Guarded), "{}", render(&c));
+    assert!(c.guard_tripped.contains_key("a"), "a fleet-wide trip shows on every instance");
+}
+
+#[test]
+fn without_an_owner_column_there_are_no_duplicates() {
+    let mut w = World::new();
+    w.shape.owner = false;
+    w.live("a", "s1", "u", LiveState::Active, OLD).row("s1", "u", "a", RowState::Active, OLD);
+    w.live("a", "s2", "u", LiveState::Active, OLD - 5).row("s2", "u", "a", RowState::Active, OLD - 5);
+    w.live("a", "s3", "u", LiveState::Active, OLD);
+    for r in &mut w.rows {
+        r.owner_id = None;
+    }
+    check(&w, "unpersisted s3 repair");
+}
+
+#[test]
+fn a_repair_that_would_write_a_state_the_table_lacks_is_reported() {
+    let mut w = World::new();
+    w.writable.remove(&RowState::Paused);
+    w.live("a", "s1", "o1", LiveState::Paused, OLD).row("s1", "o1", "a", RowState::Active, OLD);
+    let c = check(&w, "drift s1 report");
+    assert!(matches!(
+        &c.findings[0].decision,
+        Decision::Report {
+            reason: sessiond::reconcile::classify::ReportReason::NoStateValue { state: RowState::Paused }
+        }
+    ));
+}
+
+#[test]
+fn a_row_with_a_state_in_no_list_is_reported_and_nothing_is_inserted_over_it() {
+    let mut w = World::new();
+    w.live("a", "s1", "o1", LiveState::Active, OLD);
+    w.invalid_rows.push(InvalidRow {
+        id: SessionId::from_row("s1".into()),
+        value: Some("RUNNING".into()),
+        controller_instance: Some("a".into()),
+    });
+    let c = check(&w, "invalid_row s1 note");
+    assert_eq!(c.probes.found, 1, "the row exists");
+}
+
+#[test]
+fn why_a_finding_waits_is_typed() {
+    use sessiond::reconcile::classify::Hold;
+    let mut w = World::new();
+    w.options.require_confirmations = true;
+    w.row("s1", "o1", "a", RowState::Active, OLD);
+    w.live("a", "s2", "o2", LiveState::Active, 1);
+    let c = check(&w, "orphaned s1 wait\nunpersisted s2 wait");
+    let hold = |id: &str| match &c.findings.iter().find(|f| f.subject == id).expect("a finding").decision {
+        Decision::Wait { reason } => reason.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(hold("s1"), Hold::Confirming { seen: 1, needed: 2 });
+    assert!(matches!(hold("s2"), Hold::Young { .. }));
+}
