@@ -49,8 +49,17 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Create or upgrade the reference schema (idempotent).
-    Migrate(ConfigArg),
+    /// Create or upgrade sessiond's schema (idempotent). Needs a direct
+    /// connection to PostgreSQL, not one through a pooler.
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Migrate even though the URL seems to reach the server through a
+        /// pooler or proxy: for a port forward or a session-pooling proxy
+        /// that keeps one server connection per client.
+        #[arg(long)]
+        allow_proxy: bool,
+    },
     /// Validate the config and print it, secrets redacted.
     CheckConfig(ConfigArg),
     /// Check the database and every controller before trusting them: one line
@@ -112,12 +121,12 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Migrate(c) => {
-            let cfg = match load(&c.config) {
+        Command::Migrate { config, allow_proxy } => {
+            let cfg = match load(&config.config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match migrate(&cfg).await {
+            match migrate(&cfg, allow_proxy).await {
                 Ok(applied) if applied.is_empty() => {
                     println!("schema is up to date (version {})", crate::store::SCHEMA_VERSION);
                     ExitCode::SUCCESS
@@ -137,6 +146,7 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            let ha = (cfg.ha.enabled && !dry_run).then(|| (cfg.ha.lease, cfg.database.clone()));
             let mut reconciler = match Reconciler::new(Arc::new(cfg)) {
                 Ok(r) => r,
                 Err(e) => {
@@ -144,7 +154,28 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
                     return ExitCode::from(EXIT_FAILED);
                 }
             };
+            // With [ha], a repairing `once` runs only as the leader: it takes the
+            // lease for its one pass (a dry run needs none).
+            let lease = match ha {
+                Some((duration, database)) => match lease_for_once(duration, &database).await {
+                    Ok(lease) => Some(lease),
+                    Err(message) => {
+                        eprintln!("sessiond: {message}");
+                        return ExitCode::from(EXIT_FAILED);
+                    }
+                },
+                None => None,
+            };
+            let lease_stop = CancellationToken::new();
+            let lease_task = lease.map(|(lease, store)| {
+                reconciler.set_lease(lease.clone());
+                tokio::spawn(lease.hold(store, lease_stop.clone()))
+            });
             let rep = reconciler.pass(PassRequest::once().dry_run(dry_run).force(force)).await;
+            lease_stop.cancel();
+            if let Some(task) = lease_task {
+                let _ = task.await;
+            }
             if json {
                 println!("{}", report::to_json(&rep));
             } else {
@@ -226,9 +257,43 @@ async fn demo(args: DemoArgs) -> ExitCode {
     }
 }
 
-async fn migrate(cfg: &Config) -> Result<Vec<i32>, crate::store::StoreError> {
-    let mut store = Store::connect(&cfg.database).await?;
-    store.migrate(&cfg.sessions).await
+/// Takes the lease for `once`, or says who holds it.
+async fn lease_for_once(
+    duration: std::time::Duration,
+    database: &crate::config::DatabaseConfig,
+) -> Result<(crate::lease::Lease, Store), String> {
+    let lease = crate::lease::Lease::new(duration);
+    lease.set_database(database);
+    let mut store = Store::connect(database).await.map_err(|e| format!("cannot take the lease: {e}"))?;
+    match lease.renew(&mut store).await {
+        Ok(true) => Ok((lease, store)),
+        Ok(false) => {
+            let view = lease.view();
+            Err(format!(
+                "[ha] is enabled and another replica leads ({}, term {}): `once` repairs only as the leader. Use \
+                 --dry-run to look without repairing, or stop the replicas first",
+                view.holder.as_deref().unwrap_or("unknown"),
+                view.term.map_or_else(|| "?".to_owned(), |t| t.to_string())
+            ))
+        }
+        Err(e) => Err(format!("cannot take the lease: {e}")),
+    }
+}
+
+async fn migrate(cfg: &Config, allow_proxy: bool) -> Result<Vec<i32>, String> {
+    let mut store = Store::connect(&cfg.database).await.map_err(|e| e.to_string())?;
+    if let Some(why) = store.intermediary(&cfg.database).await.map_err(|e| e.to_string())? {
+        if !allow_proxy {
+            return Err(format!(
+                "the database URL seems to go through a pooler or proxy ({why}). migrate needs a direct \
+                 connection to PostgreSQL: its DDL and its lock must stay on one server session, which a \
+                 transaction-pooling PgBouncer does not keep. Run it with a URL that reaches PostgreSQL itself \
+                 (DATABASE_URL=… sessiond migrate), or pass --allow-proxy if this is a port forward"
+            ));
+        }
+        tracing::warn!(%why, "migrating through what seems to be a proxy (--allow-proxy)");
+    }
+    store.migrate(&cfg.sessions).await.map_err(|e| e.to_string())
 }
 
 /// What the daemon loop reports to: the exporter's state and systemd.
@@ -297,13 +362,26 @@ async fn run_daemon(path: PathBuf, cfg: Config) -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    let reconciler = match Reconciler::new(Arc::new(cfg)) {
+    let ha = cfg.ha.clone();
+    let database = cfg.database.clone();
+    let mut reconciler = match Reconciler::new(Arc::new(cfg)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("sessiond: {e}");
             return ExitCode::from(EXIT_FAILED);
         }
     };
+    // With [ha], the lease is renewed on a task and a connection of its own,
+    // so a long pass never delays it; it is released after the last pass.
+    let lease_stop = CancellationToken::new();
+    let lease_task = ha.enabled.then(|| {
+        let lease = crate::lease::Lease::new(ha.lease);
+        lease.set_database(&database);
+        tracing::info!(holder = lease.holder(), lease = %humantime::format_duration(ha.lease), "[ha] enabled: passes run only while this replica holds the lease");
+        reconciler.set_lease(lease.clone());
+        shared.set_lease(lease.clone());
+        tokio::spawn(lease.run(lease_stop.clone()))
+    });
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics /healthz /readyz /status");
     let server = tokio::spawn(crate::http::serve(listener, Arc::clone(&shared), shutdown.clone()));
 
@@ -319,6 +397,12 @@ async fn run_daemon(path: PathBuf, cfg: Config) -> ExitCode {
     let mut hooks = Hooks { shared, notifier };
     let end = crate::daemon::run(reconciler, shutdown.clone(), reload_rx, source, &mut hooks, progress).await;
     shutdown.cancel();
+    lease_stop.cancel();
+    if let Some(task) = lease_task {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "lease task failed");
+        }
+    }
     if let Err(e) = server.await {
         tracing::error!(error = %e, "http server task failed");
     }

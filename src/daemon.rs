@@ -125,6 +125,14 @@ pub async fn run(
             tracing::warn!(consecutive_failures = failures, next_pass_in = %humantime::format_duration(delay), "backing off");
         }
         let next = started + delay;
+        let lease = reconciler.lease().cloned();
+        let gained = async {
+            match &lease {
+                Some(l) if report.role.is_follower() => l.gained().await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::pin!(gained);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -132,12 +140,22 @@ pub async fn run(
                     return RunEnd::Shutdown;
                 }
                 _ = tokio::time::sleep_until(next) => break,
+                // A follower that takes over starts its first pass at once.
+                _ = &mut gained => break,
                 _ = heartbeat.tick() => progress.tick(),
                 Some(()) = reload.recv() => {
                     observer.reloading();
                     match Config::load(&source.path, &source.overrides) {
+                        Ok(cfg) if cfg.ha != reconciler.config().ha => {
+                            let e = "[ha] cannot change on reload; restart the service to change it";
+                            tracing::error!("config reload rejected: {e}; the running config stays");
+                            observer.reload_rejected(e);
+                        }
                         Ok(cfg) => {
                             let cfg = Arc::new(cfg);
+                            if let Some(l) = reconciler.lease() {
+                                l.set_database(&cfg.database);
+                            }
                             reconciler.set_config(Arc::clone(&cfg));
                             observer.config_reloaded(&cfg);
                             tracing::info!(config = %source.path.display(), "config reloaded; takes effect at the next pass");

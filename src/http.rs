@@ -47,6 +47,8 @@ pub struct Shared {
     interval: RwLock<Duration>,
     last: RwLock<Option<LastPass>>,
     started: Instant,
+    /// With `[ha]`: the lease, read at every scrape.
+    lease: RwLock<Option<crate::lease::Lease>>,
 }
 
 impl Shared {
@@ -60,6 +62,7 @@ impl Shared {
             interval: RwLock::new(cfg.daemon.interval),
             last: RwLock::new(None),
             started: Instant::now(),
+            lease: RwLock::new(None),
         }))
     }
 
@@ -93,6 +96,19 @@ impl Shared {
             None => WebConfig::plain(),
         };
         *self.web.write().unwrap_or_else(|p| p.into_inner()) = web;
+    }
+
+    /// Exports the lease's state (leader, term, transitions) at every scrape.
+    pub fn set_lease(&self, lease: crate::lease::Lease) {
+        *self.lease.write().unwrap_or_else(|p| p.into_inner()) = Some(lease);
+    }
+
+    /// The exposition text, with the lease as it is at this instant.
+    pub fn render_metrics(&self) -> Vec<u8> {
+        if let Some(lease) = &*self.lease.read().unwrap_or_else(|p| p.into_inner()) {
+            self.metrics.observe_lease(lease);
+        }
+        self.metrics.render()
     }
 
     fn web(&self) -> WebConfig {
@@ -159,6 +175,7 @@ pub fn status_document(r: &PassReport) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "pass_id": r.pass_id,
+        "role": r.role,
         "started_at": r.started_at,
         "duration_seconds": r.duration_seconds,
         "outcome": r.outcome.as_str(),
@@ -211,7 +228,7 @@ pub async fn handle(shared: &Shared, req: &Request<impl hyper::body::Body>) -> R
         }
     }
     match path {
-        "/metrics" => text(StatusCode::OK, CONTENT_TYPE, shared.metrics.render()),
+        "/metrics" => text(StatusCode::OK, CONTENT_TYPE, shared.render_metrics()),
         "/healthz" => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
         "/readyz" => match shared.readiness() {
             Ok(()) => text(StatusCode::OK, "text/plain; charset=utf-8", "ready\n"),

@@ -13,6 +13,7 @@ pub mod controller;
 pub mod daemon;
 pub mod demo;
 pub mod http;
+pub mod lease;
 pub mod logging;
 pub mod metrics;
 pub mod model;

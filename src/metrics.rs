@@ -48,6 +48,13 @@ pub struct Metrics {
     app_reused: IntCounterVec,
     app_lookups: IntCounterVec,
     app_cleanups: IntCounterVec,
+    leader: IntGauge,
+    leader_term: IntGauge,
+    leader_transitions: prometheus::IntCounter,
+    /// Transitions already counted into `leader_transitions`.
+    transitions_seen: Mutex<u64>,
+    /// The term of the last pass this replica led (see `record_app_counters`).
+    led_term: Mutex<Option<i64>>,
     /// The last counters seen per controller, with the boot id they belong to.
     app_last: Mutex<HashMap<String, (String, AppCounters)>>,
     controllers: Mutex<BTreeSet<String>>,
@@ -171,10 +178,25 @@ impl Metrics {
                 opts("sessiond_app_cleanups_total", "Session cleanups the application ran, as its controller reports."),
                 &["controller", "outcome"],
             )?,
+            leader: IntGauge::with_opts(opts(
+                "sessiond_leader",
+                "1 if this replica runs the passes: it holds the lease, or [ha] is off. 0 on a follower.",
+            ))?,
+            leader_term: IntGauge::with_opts(opts(
+                "sessiond_leader_term",
+                "The lease's term as this replica last saw it (it increases on every takeover); 0 without [ha].",
+            ))?,
+            leader_transitions: prometheus::IntCounter::with_opts(opts(
+                "sessiond_leader_transitions_total",
+                "Times this replica became, or stopped being, the leader.",
+            ))?,
+            transitions_seen: Mutex::new(0),
+            led_term: Mutex::new(None),
             app_last: Mutex::new(HashMap::new()),
             controllers: Mutex::new(BTreeSet::new()),
             registry,
         };
+        m.leader.set(1);
         m.registry.register(Box::new(build_info))?;
         m.registry.register(Box::new(m.passes.clone()))?;
         m.registry.register(Box::new(m.duration.clone()))?;
@@ -193,6 +215,9 @@ impl Metrics {
         m.registry.register(Box::new(m.app_reused.clone()))?;
         m.registry.register(Box::new(m.app_lookups.clone()))?;
         m.registry.register(Box::new(m.app_cleanups.clone()))?;
+        m.registry.register(Box::new(m.leader.clone()))?;
+        m.registry.register(Box::new(m.leader_term.clone()))?;
+        m.registry.register(Box::new(m.leader_transitions.clone()))?;
 
         // Every bounded series exists from the start, so rate() and absent()
         // behave before the first event of each kind.
@@ -251,8 +276,54 @@ impl Metrics {
         *known = wanted;
     }
 
+    /// Follows the lease, at scrape time: whether this replica leads now.
+    pub fn observe_lease(&self, lease: &crate::lease::Lease) {
+        let view = lease.view();
+        self.leader.set(i64::from(lease.is_valid_now()));
+        self.leader_term.set(view.term.unwrap_or(0));
+        let now = lease.transitions();
+        let mut seen = self.transitions_seen.lock().unwrap_or_else(|p| p.into_inner());
+        self.leader_transitions.inc_by(now.saturating_sub(*seen));
+        *seen = now.max(*seen);
+    }
+
+    /// A follower's turn: it saw nothing, so it exports nothing of the fleet;
+    /// the leader does. Only its own reach of the database is its to report.
+    fn record_follower(&self, report: &PassReport) {
+        self.database_up.set(i64::from(report.database_up));
+        let known = self.controllers.lock().unwrap_or_else(|p| p.into_inner());
+        for name in known.iter() {
+            let _ = self.controller_up.remove_label_values(&[name]);
+            let _ = self.guard.remove_label_values(&[name]);
+            let _ = self.inconsistent.remove_label_values(&[name]);
+        }
+        for kind in Kind::ALL {
+            let _ = self.discrepancies.remove_label_values(&[kind.as_str()]);
+        }
+        for source in ["controller", "database"] {
+            for state in LIVE_ROW_STATES {
+                let _ = self.sessions.remove_label_values(&[source, state.as_str()]);
+            }
+        }
+    }
+
     /// Records one pass.
     pub fn record_pass(&self, report: &PassReport, ended_unix: f64) {
+        if report.role.is_follower() {
+            self.record_follower(report);
+            return;
+        }
+        {
+            // A replica that leads again re-exports the controllers' counters
+            // from where they are now: the increase meanwhile was the other
+            // leader's to export.
+            let mut led = self.led_term.lock().unwrap_or_else(|p| p.into_inner());
+            let term = report.role.term();
+            if *led != term {
+                *led = term;
+                self.rebaseline_app_counters(&report.instances);
+            }
+        }
         self.passes.with_label_values(&[report.outcome.as_str()]).inc();
         self.duration.observe(report.duration_seconds);
         self.database_up.set(i64::from(report.database_up));
@@ -296,6 +367,17 @@ impl Metrics {
         self.probes.with_label_values(&["not_found", "never_existed"]).inc_by(p.never_existed);
         self.probes.with_label_values(&["not_found", "deleted"]).inc_by(p.deleted);
         self.probes.with_label_values(&["not_found", "invalid_format"]).inc_by(p.invalid_format);
+    }
+
+    /// Takes the controllers' counters as they are now as the baseline, for
+    /// the controllers whose counters this process has exported before.
+    fn rebaseline_app_counters(&self, instances: &[crate::reconcile::InstanceReport]) {
+        let mut last = self.app_last.lock().unwrap_or_else(|p| p.into_inner());
+        for inst in instances {
+            if let (Some(boot), Some(c), true) = (&inst.boot_id, &inst.counters, last.contains_key(&inst.name)) {
+                last.insert(inst.name.clone(), (boot.clone(), c.clone()));
+            }
+        }
     }
 
     /// Re-exports the application's cumulative counters. They restart from zero

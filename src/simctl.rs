@@ -56,6 +56,17 @@ pub enum Fault {
     Workers(Vec<String>),
 }
 
+/// A stop request as received, for the request log.
+#[derive(Clone, Debug)]
+pub struct StopRequest {
+    pub session_id: String,
+    pub received_at: DateTime<Utc>,
+    /// The `Sessiond-Actor` header.
+    pub actor: Option<String>,
+    /// The `Sessiond-Term` header.
+    pub term: Option<i64>,
+}
+
 #[derive(Clone, Debug)]
 pub struct SimSession {
     pub owner_id: String,
@@ -71,6 +82,8 @@ struct State {
     fault: Fault,
     stop_status: Option<u16>,
     stops: Vec<String>,
+    /// Every stop request, as received.
+    requests: Vec<StopRequest>,
     /// The exact `Authorization` header every request must carry.
     authorization: Option<String>,
     counters: crate::model::AppCounters,
@@ -140,6 +153,7 @@ impl SimController {
             fault: Fault::None,
             stop_status: None,
             stops: Vec::new(),
+            requests: Vec::new(),
             authorization: None,
             counters: crate::model::AppCounters::default(),
             stop_delay: std::time::Duration::ZERO,
@@ -310,6 +324,11 @@ impl SimController {
     pub fn stops(&self) -> Vec<String> {
         self.lock().stops.clone()
     }
+
+    /// Every stop request received, in order, with who sent it and when.
+    pub fn stop_requests(&self) -> Vec<StopRequest> {
+        self.lock().requests.clone()
+    }
     pub fn shutdown(&self) {
         self.shutdown.cancel();
     }
@@ -411,6 +430,14 @@ impl SimController {
                 // A received stop is carried out even if the caller goes away
                 // while it runs, as a real controller's would be.
                 let id = id.to_owned();
+                let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                let request = StopRequest {
+                    session_id: id.clone(),
+                    received_at: Utc::now(),
+                    actor: header("sessiond-actor"),
+                    term: header("sessiond-term").and_then(|t| t.parse().ok()),
+                };
+                self.lock().requests.push(request);
                 let sim = self.clone();
                 let work = tokio::spawn(async move {
                     if !stop_delay.is_zero() {

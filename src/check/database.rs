@@ -33,10 +33,34 @@ pub async fn check(cfg: &Config) -> Vec<CheckLine> {
                 .unwrap_or_default()
         ),
     ));
+    match store.intermediary(&cfg.database).await {
+        Ok(Some(why)) => out.push(line(
+            Status::Warn,
+            "pooler",
+            format!(
+                "connected through a pooler or proxy ({why}): run and once work in transaction pooling mode; \
+                 migrate needs a direct connection"
+            ),
+        )),
+        Ok(None) => {}
+        Err(e) => out.push(line(Status::Warn, "pooler", format!("cannot tell whether a pooler is in between: {e}"))),
+    }
     out.push(match store.check_schema().await {
         Ok(()) => line(Status::Ok, "schema", format!("sessiond's schema is at version {SCHEMA_VERSION}")),
         Err(e) => line(Status::Fail, "schema", e.to_string()),
     });
+    if cfg.ha.enabled {
+        out.push(match store.lease_holder(crate::lease::LEASE_NAME).await {
+            Ok(Some(l)) if l.valid => line(Status::Ok, "lease", format!("{} leads (term {})", l.holder, l.term)),
+            Ok(Some(l)) => line(
+                Status::Warn,
+                "lease",
+                format!("no replica leads: the lease of {} (term {}) has expired", l.holder, l.term),
+            ),
+            Ok(None) => line(Status::Ok, "lease", "no replica has led yet".to_owned()),
+            Err(e) => line(Status::Fail, "lease", e.to_string()),
+        });
+    }
     let table = match store.bind_table(&cfg.sessions, &cfg.reconcile.policy).await {
         Ok(t) => t.clone(),
         Err(crate::store::StoreError::Mapping(m)) => {

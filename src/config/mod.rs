@@ -73,6 +73,15 @@ pub struct RawConfig {
     pub reconcile: RawReconcile,
     #[serde(default)]
     pub sessions: RawSessions,
+    #[serde(default)]
+    pub ha: RawHa,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHa {
+    pub enabled: Option<bool>,
+    pub lease: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -168,6 +177,24 @@ pub struct Config {
     pub controllers: Vec<ControllerConfig>,
     pub reconcile: ReconcileConfig,
     pub sessions: SessionsConfig,
+    pub ha: HaConfig,
+}
+
+/// Several replicas, one leader: `[ha]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HaConfig {
+    /// Replicas elect one leader through a lease in PostgreSQL; only the
+    /// leader runs passes.
+    pub enabled: bool,
+    /// A leader that has not renewed for this long is replaced.
+    #[serde(with = "humantime_serde_compat")]
+    pub lease: Duration,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        HaConfig { enabled: false, lease: Duration::from_secs(30) }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -421,6 +448,7 @@ impl Config {
             database: &'a DatabaseConfig,
             controller: &'a [ControllerConfig],
             reconcile: &'a ReconcileConfig,
+            ha: &'a HaConfig,
             sessions: &'a SessionsConfig,
         }
         let out = Out {
@@ -428,6 +456,7 @@ impl Config {
             database: &self.database,
             controller: &self.controllers,
             reconcile: &self.reconcile,
+            ha: &self.ha,
             sessions: &self.sessions,
         };
         toml::to_string_pretty(&out).unwrap_or_else(|e| format!("# cannot render the config: {e}\n"))
@@ -630,6 +659,7 @@ const CONTROLLER_TIMEOUT_BOUNDS: (Duration, Duration) = (Duration::from_millis(1
 const GRACE_BOUNDS: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(7 * 86_400));
 const CREATING_TIMEOUT_BOUNDS: (Duration, Duration) = (SECOND, Duration::from_secs(30 * 86_400));
 const DEAD_AFTER_BOUNDS: (Duration, Duration) = (MINUTE, Duration::from_secs(365 * 86_400));
+const LEASE_BOUNDS: (Duration, Duration) = (SECOND, Duration::from_secs(600));
 
 /// Checks that `^` and `$` bind the whole pattern. `^exec_.*|.*$` starts with
 /// `^` and ends with `$`, yet its second branch matches anything: a top-level
@@ -896,8 +926,12 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
         },
     };
     refuse_impossible_repairs(file, &sessions, &reconcile.policy)?;
+    let ha = HaConfig {
+        enabled: raw.ha.enabled.unwrap_or(false),
+        lease: duration_in(file, "ha.lease", raw.ha.lease.as_deref(), HaConfig::default().lease, LEASE_BOUNDS)?,
+    };
 
-    Ok(Config { source: file.to_owned(), daemon, database, controllers, reconcile, sessions })
+    Ok(Config { source: file.to_owned(), daemon, database, controllers, reconcile, sessions, ha })
 }
 
 /// Each kind of repair writes some canonical state; one whose state has no

@@ -61,6 +61,20 @@ struct Clients {
     stop: reqwest::Client,
 }
 
+/// Who sends a stop request.
+#[derive(Clone, Copy, Debug)]
+pub struct StopFrom<'a> {
+    /// Who sends it: visible ASCII only (see [`header_safe`]).
+    pub actor: &'a str,
+    /// The leader's term, with several replicas.
+    pub term: Option<i64>,
+}
+
+/// `s` with everything a header value cannot carry replaced by `_`.
+pub fn header_safe(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '_' }).collect()
+}
+
 /// A client for all configured controller instances.
 #[derive(Clone)]
 pub struct ControllerClient {
@@ -225,7 +239,16 @@ impl ControllerClient {
     }
 
     /// Asks the controller to stop one session. 2xx or 404 means it is gone.
-    pub async fn stop(&self, c: &ControllerConfig, id: &SessionId) -> Result<u16, ControllerError> {
+    /// Asks the controller to stop one session. The request names its sender
+    /// (`Sessiond-Actor`) and, with several replicas, the leader's term
+    /// (`Sessiond-Term`), so a controller's request log says who sent each
+    /// stop, and a controller may refuse a term older than one it has seen.
+    pub async fn stop(
+        &self,
+        c: &ControllerConfig,
+        id: &SessionId,
+        from: &StopFrom<'_>,
+    ) -> Result<u16, ControllerError> {
         let Some(template) = &c.stop_url else {
             return Err(ControllerError::Stop {
                 url: String::new(),
@@ -237,7 +260,11 @@ impl ControllerClient {
         // from turning an id into a different path.
         let url = template.replace("{session_id}", &path_escape(id.as_str()));
         let client = &self.clients(c)?.stop;
-        let req = authorize(client.post(&url).header("content-length", "0"), c);
+        let mut req = client.post(&url).header("content-length", "0").header("sessiond-actor", from.actor);
+        if let Some(term) = from.term {
+            req = req.header("sessiond-term", term.to_string());
+        }
+        let req = authorize(req, c);
         let resp = tokio::time::timeout(c.timeout, req.send())
             .await
             .map_err(|_| ControllerError::Stop {

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 
 use crate::config::{Config, DatabaseConfig};
-use crate::controller::{ControllerClient, ControllerError};
+use crate::controller::{header_safe, ControllerClient, ControllerError, StopFrom};
 use crate::model::StopOutcome;
 use crate::reconcile::classify::{Decision, Finding, Repair, SettleIntent};
 use crate::reconcile::FindingResult;
@@ -59,6 +59,10 @@ pub struct ApplyContext<'a> {
     pub progress: Option<&'a crate::daemon::Progress>,
     /// Past this instant nothing more is applied.
     pub deadline: Instant,
+    /// With several replicas: the lease, checked before every stop request,
+    /// and the fence every write of a re-made connection gets.
+    pub lease: Option<&'a crate::lease::Lease>,
+    pub fence: Option<crate::store::Fence>,
 }
 
 impl ApplyContext<'_> {
@@ -68,15 +72,17 @@ impl ApplyContext<'_> {
         }
     }
 
+    /// The plan's deadline has passed, or this replica no longer leads.
     fn expired(&self) -> bool {
-        Instant::now() >= self.deadline
+        Instant::now() >= self.deadline || self.lease.is_some_and(|l| !l.is_valid_now())
     }
 
     /// The connection, made anew if the last failure closed it.
     async fn store(&mut self) -> Result<&mut Store, StoreError> {
         if self.store.as_ref().is_none_or(Store::is_closed) {
             *self.store = None;
-            let store = crate::reconcile::connect(self.config, self.round_trips).await?;
+            let mut store = crate::reconcile::connect(self.config, self.round_trips).await?;
+            store.set_fence(self.fence.clone());
             tracing::info!("database connection re-made during the pass");
             *self.store = Some(store);
         }
@@ -114,6 +120,7 @@ pub async fn apply(mut ctx: ApplyContext<'_>, findings: Vec<Finding>, settle: &[
     let details = |f: &Finding| {
         serde_json::json!({
             "pass_id": audit.pass_id,
+            "term": audit.term,
             "sessiond_version": env!("CARGO_PKG_VERSION"),
             "kind": f.kind.as_str(),
             "controller": f.instance,
@@ -154,6 +161,10 @@ pub async fn apply(mut ctx: ApplyContext<'_>, findings: Vec<Finding>, settle: &[
         ctx.tick();
         match result {
             Ok(rows) => record(&mut results, chunk, &rows),
+            Err(StoreError::Fenced { .. }) => {
+                expired = true;
+                defer(&mut results, chunk);
+            }
             Err(e) => {
                 tracing::error!(error = %e, rows = chunk.len(), "repair batch failed and was rolled back");
                 fail(&mut results, chunk, &e.to_string());
@@ -188,6 +199,10 @@ pub async fn apply(mut ctx: ApplyContext<'_>, findings: Vec<Finding>, settle: &[
         ctx.tick();
         match result {
             Ok(rows) => record(&mut results, chunk, &rows),
+            Err(StoreError::Fenced { .. }) => {
+                expired = true;
+                defer(&mut results, chunk);
+            }
             Err(e) => {
                 tracing::error!(error = %e, rows = chunk.len(), "insert batch failed and was rolled back");
                 fail(&mut results, chunk, &e.to_string());
@@ -212,7 +227,11 @@ pub async fn apply(mut ctx: ApplyContext<'_>, findings: Vec<Finding>, settle: &[
 
     if expired {
         let deferred = results.iter().filter(|r| r.outcome == Some(Outcome::Deferred)).count();
-        tracing::warn!(deferred, "the pass ran past its plan's deadline; the rest is left for a fresh pass");
+        if ctx.lease.is_some_and(|l| !l.is_valid_now()) {
+            tracing::warn!(deferred, "this replica lost the lease during the pass; the rest is left to the leader");
+        } else {
+            tracing::warn!(deferred, "the pass ran past its plan's deadline; the rest is left for a fresh pass");
+        }
     }
     let any_failed = results.iter().any(|r| r.outcome == Some(Outcome::Failed));
     Applied { results, any_failed, expired }
@@ -257,6 +276,10 @@ async fn stop_batch(
     ctx.tick();
     let opened = match opened {
         Ok(o) => o,
+        Err(StoreError::Fenced { .. }) => {
+            defer(results, chunk);
+            return true;
+        }
         Err(e) => {
             tracing::error!(error = %e, "recording stop intents failed; no stop was sent");
             fail(results, chunk, &e.to_string());
@@ -275,12 +298,18 @@ async fn stop_batch(
     let deadline = ctx.deadline;
     let client = ctx.client;
     let progress = ctx.progress;
+    let lease = ctx.lease;
+    let actor = header_safe(&ctx.audit.actor);
+    let term = ctx.audit.term;
+    let actor = actor.as_str();
     let answers: Vec<StopAnswer> = futures_util::stream::iter(to_send.into_iter().map(|(i, intent, id)| async move {
-        // A stall past the deadline sends nothing more from this plan.
-        if Instant::now() >= deadline {
+        // A stall past the deadline sends nothing more from this plan, and a
+        // replica sends a stop only while its lease is valid at that moment.
+        if Instant::now() >= deadline || lease.is_some_and(|l| !l.is_valid_now()) {
             return (i, intent, None);
         }
-        let answer = client.stop(ctrl, &id).await;
+        let from = StopFrom { actor, term };
+        let answer = client.stop(ctrl, &id, &from).await;
         if let Some(p) = progress {
             p.tick();
         }
@@ -308,7 +337,10 @@ async fn stop_batch(
             }
             None => {
                 expired = true;
-                (StopOutcome::NotSent, serde_json::json!({ "error": "the plan's deadline passed first" }))
+                (
+                    StopOutcome::NotSent,
+                    serde_json::json!({ "error": "the plan's deadline passed, or the lease was lost, first" }),
+                )
             }
         };
         settles.push(Settle { intent: *intent, outcome, details: extra });

@@ -91,11 +91,45 @@ pub struct FindingResult {
     pub error: Option<String>,
 }
 
+/// The part this process played in a pass.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Role {
+    /// `[ha]` is off: the only replica.
+    Single,
+    /// It held the lease, with this term, for the pass.
+    Leader { term: i64, holder: String },
+    /// Another replica leads (or none does yet): nothing was fetched, read
+    /// or repaired.
+    Follower {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        leader: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        term: Option<i64>,
+    },
+}
+
+impl Role {
+    pub fn is_follower(&self) -> bool {
+        matches!(self, Role::Follower { .. })
+    }
+
+    /// The leader's term (none without `[ha]`).
+    pub fn term(&self) -> Option<i64> {
+        match self {
+            Role::Single => None,
+            Role::Leader { term, .. } => Some(*term),
+            Role::Follower { term, .. } => *term,
+        }
+    }
+}
+
 /// Everything a pass found and did; rendered by `once`, logged by `run`, exported
 /// as metrics.
 #[derive(Clone, Debug, Serialize)]
 pub struct PassReport {
     pub pass_id: String,
+    pub role: Role,
     pub started_at: DateTime<Utc>,
     pub duration_seconds: f64,
     pub outcome: PassOutcome,
@@ -208,6 +242,10 @@ pub struct Reconciler {
     /// The malformed parts each controller's document had last time, so each
     /// is logged once when it appears or changes, not every pass.
     payload_problems: BTreeMap<String, Vec<String>>,
+    /// With `[ha]`: the lease; only its holder runs passes.
+    lease: Option<crate::lease::Lease>,
+    /// The term of the last pass this replica led (none: it followed).
+    led_term: Option<i64>,
 }
 
 impl Reconciler {
@@ -222,7 +260,41 @@ impl Reconciler {
             progress: None,
             round_trips: Arc::new(AtomicU64::new(0)),
             payload_problems: BTreeMap::new(),
+            lease: None,
+            led_term: None,
         })
+    }
+
+    /// Runs passes only while `lease` is held, fencing every write by it.
+    pub fn set_lease(&mut self, lease: crate::lease::Lease) {
+        self.actor = format!("sessiond@{}", lease.holder());
+        self.lease = Some(lease);
+    }
+
+    pub fn lease(&self) -> Option<&crate::lease::Lease> {
+        self.lease.as_ref()
+    }
+
+    /// The role of the coming pass, and the fence its writes carry. A replica
+    /// that starts leading (again) forgets what earlier passes saw: another
+    /// leader may have acted in between, so confirmations start over.
+    fn take_role(&mut self) -> (Role, Option<crate::store::Fence>) {
+        let Some(lease) = &self.lease else { return (Role::Single, None) };
+        let fence = lease.fence();
+        let role = match &fence {
+            Some(f) => Role::Leader { term: f.term, holder: f.holder.clone() },
+            None => {
+                let view = lease.view();
+                Role::Follower { leader: view.holder, term: view.term }
+            }
+        };
+        let term = fence.as_ref().map(|f| f.term);
+        if term != self.led_term {
+            self.memory = Memory::default();
+            self.boots = None;
+            self.led_term = term;
+        }
+        (role, fence)
     }
 
     pub fn config(&self) -> &Arc<Config> {
@@ -285,8 +357,10 @@ impl Reconciler {
         let started = Instant::now();
         let started_at = Utc::now();
         let cfg = Arc::clone(&self.config);
+        let (role, fence) = self.take_role();
         let mut report = PassReport {
             pass_id: uuid::Uuid::new_v4().to_string(),
+            role,
             started_at,
             duration_seconds: 0.0,
             outcome: PassOutcome::Ok,
@@ -305,6 +379,18 @@ impl Reconciler {
             stages: Stages::default(),
         };
 
+        if report.role.is_follower() {
+            // Another replica leads: fetch nothing, read nothing, repair nothing.
+            report.database_up = self.lease.as_ref().is_some_and(crate::lease::Lease::reaches_database);
+            if !report.database_up {
+                report.outcome = PassOutcome::Failed;
+                report.error = Some("the lease cannot be read or renewed: the database is not reachable".into());
+            }
+            report.duration_seconds = started.elapsed().as_secs_f64();
+            report::log_summary(&report);
+            return report;
+        }
+
         // Controllers first, then the database: a row written between the two
         // reads is protected by the snapshot-skew rule, and a session created
         // between them is protected by grace.
@@ -322,8 +408,15 @@ impl Reconciler {
 
         // The plan applies only while the evidence it rests on is fresh.
         let deadline = started + cfg.reconcile.plan_max_age();
-        match self.read_and_classify(&cfg, instances, &mut report, req, deadline).await {
+        match self.read_and_classify(&cfg, instances, &mut report, req, deadline, fence).await {
             Ok(()) => {}
+            Err(StoreError::Fenced { term }) => {
+                tracing::warn!(term, "this replica lost the lease during the pass; nothing more was written");
+                report.outcome = PassOutcome::Partial;
+                report.database_up = true;
+                report.error =
+                    Some(format!("the lease of term {term} was lost during the pass; the new leader carries on"));
+            }
             Err(e) if e.is_fatal() => {
                 tracing::error!(error = %e, "the sessions table does not fit the config; no pass can be right");
                 report.outcome = PassOutcome::Failed;
@@ -354,6 +447,7 @@ impl Reconciler {
         report: &mut PassReport,
         req: PassRequest,
         deadline: Instant,
+        fence: Option<crate::store::Fence>,
     ) -> Result<(), StoreError> {
         let read_only = req.dry_run || cfg.daemon.mode == Mode::Observe;
         let PassRequest { force, require_confirmations, .. } = req;
@@ -362,6 +456,7 @@ impl Reconciler {
             self.store = Some(connect(cfg, &self.round_trips).await?);
         }
         let Some(store) = self.store.as_mut() else { unreachable!("the store was connected just above") };
+        store.set_fence(fence.clone());
         let mut instances = instances;
         let table = store.table()?;
         normalize_ids(&mut instances, table.id.kind);
@@ -476,7 +571,8 @@ impl Reconciler {
         }
         self.boots = Some(boots);
 
-        let audit = AuditContext { actor: self.actor.clone(), pass_id: report.pass_id.clone() };
+        let audit =
+            AuditContext { actor: self.actor.clone(), pass_id: report.pass_id.clone(), term: report.role.term() };
         let apply_started = std::time::Instant::now();
         let ctx = apply::ApplyContext {
             store: &mut self.store,
@@ -487,6 +583,8 @@ impl Reconciler {
             audit: &audit,
             progress: self.progress.as_ref(),
             deadline,
+            lease: self.lease.as_ref().filter(|_| fence.is_some()),
+            fence,
         };
         let applied = apply::apply(ctx, classification.findings, &classification.settle).await;
         report.stages.apply = apply_started.elapsed().as_secs_f64();

@@ -3,11 +3,19 @@
 
 use std::fmt::Write as _;
 
-use super::{PassOutcome, PassReport};
+use super::{PassOutcome, PassReport, Role};
 use crate::reconcile::classify::Decision;
 
 /// Logs one structured line for the pass. Per-session details stay at debug.
 pub fn log_summary(report: &PassReport) {
+    if let Role::Follower { leader, term } = &report.role {
+        // Changes of leader are logged by the lease; a follower's turns are quiet.
+        tracing::debug!(leader = leader.as_deref().unwrap_or("none"), term = ?term, "following");
+        if report.outcome == PassOutcome::Failed {
+            tracing::error!(error = report.error.as_deref().unwrap_or(""), "follower cannot reach the database");
+        }
+        return;
+    }
     let findings = kv(report.findings_by_kind().iter().map(|(k, n)| (k.as_str().to_owned(), *n)));
     let repairs = kv(report.outcomes_by_kind().iter().map(|((k, o), n)| (format!("{}.{o}", k.as_str()), *n)));
     let up = report.instances.iter().filter(|i| i.reachable).count();
@@ -61,6 +69,12 @@ fn kv(items: impl Iterator<Item = (String, u64)>) -> String {
 
 /// A one-line summary for systemd's `STATUS=`.
 pub fn status_line(report: &PassReport) -> String {
+    if let Role::Follower { leader, term } = &report.role {
+        return match (leader, term) {
+            (Some(l), Some(t)) => format!("following: {l} leads (term {t})"),
+            _ => "following: no leader yet".into(),
+        };
+    }
     let up = report.instances.iter().filter(|i| i.reachable).count();
     let findings = kv(report.findings_by_kind().iter().map(|(k, n)| (k.as_str().to_owned(), *n)));
     let repaired: u64 = report.outcomes_by_kind().iter().filter(|((_, o), _)| *o == "repaired").map(|(_, n)| *n).sum();
@@ -94,6 +108,9 @@ pub fn to_table(report: &PassReport) -> String {
         if report.dry_run { "  (dry run: nothing changed)" } else { "" },
         if report.mode == crate::config::Mode::Observe { "  (observe mode: nothing changed)" } else { "" },
     );
+    if let Role::Leader { term, holder } = &report.role {
+        let _ = writeln!(s, "leader {holder}, term {term}");
+    }
     if let Some(e) = &report.error {
         let _ = writeln!(s, "error: {e}");
     }

@@ -458,7 +458,7 @@ impl Table {
     /// Settles stop intents (see `Store::settle_stops`).
     ///
     /// `$1` intent ids, `$2` outcomes, `$3` details, `$4` actor, `$5` the
-    /// stopped state's value.
+    /// stopped state's value, `$6` the leader's term (or NULL).
     pub fn settle_stops_sql(&self) -> String {
         // A stopped zombie's row is touched, so its version changes; a
         // duplicate's is ended.
@@ -517,6 +517,9 @@ impl Table {
                         CASE WHEN t.end_row THEN 'stopped' ELSE st.row_state END,
                         'reconciler', $4, st.kind,
                         st.details || jsonb_build_object('intent', st.id, 'row_updated', t.session_id IS NOT NULL)
+                          -- the term of whoever settles it, which wrote this row
+                          || CASE WHEN $6::bigint IS NULL THEN '{{}}'::jsonb
+                                  ELSE jsonb_build_object('term', $6::bigint) END
                    FROM settled st LEFT JOIN touched t ON t.session_id = st.session_id
                   WHERE st.outcome = 'stopped'
                  RETURNING session_id

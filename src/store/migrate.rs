@@ -124,13 +124,28 @@ ALTER TABLE sessiond_instance_state ADD COLUMN IF NOT EXISTS seen_boot_ids text[
 ALTER TABLE sessiond_instance_state ADD COLUMN IF NOT EXISTS inconsistent_since timestamptz;
 "#,
     },
+    Migration {
+        version: 4,
+        description: "leases: one leader among several replicas, fenced by term",
+        reference: "",
+        own: r#"
+CREATE TABLE IF NOT EXISTS sessiond_leases (
+    name        text PRIMARY KEY,
+    holder      text NOT NULL,
+    -- Increases on every takeover; every write of a leader carries its term.
+    term        bigint NOT NULL,
+    renewed_at  timestamptz NOT NULL,
+    expires_at  timestamptz NOT NULL
+);
+"#,
+    },
 ];
 
 /// The schema version this build needs.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 
 /// sessiond's own tables, which must not exist before its first migration.
-const OWN_TABLES: [&str; 3] = ["session_audit", "sessiond_instance_state", "sessiond_stop_intents"];
+const OWN_TABLES: [&str; 4] = ["session_audit", "sessiond_instance_state", "sessiond_stop_intents", "sessiond_leases"];
 
 /// An arbitrary, fixed key for the advisory lock that serialises migrations.
 const MIGRATION_LOCK_KEY: i64 = 0x5e55_10d0_0001;

@@ -17,6 +17,7 @@
 //! as it was classified, and its audit row is written by the same statement, so
 //! the two commit together or not at all.
 
+pub mod lease;
 pub mod mapping;
 mod migrate;
 mod repair;
@@ -34,6 +35,7 @@ use tokio_postgres::{Client, IsolationLevel, Transaction};
 
 use crate::config::{DatabaseConfig, Ident, PolicyConfig, SessionsConfig, SslMode};
 use crate::model::{BootRecord, BootRecords, RowState, SessionId, StopOutcome};
+pub use lease::{Fence, LeaseRow};
 pub use mapping::{MappingError, Table};
 pub use migrate::SCHEMA_VERSION;
 
@@ -61,6 +63,10 @@ pub enum StoreError {
     Mapping(#[from] MappingError),
     #[error("the sessions table is not bound: call bind_table first")]
     Unbound,
+    /// The lease this store's writes are fenced by no longer names it: another
+    /// replica leads now. Nothing was written.
+    #[error("the lease of term {term} is no longer held: another replica leads; nothing was written")]
+    Fenced { term: i64 },
 }
 
 /// The server's own words for a database error (its `Display` is only "db
@@ -109,6 +115,8 @@ fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
 pub struct AuditContext {
     pub actor: String,
     pub pass_id: String,
+    /// The leader's term, with several replicas.
+    pub term: Option<i64>,
 }
 
 /// The outcome of one repair.
@@ -203,6 +211,8 @@ pub struct Store {
     round_trips: Arc<AtomicU64>,
     /// The sessions table, once checked against the catalog.
     table: Option<Table>,
+    /// With several replicas: every write checks this lease first.
+    fence: Option<Fence>,
 }
 
 impl Drop for Store {
@@ -218,6 +228,8 @@ enum Tx {
     Read,
     /// A repair: lock waits are short.
     Write,
+    /// The lease: it may wait for a repair holding the lease row.
+    Lease,
 }
 
 /// How long a repair waits for a lock the application holds before giving up
@@ -257,6 +269,7 @@ impl Store {
             connection,
             round_trips: Arc::new(AtomicU64::new(0)),
             table: None,
+            fence: None,
         })
     }
 
@@ -307,20 +320,26 @@ impl Store {
     async fn begin(&mut self, what: &'static str, kind: Tx) -> Result<Transaction<'_>, StoreError> {
         let statement_ms = self.statement_timeout.as_millis();
         let lock_ms = match kind {
-            Tx::Read => statement_ms,
+            Tx::Read | Tx::Lease => statement_ms,
             Tx::Write => WRITE_LOCK_TIMEOUT.as_millis().min(statement_ms),
         };
         let timeout = self.timeout;
         self.count(2); // BEGIN, SET LOCAL
         let builder = match kind {
             Tx::Read => self.client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true),
-            Tx::Write => self.client.build_transaction(),
+            Tx::Write | Tx::Lease => self.client.build_transaction(),
         };
         let tx = tokio::time::timeout(timeout, builder.start())
             .await
             .map_err(|_| StoreError::Timeout { what, timeout })?
             .map_err(q(what))?;
-        let settings = format!("SET LOCAL statement_timeout = {statement_ms}; SET LOCAL lock_timeout = {lock_ms}");
+        // A transaction left open by a process that stopped mid-way (paused,
+        // partitioned) is ended by the server, so the locks it holds (a row,
+        // the lease row) are not held for longer than a statement may take.
+        let settings = format!(
+            "SET LOCAL statement_timeout = {statement_ms}; SET LOCAL lock_timeout = {lock_ms}; \
+             SET LOCAL idle_in_transaction_session_timeout = {statement_ms}"
+        );
         tokio::time::timeout(timeout, tx.batch_execute(&settings))
             .await
             .map_err(|_| StoreError::Timeout { what, timeout })?
@@ -335,6 +354,37 @@ impl Store {
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         self.bounded("check the database", self.client.query_typed(sql, params)).await
+    }
+
+    /// Whether something sits between this connection and the server (a
+    /// pooler such as PgBouncer, or a proxy): the server's own port differs
+    /// from the one the URL reached, or the server sees a Unix-socket session
+    /// where the URL used TCP. Returns what gave it away.
+    pub async fn intermediary(&self, cfg: &DatabaseConfig) -> Result<Option<String>, StoreError> {
+        let pg = pg_config(cfg)?;
+        let tcp = match pg.get_hosts() {
+            [tokio_postgres::config::Host::Tcp(h)] => h.clone(),
+            // A Unix socket, or several hosts: nothing to compare with.
+            _ => return Ok(None),
+        };
+        let url_port = match pg.get_ports() {
+            [] => 5432,
+            [p] => *p,
+            _ => return Ok(None),
+        };
+        let row = self
+            .bounded("read the server's port", self.client.query_typed_one("SELECT inet_server_port()", &[]))
+            .await?;
+        let server_port: Option<i32> = row.try_get(0).map_err(q("read the server's port"))?;
+        Ok(match server_port {
+            None => {
+                Some(format!("the URL reaches {tcp}:{url_port} over TCP, but the server sees a Unix-socket session"))
+            }
+            Some(p) if i64::from(p) != i64::from(url_port) => {
+                Some(format!("the URL reaches port {url_port}, but the server listens on port {p}"))
+            }
+            Some(_) => None,
+        })
     }
 
     /// The TLS version of this connection, if it is encrypted.
@@ -486,8 +536,6 @@ impl Store {
                     updated_at = now()",
             t = self.own("sessiond_instance_state")
         );
-        let timeout = self.timeout;
-        let tx = self.begin(WHAT, Tx::Write).await?;
         let params: [(&(dyn ToSql + Sync), Type); 5] = [
             (&names, Type::TEXT_ARRAY),
             (&trusted, Type::TEXT_ARRAY),
@@ -495,16 +543,7 @@ impl Store {
             (&history, Type::TEXT_ARRAY),
             (&inconsistent, Type::TIMESTAMPTZ_ARRAY),
         ];
-        tokio::time::timeout(timeout, tx.query_typed(&sql, &params))
-            .await
-            .map_err(|_| StoreError::Timeout { what: WHAT, timeout })?
-            .map_err(q(WHAT))?;
-        tokio::time::timeout(timeout, tx.commit())
-            .await
-            .map_err(|_| StoreError::Timeout { what: WHAT, timeout })?
-            .map_err(q(WHAT))?;
-        self.count(2);
-        Ok(())
+        self.write(WHAT, &sql, &params).await.map(|_| ())
     }
 }
 
@@ -540,7 +579,8 @@ fn pg_config(cfg: &DatabaseConfig) -> Result<tokio_postgres::Config, StoreError>
     if let Some(p) = &cfg.password {
         pg.password(p.expose());
     }
-    pg.application_name("sessiond")
+    // Which process each server session belongs to, in pg_stat_activity.
+    pg.application_name(format!("sessiond/{}", std::process::id()))
         .connect_timeout(cfg.statement_timeout)
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30))

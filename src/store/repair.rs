@@ -137,8 +137,9 @@ impl Store {
         Ok(outcomes(ids.iter().copied(), rows.iter().filter_map(|r| r.try_get::<_, String>(0).ok())))
     }
 
-    /// Runs one write statement in its own transaction, and commits.
-    async fn write(
+    /// Runs one write statement in its own transaction, fenced by the lease if
+    /// there is one, and commits.
+    pub(super) async fn write(
         &mut self,
         what: &'static str,
         sql: &str,
@@ -146,7 +147,14 @@ impl Store {
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         let timeout = self.timeout;
         self.count(2); // the statement, COMMIT
+        let fence = self.fence.clone();
+        let leases = self.own("sessiond_leases");
+        let counter = std::sync::Arc::clone(&self.round_trips);
         let tx = self.begin(what, Tx::Write).await?;
+        if let Some(fence) = &fence {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            super::lease::check(&tx, &leases, fence, timeout).await?;
+        }
         let rows = tokio::time::timeout(timeout, tx.query_typed(sql, params))
             .await
             .map_err(|_| StoreError::Timeout { what, timeout })?
@@ -216,12 +224,13 @@ impl Store {
         let ids: Vec<i64> = settles.iter().map(|s| s.intent).collect();
         let outcomes: Vec<&str> = settles.iter().map(|s| s.outcome.as_str()).collect();
         let details: Vec<String> = settles.iter().map(|s| s.details.to_string()).collect();
-        let params: [(&(dyn ToSql + Sync), Type); 5] = [
+        let params: [(&(dyn ToSql + Sync), Type); 6] = [
             (&ids, Type::INT8_ARRAY),
             (&outcomes, Type::TEXT_ARRAY),
             (&details, Type::TEXT_ARRAY),
             (&audit.actor, Type::TEXT),
             (&stopped, Type::TEXT),
+            (&audit.term, Type::INT8),
         ];
         let rows = self.write(WHAT, &sql, &params).await?;
         let mut done: HashMap<i64, bool> = HashMap::with_capacity(rows.len());
