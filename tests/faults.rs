@@ -149,7 +149,7 @@ async fn a_connection_killed_mid_batch_repairs_nothing_and_the_next_pass_converg
             let c = probe.client().await;
             c.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                  WHERE datname = current_database() AND application_name = 'sessiond'",
+                  WHERE datname = current_database() AND application_name LIKE 'sessiond/%'",
                 &[],
             )
             .await

@@ -285,7 +285,7 @@ async fn a_database_connection_killed_while_stops_are_in_flight_loses_no_audit_r
     watcher
         .execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE datname = current_database() AND application_name = 'sessiond'",
+              WHERE datname = current_database() AND application_name LIKE 'sessiond/%'",
             &[],
         )
         .await
@@ -548,6 +548,17 @@ async fn after_a_database_outage_the_first_pass_comes_within_15_seconds() {
 
 #[tokio::test]
 async fn an_application_write_while_a_stop_is_in_flight_is_never_waited_on_and_wins() {
+    application_write_during_stops("").await;
+}
+
+#[tokio::test]
+async fn an_application_write_while_a_leaders_stop_is_in_flight_is_never_waited_on_and_wins() {
+    // The same with [ha]: the fence adds a lock on the lease row, never on the
+    // application's rows.
+    application_write_during_stops("\n[ha]\nenabled = true\nlease = \"10s\"\n").await;
+}
+
+async fn application_write_during_stops(extra: &str) {
     let db = TestDb::migrated().await;
     let a = SimController::start("ctrl-a").await.expect("controller");
     // A zombie, and a duplicate pair (the older one is stopped and its row ended).
@@ -564,7 +575,7 @@ async fn an_application_write_while_a_stop_is_in_flight_is_never_waited_on_and_w
     a.add(&sid(3), "u2", "running", Some(ago(500)));
     a.set_stop_delay(Duration::from_millis(1500));
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = write(dir.path(), "sessiond.toml", &config_text(&db, &[&a], IMMEDIATE));
+    let path = write(dir.path(), "sessiond.toml", &format!("{}{extra}", config_text(&db, &[&a], IMMEDIATE)));
     let child = common::Guarded(Some(
         sessiond(&["once", "--config", path.to_str().expect("utf-8")])
             .stdout(Stdio::null())

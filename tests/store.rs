@@ -50,7 +50,7 @@ async fn an_owner_change_onto_an_owner_with_a_live_row_is_a_conflict_and_the_res
         update(1, version(&db, &sid(1)).await, Some("u2"), RowState::Active), // u2 already has a live row
         update(3, version(&db, &sid(3)).await, None, RowState::Paused),
     ];
-    let audit = AuditContext { actor: "test".into(), pass_id: "p".into() };
+    let audit = AuditContext { actor: "test".into(), pass_id: "p".into(), term: None };
 
     let outcomes = store(&db).await.update_rows(&batch, &audit).await.expect("no error for a unique violation");
 
@@ -109,7 +109,7 @@ async fn a_repair_of_a_row_written_since_it_was_read_is_a_conflict_and_the_write
         reason: "orphaned",
         details: serde_json::json!({}),
     }];
-    let audit = AuditContext { actor: "test".into(), pass_id: "p".into() };
+    let audit = AuditContext { actor: "test".into(), pass_id: "p".into(), term: None };
 
     let outcomes = store(&db).await.update_rows(&batch, &audit).await.expect("a conflict is not an error");
 

@@ -190,7 +190,7 @@ pub async fn wait_for_blocked_sessiond(db: &TestDb, n: i64) -> bool {
         let blocked: i64 = c
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND application_name = 'sessiond' AND wait_event_type = 'Lock'",
+                  WHERE datname = current_database() AND application_name LIKE 'sessiond/%' AND wait_event_type = 'Lock'",
                 &[],
             )
             .await
@@ -703,5 +703,88 @@ impl Role {
 impl Drop for Role {
     fn drop(&mut self) {
         admin_blocking(format!("DROP ROLE IF EXISTS {}", self.name));
+    }
+}
+
+/// A PgBouncer in transaction pooling mode in front of the test server, as
+/// replicas behind a pooler would use it; stopped when dropped.
+pub struct Bouncer {
+    pub port: u16,
+    process: Guarded,
+    dir: PathBuf,
+}
+
+impl Bouncer {
+    /// Starts Debian's `pgbouncer` on a free port. It refuses to run as root,
+    /// so as root it switches to `postgres` (or `nobody`).
+    pub async fn start() -> Bouncer {
+        let bin = tool("pgbouncer", "pgbouncer");
+        let server = reqwest::Url::parse(&server_url()).expect("the server URL parses");
+        let host = server.host_str().unwrap_or("127.0.0.1").to_owned();
+        let server_port = server.port().unwrap_or(5432);
+        let user = server.username().to_owned();
+        let port = free_port();
+        // Not a private temp dir: the unprivileged user must read it.
+        let dir = PathBuf::from(format!("/tmp/sessiond-test-bouncer-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("create the PgBouncer directory");
+        let ini = format!(
+            "[databases]\n* = host={host} port={server_port}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
+             listen_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {users}\n\
+             pool_mode = transaction\nmax_client_conn = 500\ndefault_pool_size = 20\n\
+             server_reset_query =\nignore_startup_parameters = extra_float_digits\n",
+            users = dir.join("userlist.txt").display()
+        );
+        write(&dir, "pgbouncer.ini", &ini);
+        write(&dir, "userlist.txt", &format!("\"{user}\" \"\"\n"));
+        let mut cmd = std::process::Command::new(bin);
+        if std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0) == 0 {
+            use std::os::unix::fs::PermissionsExt;
+            for p in [dir.clone(), dir.join("pgbouncer.ini"), dir.join("userlist.txt")] {
+                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
+            }
+            let run_as = if std::process::Command::new("id").arg("postgres").output().is_ok_and(|o| o.status.success())
+            {
+                "postgres"
+            } else {
+                "nobody"
+            };
+            cmd.args(["-u", run_as]);
+        }
+        let log = std::fs::File::create(dir.join("pgbouncer.log")).expect("create the PgBouncer log");
+        let child = cmd
+            .arg(dir.join("pgbouncer.ini"))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn pgbouncer");
+        let b = Bouncer { port, process: Guarded(Some(child)), dir };
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return b;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("pgbouncer never listened on {port}: {}", b.log());
+    }
+
+    /// `db`'s URL through this PgBouncer.
+    pub fn url(&self, db: &TestDb) -> String {
+        let mut u = reqwest::Url::parse(&db.url).expect("the database URL parses");
+        u.set_port(Some(self.port)).expect("set the port");
+        u.to_string()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.process.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
