@@ -18,6 +18,7 @@
 --   append the audit trail                   INSERT on session_audit
 --   record stops, remember boot ids          SELECT, INSERT, UPDATE on sessiond_stop_intents
 --                                            and sessiond_instance_state
+--   with [ha]: the leader lease              SELECT, INSERT, UPDATE on sessiond_leases
 --   check the schema version                 SELECT on sessiond_schema_migrations
 -- A kind whose policy is "report" needs none of its writes; `sessiond check`
 -- names every privilege an enabled repair lacks.
@@ -44,3 +45,4 @@ GRANT SELECT (session_id) ON sessiond.session_audit TO :"role";
 GRANT SELECT ON sessiond.sessiond_schema_migrations TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond.sessiond_instance_state TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond.sessiond_stop_intents TO :"role";
+GRANT SELECT, INSERT, UPDATE ON sessiond.sessiond_leases TO :"role";

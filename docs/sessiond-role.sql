@@ -18,6 +18,8 @@
 --                                                   sessiond_instance_state
 --   record a stop before sending it, settle it      SELECT, INSERT, UPDATE on
 --   after                                           sessiond_stop_intents
+--   with [ha]: take and renew the leader lease,     SELECT, INSERT, UPDATE on
+--   and lock it (FOR SHARE) in every repair         sessiond_leases
 -- It never deletes anything, never changes the schema, and never touches the
 -- audit trail after writing it (the trail is append-only for everyone).
 
@@ -30,3 +32,4 @@ GRANT SELECT (session_id) ON session_audit TO :"role";
 GRANT SELECT ON sessiond_schema_migrations TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond_instance_state TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond_stop_intents TO :"role";
+GRANT SELECT, INSERT, UPDATE ON sessiond_leases TO :"role";

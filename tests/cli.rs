@@ -31,6 +31,10 @@ fn bad_configs_exit_78_naming_the_file_the_key_and_the_problem() {
         ("stop.toml", MINIMAL.replace("name = \"a\"", "name = \"a\"\nstop_url = \"http://x/stop\""), "{session_id}"),
         ("dup.toml", format!("{MINIMAL}\n[[controller]]\nname = \"a\"\nurl = \"http://x/\"\n"), "used by two"),
         ("syntax.toml", "[database\n".into(), "invalid TOML"),
+        ("ha-key.toml", format!("{MINIMAL}\n[ha]\nenable = true\n"), "unknown field `enable`"),
+        ("ha-lease.toml", format!("{MINIMAL}\n[ha]\nenabled = true\nlease = \"500ms\"\n"), "ha.lease"),
+        ("ha-long.toml", format!("{MINIMAL}\n[ha]\nenabled = true\nlease = \"1h\"\n"), "ha.lease"),
+        ("ha-type.toml", format!("{MINIMAL}\n[ha]\nenabled = \"yes\"\n"), "enabled"),
         (
             "secret.toml",
             MINIMAL.replace("[[controller]]", "password_file = \"/nonexistent/pw\"\n\n[[controller]]"),

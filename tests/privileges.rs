@@ -73,3 +73,39 @@ async fn a_missing_privilege_fails_clearly_naming_the_table() {
     assert_eq!(rep.outcome, PassOutcome::Failed);
     assert!(rep.error.as_deref().unwrap_or("").contains("permission denied for table sessions"), "{:?}", rep.error);
 }
+
+#[tokio::test]
+async fn the_least_privileged_role_leads_with_ha_and_repairs_under_its_term() {
+    let role;
+    let db = TestDb::migrated().await;
+    role = Role::create(&db, "docs/sessiond-role.sql");
+    let a = SimController::start("ctrl-a").await.expect("controller");
+    db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await; // orphaned
+    db.insert(&sid(2), "u2", "ctrl-a", "stopped", ago(600)).await; // zombie
+    a.add(&sid(2), "u2", "running", Some(ago(700)));
+    let mut url = reqwest::Url::parse(&db.url).expect("url");
+    let _ = url.set_username(&role.name);
+    let text = format!(
+        "{}\n[ha]\nenabled = true\nlease = \"10s\"\n",
+        config_text(&db, &[&a], IMMEDIATE).replace(&db.url, url.as_str())
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = common::write(dir.path(), "sessiond.toml", &text);
+    let p = path.to_str().expect("utf-8").to_owned();
+    let out = tokio::task::spawn_blocking(move || common::run(&["once", "--config", &p])).await.expect("join");
+
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", common::text(&out.stdout), common::text(&out.stderr));
+    assert_eq!(db.state(&sid(1)).await.as_deref(), Some("stopped"));
+    assert_eq!(a.stops(), [sid(2)]);
+    let terms: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM session_audit WHERE details->>'term' = '1'", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(terms, 2, "both repairs were made, and audited, under term 1");
+    let stops = a.stop_requests();
+    assert_eq!(stops[0].term, Some(1));
+    assert!(stops[0].actor.as_deref().is_some_and(|x| x.starts_with("sessiond@")), "{:?}", stops[0].actor);
+}

@@ -112,3 +112,27 @@ async fn the_reference_controllers_document_matches_the_json_schema() {
     let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(common::schema_errors(&doc), Vec::<String>::new(), "{doc}");
 }
+
+#[tokio::test]
+async fn the_reference_controller_refuses_a_stop_from_a_leader_term_older_than_one_it_has_seen() {
+    let pc = PythonController::start("ctrl-py", 1).await;
+    let (first, _) = pc.create("u1").await;
+    let (second, _) = pc.create("u2").await;
+    let stop = |id: &str, term: &str| {
+        common::http()
+            .post(pc.stop_url().replace("{session_id}", id))
+            .header("sessiond-actor", "sessiond@test/1/abcd")
+            .header("sessiond-term", term)
+            .send()
+    };
+    let newer = stop(&first, "7").await.expect("stop");
+    assert_eq!(newer.status().as_u16(), 200, "a stop from term 7 is carried out");
+    let stale = stop(&second, "6").await.expect("stop");
+    assert_eq!(stale.status().as_u16(), 409, "term 6 is older than one seen");
+    let body = common::http().get(pc.url()).send().await.expect("list").text().await.expect("a body");
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let held: Vec<&str> =
+        doc["sessions"].as_array().expect("sessions").iter().filter_map(|s| s["session_id"].as_str()).collect();
+    assert_eq!(held, [second.as_str()], "the stale stop stopped nothing");
+    assert_eq!(stop(&second, "7").await.expect("stop").status().as_u16(), 200, "the same term is accepted");
+}

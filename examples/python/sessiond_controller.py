@@ -21,6 +21,7 @@ several processes apart if they do end up behind one URL.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import threading
 import uuid
@@ -30,6 +31,7 @@ from typing import Callable, Dict, Optional
 from fastapi import APIRouter, Header, HTTPException, Response
 
 LIVE_STATES = ("creating", "active", "running", "paused")
+log = logging.getLogger("sessiond_controller")
 LOOKUP_REASONS = ("found", "invalid_format", "never_existed", "deleted")
 
 
@@ -158,9 +160,29 @@ def router(registry: SessionRegistry, token: Optional[str] = None, prefix: str =
         authorize(authorization)
         return registry.document()
 
+    # The highest leader term seen: a stop from a replica that has since lost
+    # the lease (it was paused after its last check) carries a lower one.
+    highest_term = {"term": 0}
+    term_lock = threading.Lock()
+
     @r.post(prefix + "/{session_id}/stop")
-    def stop_session(session_id: str, authorization: Optional[str] = Header(default=None)) -> Response:
+    def stop_session(
+        session_id: str,
+        authorization: Optional[str] = Header(default=None),
+        sessiond_actor: Optional[str] = Header(default=None),
+        sessiond_term: Optional[str] = Header(default=None),
+    ) -> Response:
         authorize(authorization)
+        log.info("stop %s requested by %s (term %s)", session_id, sessiond_actor or "?", sessiond_term or "-")
+        if sessiond_term is not None and sessiond_term.isdigit():
+            with term_lock:
+                if int(sessiond_term) < highest_term["term"]:
+                    return Response(
+                        content='{"error": "a newer sessiond leader has been seen"}',
+                        status_code=409,
+                        media_type="application/json",
+                    )
+                highest_term["term"] = int(sessiond_term)
         # 404 means "not here": sessiond reads it as gone, as the contract says.
         if registry.stop(session_id):
             return Response(content='{"stopped": true}', media_type="application/json")

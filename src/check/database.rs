@@ -50,6 +50,29 @@ pub async fn check(cfg: &Config) -> Vec<CheckLine> {
         Err(e) => line(Status::Fail, "schema", e.to_string()),
     });
     if cfg.ha.enabled {
+        let (lease, statement) = (cfg.ha.lease, cfg.database.statement_timeout);
+        out.push(if lease < statement * 2 {
+            line(
+                Status::Warn,
+                "lease sizing",
+                format!(
+                    "ha.lease {} is shorter than twice database.statement_timeout {}: a renewal that waits on a slow \
+                     repair may lose the lease; 3 × statement_timeout or more is safe",
+                    humantime::format_duration(lease),
+                    humantime::format_duration(statement)
+                ),
+            )
+        } else {
+            line(
+                Status::Ok,
+                "lease sizing",
+                format!(
+                    "ha.lease {}, renewed every {}; a failover takes about a lease",
+                    humantime::format_duration(lease),
+                    humantime::format_duration(std::time::Duration::from_millis((lease / 3).as_millis() as u64))
+                ),
+            )
+        });
         out.push(match store.lease_holder(crate::lease::LEASE_NAME).await {
             Ok(Some(l)) if l.valid => line(Status::Ok, "lease", format!("{} leads (term {})", l.holder, l.term)),
             Ok(Some(l)) => line(

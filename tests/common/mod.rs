@@ -343,6 +343,13 @@ pub fn tool(name: &str, package: &str) -> PathBuf {
             }
         }
     }
+    // Daemons (pgbouncer) install to sbin, which a user's PATH may lack.
+    for dir in ["/usr/sbin", "/sbin"] {
+        let p = PathBuf::from(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
     panic!(
         "{name} is not installed: install Debian's `{package}` package (apt-get install {package}); .ci/run does this"
     );
