@@ -15,7 +15,8 @@
 --   touch a stopped zombie's row             UPDATE on updated_at (or state, if unmapped)
 --   insert rows for unpersisted sessions     INSERT on id, state, created_at (owner, instance,
 --                                            updated_at, deleted)
---   append the audit trail                   INSERT on session_audit
+--   append the audit trail, and read which   INSERT on session_audit, SELECT on its id,
+--   ids it knows (no resurrection)           session_id, old_state, new_state, trigger, at
 --   record stops, remember boot ids          SELECT, INSERT, UPDATE on sessiond_stop_intents
 --                                            and sessiond_instance_state
 --   with [ha]: the leader lease              SELECT, INSERT, UPDATE on sessiond_leases
@@ -41,7 +42,7 @@ GRANT INSERT (session_id, status, start_time, updated_at, is_deleted)
 -- sessiond's own tables.
 GRANT USAGE ON SCHEMA sessiond TO :"role";
 GRANT INSERT ON sessiond.session_audit TO :"role";
-GRANT SELECT (session_id) ON sessiond.session_audit TO :"role";
+GRANT SELECT (id, session_id, old_state, new_state, trigger, at) ON sessiond.session_audit TO :"role";
 GRANT SELECT ON sessiond.sessiond_schema_migrations TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond.sessiond_instance_state TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond.sessiond_stop_intents TO :"role";

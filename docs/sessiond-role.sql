@@ -13,6 +13,9 @@
 --   append the audit trail                          INSERT on session_audit, and
 --                                                   SELECT on its session_id (the
 --                                                   repair reads back what it audited)
+--   tell a deleted row from one never written       SELECT on session_audit's id, session_id,
+--   (a live session whose row is gone is stopped,   old_state, new_state, trigger, at
+--   never re-inserted)
 --   check the schema version                        SELECT on sessiond_schema_migrations
 --   remember controller boot ids                    SELECT, INSERT, UPDATE on
 --                                                   sessiond_instance_state
@@ -28,7 +31,7 @@ GRANT CONNECT ON DATABASE :"DBNAME" TO :"role";
 GRANT USAGE ON SCHEMA public TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessions TO :"role";
 GRANT INSERT ON session_audit TO :"role";
-GRANT SELECT (session_id) ON session_audit TO :"role";
+GRANT SELECT (id, session_id, old_state, new_state, trigger, at) ON session_audit TO :"role";
 GRANT SELECT ON sessiond_schema_migrations TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond_instance_state TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond_stop_intents TO :"role";

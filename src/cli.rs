@@ -62,6 +62,11 @@ pub enum Command {
     },
     /// Validate the config and print it, secrets redacted.
     CheckConfig(ConfigArg),
+    /// Print SQL made from the config, for review (changes nothing).
+    Sql {
+        #[command(subcommand)]
+        what: SqlCommand,
+    },
     /// Check the database and every controller before trusting them: one line
     /// per check, ok/warn/fail. Changes nothing, calls no stop_url.
     Check {
@@ -74,6 +79,16 @@ pub enum Command {
     /// Everything on one machine: a private PostgreSQL, simulated controllers
     /// and application with faults, the daemon and its endpoints.
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SqlCommand {
+    /// The audit triggers for a table of your own (sessions.table): every
+    /// state change audited, hard deletes refused. The reference table has
+    /// them already.
+    AuditTriggers(ConfigArg),
+    /// The sessiond_lookup function `migrate` makes for this config.
+    Lookup(ConfigArg),
 }
 
 #[derive(Debug, Args)]
@@ -127,12 +142,22 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
                 Err(code) => return code,
             };
             match migrate(&cfg, allow_proxy).await {
-                Ok(applied) if applied.is_empty() => {
-                    println!("schema is up to date (version {})", crate::store::SCHEMA_VERSION);
-                    ExitCode::SUCCESS
-                }
-                Ok(applied) => {
-                    println!("applied migrations {applied:?}; schema is at version {}", crate::store::SCHEMA_VERSION);
+                Ok((applied, lookup)) => {
+                    if applied.is_empty() {
+                        println!("schema is up to date (version {})", crate::store::SCHEMA_VERSION);
+                    } else {
+                        println!(
+                            "applied migrations {applied:?}; schema is at version {}",
+                            crate::store::SCHEMA_VERSION
+                        );
+                    }
+                    match lookup {
+                        Ok(()) => println!("sessiond_lookup made for {}", cfg.sessions.table),
+                        Err(e) => eprintln!(
+                            "sessiond: warning: sessiond_lookup was not made: {e}. Fix the table or the mapping \
+                             (sessiond check says what), then run sessiond migrate again"
+                        ),
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -210,6 +235,7 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
             }
         }
         Command::Demo(args) => demo(args).await,
+        Command::Sql { what } => sql(what).await,
         Command::Run(c) => {
             let cfg = match load(&c.config) {
                 Ok(c) => c,
@@ -280,7 +306,9 @@ async fn lease_for_once(
     }
 }
 
-async fn migrate(cfg: &Config, allow_proxy: bool) -> Result<Vec<i32>, String> {
+/// Migrates sessiond's schema, then makes `sessiond_lookup` (an error of the
+/// latter alone is the second value: the schema is still migrated).
+async fn migrate(cfg: &Config, allow_proxy: bool) -> Result<(Vec<i32>, Result<(), String>), String> {
     let mut store = Store::connect(&cfg.database).await.map_err(|e| e.to_string())?;
     if let Some(why) = store.intermediary(&cfg.database).await.map_err(|e| e.to_string())? {
         if !allow_proxy {
@@ -293,7 +321,64 @@ async fn migrate(cfg: &Config, allow_proxy: bool) -> Result<Vec<i32>, String> {
         }
         tracing::warn!(%why, "migrating through what seems to be a proxy (--allow-proxy)");
     }
-    store.migrate(&cfg.sessions).await.map_err(|e| e.to_string())
+    let applied = store.migrate(&cfg.sessions).await.map_err(|e| e.to_string())?;
+    // The lookup function is made from the config (the id pattern and the
+    // mapping), so every migrate makes it anew. It only reads the table: what
+    // the repairs need of it is for `check`, `once` and `run` to say.
+    let reads_only = crate::config::PolicyConfig {
+        orphaned: crate::config::Policy::Report,
+        zombie: crate::config::Policy::Report,
+        unpersisted: crate::config::Policy::Report,
+        duplicate: crate::config::Policy::Report,
+        stuck_creating: crate::config::Policy::Report,
+        drift: crate::config::Policy::Report,
+    };
+    let lookup = match store.bind_table(&cfg.sessions, &reads_only).await {
+        Ok(_) => store.install_lookup(&cfg.sessions).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    Ok((applied, lookup))
+}
+
+/// `sessiond sql …`: SQL made from the config and the table's catalog.
+async fn sql(what: SqlCommand) -> ExitCode {
+    let (SqlCommand::AuditTriggers(c) | SqlCommand::Lookup(c)) = &what;
+    let cfg = match load(&c.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if matches!(what, SqlCommand::AuditTriggers(_)) && cfg.sessions.reference {
+        println!(
+            "-- sessions.table is unset: sessiond's reference table already has these triggers (`sessiond migrate` \
+             installs them). Map a table of your own to get its triggers here."
+        );
+        return ExitCode::SUCCESS;
+    }
+    let mut store = match Store::connect(&cfg.database).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sessiond: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let table = match store.bind_table(&cfg.sessions, &cfg.reconcile.policy).await {
+        Ok(t) => t,
+        Err(e) if e.is_fatal() => {
+            eprintln!("sessiond: bad config: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(e) => {
+            eprintln!("sessiond: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    match what {
+        SqlCommand::AuditTriggers(_) => print!("{}", table.audit_triggers_sql(&cfg.database.schema)),
+        SqlCommand::Lookup(_) => {
+            println!("{};", table.lookup_sql(&cfg.database.schema, cfg.sessions.id_pattern.as_str()))
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// What the daemon loop reports to: the exporter's state and systemd.

@@ -23,7 +23,7 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub const REPAIR_OUTCOMES: [&str; 6] = ["repaired", "conflict", "failed", "guarded", "reported", "deferred"];
 
 /// The optional parts of a controller's document, for payload errors.
-const PAYLOAD_PARTS: [&str; 2] = ["counters", "generated_at"];
+const PAYLOAD_PARTS: [&str; 3] = ["counters", "create_seconds", "generated_at"];
 
 /// Lookup results and reasons, as the application's API would answer.
 const LOOKUP_LABELS: [(&str, &str); 4] =
@@ -51,12 +51,14 @@ pub struct Metrics {
     leader: IntGauge,
     leader_term: IntGauge,
     leader_transitions: prometheus::IntCounter,
+    rapid_creates: prometheus::IntCounter,
     /// Transitions already counted into `leader_transitions`.
     transitions_seen: Mutex<u64>,
     /// The term of the last pass this replica led (see `record_app_counters`).
     led_term: Mutex<Option<i64>>,
     /// The last counters seen per controller, with the boot id they belong to.
     app_last: Mutex<HashMap<String, (String, AppCounters)>>,
+    create_durations: std::sync::Arc<CreateDurations>,
     controllers: Mutex<BTreeSet<String>>,
 }
 
@@ -140,7 +142,7 @@ impl Metrics {
             payload_errors: IntCounterVec::new(
                 opts(
                     "sessiond_controller_payload_errors_total",
-                    "Controller documents whose optional part (counters, generated_at) was present but malformed; \
+                    "Controller documents whose optional part (counters, create_seconds, generated_at) was present but malformed; \
                      the list itself was used.",
                 ),
                 &["controller", "part"],
@@ -149,9 +151,10 @@ impl Metrics {
                 opts(
                     "sessiond_lookup_probes_total",
                     "Every live controller session looked up in the database each pass, as the application's API \
-                     would: found, or not_found with the reason.",
+                     would: found, or not_found with the reason; age is young for sessions younger than grace (the \
+                     creation race), old otherwise.",
                 ),
-                &["result", "reason"],
+                &["result", "reason", "age"],
             )?,
             app_created: IntCounterVec::new(
                 opts(
@@ -190,9 +193,15 @@ impl Metrics {
                 "sessiond_leader_transitions_total",
                 "Times this replica became, or stopped being, the leader.",
             ))?,
+            rapid_creates: prometheus::IntCounter::with_opts(opts(
+                "sessiond_rapid_creates_total",
+                "Sessions created within reconcile.rapid_create_window of another session of the same owner: the \
+                 duplicate-sessions race.",
+            ))?,
             transitions_seen: Mutex::new(0),
             led_term: Mutex::new(None),
             app_last: Mutex::new(HashMap::new()),
+            create_durations: std::sync::Arc::new(CreateDurations::new()?),
             controllers: Mutex::new(BTreeSet::new()),
             registry,
         };
@@ -218,6 +227,8 @@ impl Metrics {
         m.registry.register(Box::new(m.leader.clone()))?;
         m.registry.register(Box::new(m.leader_term.clone()))?;
         m.registry.register(Box::new(m.leader_transitions.clone()))?;
+        m.registry.register(Box::new(m.rapid_creates.clone()))?;
+        m.registry.register(Box::new(SharedCollector(std::sync::Arc::clone(&m.create_durations))))?;
 
         // Every bounded series exists from the start, so rate() and absent()
         // behave before the first event of each kind.
@@ -233,7 +244,9 @@ impl Metrics {
             }
         }
         for (result, reason) in LOOKUP_LABELS {
-            m.probes.with_label_values(&[result, reason]);
+            for age in ["young", "old"] {
+                m.probes.with_label_values(&[result, reason, age]);
+            }
         }
         for source in ["controller", "database"] {
             for state in LIVE_ROW_STATES {
@@ -264,6 +277,7 @@ impl Metrics {
             for outcome in ["succeeded", "failed"] {
                 let _ = self.app_cleanups.remove_label_values(&[gone, outcome]);
             }
+            self.create_durations.forget(gone);
         }
         for name in wanted.difference(&known) {
             self.controller_up.with_label_values(&[name]).set(0);
@@ -362,11 +376,17 @@ impl Metrics {
         for ((kind, outcome), n) in report.outcomes_by_kind() {
             self.repairs.with_label_values(&[kind.as_str(), outcome]).inc_by(n);
         }
-        let p = &report.probes;
-        self.probes.with_label_values(&["found", "exists"]).inc_by(p.found);
-        self.probes.with_label_values(&["not_found", "never_existed"]).inc_by(p.never_existed);
-        self.probes.with_label_values(&["not_found", "deleted"]).inc_by(p.deleted);
-        self.probes.with_label_values(&["not_found", "invalid_format"]).inc_by(p.invalid_format);
+        let (all, young) = (&report.probes.all, &report.probes.young);
+        for ((result, reason), total, young) in [
+            (("found", "exists"), all.found, young.found),
+            (("not_found", "never_existed"), all.never_existed, young.never_existed),
+            (("not_found", "deleted"), all.deleted, young.deleted),
+            (("not_found", "invalid_format"), all.invalid_format, young.invalid_format),
+        ] {
+            self.probes.with_label_values(&[result, reason, "young"]).inc_by(young);
+            self.probes.with_label_values(&[result, reason, "old"]).inc_by(total.saturating_sub(young));
+        }
+        self.rapid_creates.inc_by(report.rapid_creates);
     }
 
     /// Takes the controllers' counters as they are now as the baseline, for
@@ -376,6 +396,9 @@ impl Metrics {
         for inst in instances {
             if let (Some(boot), Some(c), true) = (&inst.boot_id, &inst.counters, last.contains_key(&inst.name)) {
                 last.insert(inst.name.clone(), (boot.clone(), c.clone()));
+                if let Some(h) = &c.create_seconds {
+                    self.create_durations.record(&inst.name, boot, h, true);
+                }
             }
         }
     }
@@ -385,6 +408,9 @@ impl Metrics {
     /// last pass, so the exported counters stay monotonic and `rate()` is right
     /// across controller restarts.
     fn record_app_counters(&self, controller: &str, boot: &str, now: &AppCounters) {
+        if let Some(h) = &now.create_seconds {
+            self.create_durations.record(controller, boot, h, false);
+        }
         let mut last = self.app_last.lock().unwrap_or_else(|p| p.into_inner());
         let zero = AppCounters::default();
         let prev = match last.get(controller) {
@@ -419,5 +445,145 @@ impl Metrics {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         buf
+    }
+}
+
+/// `sessiond_app_session_create_duration_seconds`: the controllers' creation
+/// time histograms, re-exported like the counters: what is new since the last
+/// pass is added, so the histogram keeps counting up across controller
+/// restarts. A controller that changes its bucket bounds starts its series
+/// anew (Prometheus sees a counter reset).
+struct CreateDurations {
+    desc: prometheus::core::Desc,
+    by_controller: Mutex<HashMap<String, Accumulated>>,
+}
+
+#[derive(Default)]
+struct Accumulated {
+    /// The last histogram seen, and its boot id.
+    last: Option<(String, crate::model::CreateHistogram)>,
+    bounds: Vec<f64>,
+    cumulative: Vec<u64>,
+    count: u64,
+    sum: f64,
+}
+
+impl CreateDurations {
+    fn new() -> Result<CreateDurations, prometheus::Error> {
+        Ok(CreateDurations {
+            desc: prometheus::core::Desc::new(
+                "sessiond_app_session_create_duration_seconds".into(),
+                "How long the application took to create a session, as its controller reports \
+                 (counters.create_seconds)."
+                    .into(),
+                vec!["controller".into()],
+                HashMap::new(),
+            )?,
+            by_controller: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn record(&self, controller: &str, boot: &str, now: &crate::model::CreateHistogram, rebase: bool) {
+        let mut all = self.by_controller.lock().unwrap_or_else(|p| p.into_inner());
+        let acc = all.entry(controller.to_owned()).or_default();
+        if acc.bounds != now.bounds {
+            *acc = Accumulated {
+                bounds: now.bounds.clone(),
+                cumulative: vec![0; now.bounds.len()],
+                ..Accumulated::default()
+            };
+        }
+        let previous = match &acc.last {
+            Some((b, h)) if b == boot && !rebase => Some(h),
+            _ => None,
+        };
+        // A histogram smaller than the last one started over without a new
+        // boot id: all of it is new.
+        let shrank = previous.is_some_and(|p| now.count < p.count);
+        if rebase && acc.last.is_some() {
+            // Leading again: the increase meanwhile was another leader's.
+        } else {
+            match previous.filter(|_| !shrank) {
+                Some(p) => {
+                    for (i, c) in now.cumulative.iter().enumerate() {
+                        acc.cumulative[i] += c.saturating_sub(p.cumulative.get(i).copied().unwrap_or(0));
+                    }
+                    acc.count += now.count.saturating_sub(p.count);
+                    acc.sum += (now.sum - p.sum).max(0.0);
+                }
+                None => {
+                    for (i, c) in now.cumulative.iter().enumerate() {
+                        acc.cumulative[i] += c;
+                    }
+                    acc.count += now.count;
+                    acc.sum += now.sum;
+                }
+            }
+        }
+        acc.last = Some((boot.to_owned(), now.clone()));
+    }
+
+    fn forget(&self, controller: &str) {
+        self.by_controller.lock().unwrap_or_else(|p| p.into_inner()).remove(controller);
+    }
+}
+
+impl prometheus::core::Collector for CreateDurations {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        use prometheus::proto;
+        let all = self.by_controller.lock().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<&String> = all.keys().collect();
+        names.sort();
+        let mut metrics = Vec::with_capacity(names.len());
+        for name in names {
+            let Some(acc) = all.get(name) else { continue };
+            let mut h = proto::Histogram::default();
+            h.set_sample_count(acc.count);
+            h.set_sample_sum(acc.sum);
+            h.set_bucket(
+                acc.bounds
+                    .iter()
+                    .zip(&acc.cumulative)
+                    .map(|(b, c)| {
+                        let mut bucket = proto::Bucket::default();
+                        bucket.set_upper_bound(*b);
+                        bucket.set_cumulative_count(*c);
+                        bucket
+                    })
+                    .collect(),
+            );
+            let mut label = proto::LabelPair::default();
+            label.set_name("controller".into());
+            label.set_value(name.clone());
+            let mut m = proto::Metric::from_label(vec![label]);
+            m.set_histogram(h);
+            metrics.push(m);
+        }
+        if metrics.is_empty() {
+            return Vec::new();
+        }
+        let mut family = proto::MetricFamily::default();
+        family.set_name(self.desc.fq_name.clone());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(proto::MetricType::HISTOGRAM);
+        family.set_metric(metrics);
+        vec![family]
+    }
+}
+
+/// A collector the registry owns while the metrics keep a handle to it.
+struct SharedCollector(std::sync::Arc<CreateDurations>);
+
+impl prometheus::core::Collector for SharedCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.0.collect()
     }
 }

@@ -159,7 +159,7 @@ pub enum InvalidEntryKind {
 }
 
 /// The application's own cumulative counters, as the controller reports them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct AppCounters {
     pub sessions_created: u64,
     pub sessions_reused: u64,
@@ -169,10 +169,24 @@ pub struct AppCounters {
     pub lookups_deleted: u64,
     pub cleanups_succeeded: u64,
     pub cleanups_failed: u64,
+    /// How long creating a session took, as the controller measures it.
+    pub create_seconds: Option<CreateHistogram>,
+}
+
+/// A cumulative histogram of session creation times, since the controller's
+/// boot: `cumulative[i]` creates took at most `bounds[i]` seconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CreateHistogram {
+    /// Finite upper bounds, ascending.
+    pub bounds: Vec<f64>,
+    pub cumulative: Vec<u64>,
+    /// Every create (the `+Inf` bucket).
+    pub count: u64,
+    pub sum: f64,
 }
 
 /// What one controller instance answered in this pass.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ControllerList {
     pub boot_id: String,
     /// When the controller made the document, by its own clock.
@@ -194,7 +208,7 @@ pub struct PayloadProblem {
 }
 
 /// One instance's side of the snapshot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct InstanceSnapshot {
     pub name: String,
     /// When sessiond sent the request: nothing created after this can be in the list.
@@ -240,6 +254,33 @@ pub struct DbSnapshot {
     pub read_at: DateTime<Utc>,
     /// Stop requests recorded and not settled yet.
     pub open_intents: Vec<OpenIntent>,
+    /// Live sessions with no row whose id the audit trail knows: their row
+    /// existed and was deleted. Such a session is stopped, never re-inserted.
+    pub gone: Vec<GoneRow>,
+    /// The rows created recently, for rapid creates; empty when not read.
+    pub recent_creates: Vec<RecentCreate>,
+    /// The database's clock at the read.
+    pub db_now: Option<DateTime<Utc>>,
+}
+
+/// A row created recently: its id, owner and creation time (the table's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecentCreate {
+    pub id: String,
+    pub owner: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The last audit row of a session whose row is gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoneRow {
+    pub id: SessionId,
+    pub old_state: Option<String>,
+    pub new_state: Option<String>,
+    /// `app` or `reconciler`: who made that last change.
+    pub trigger: String,
+    /// When, on sessiond's clock.
+    pub at: DateTime<Utc>,
 }
 
 /// A row read with a state in no list of the vocabulary.

@@ -104,6 +104,9 @@ pub struct SimController {
     shutdown: CancellationToken,
 }
 
+/// The simulated controller's creation-time buckets, in seconds.
+pub const CREATE_BUCKETS: [f64; 7] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
 fn new_boot_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -267,6 +270,24 @@ impl SimController {
             s.counters.cleanups_failed += 1;
         }
     }
+    /// Records how long the application took to create a session, in the
+    /// `counters.create_seconds` histogram.
+    pub fn observe_create(&self, seconds: f64) {
+        let mut s = self.lock();
+        let h = s.counters.create_seconds.get_or_insert_with(|| crate::model::CreateHistogram {
+            bounds: CREATE_BUCKETS.to_vec(),
+            cumulative: vec![0; CREATE_BUCKETS.len()],
+            count: 0,
+            sum: 0.0,
+        });
+        for (bound, n) in h.bounds.iter().zip(h.cumulative.iter_mut()) {
+            if seconds <= *bound {
+                *n += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += seconds;
+    }
     /// Advances the application counters without touching the session list.
     pub fn count(&self, created: u64, reused: u64) {
         let mut s = self.lock();
@@ -361,7 +382,15 @@ impl SimController {
                     "never_existed": s.counters.lookups_never_existed,
                     "deleted": s.counters.lookups_deleted
                 },
-                "cleanups": {"succeeded": s.counters.cleanups_succeeded, "failed": s.counters.cleanups_failed}
+                "cleanups": {"succeeded": s.counters.cleanups_succeeded, "failed": s.counters.cleanups_failed},
+                "create_seconds": s.counters.create_seconds.as_ref().map(|h| {
+                    let mut buckets = serde_json::Map::new();
+                    for (b, n) in h.bounds.iter().zip(&h.cumulative) {
+                        buckets.insert(b.to_string(), serde_json::json!(n));
+                    }
+                    buckets.insert("+Inf".into(), serde_json::json!(h.count));
+                    serde_json::json!({"buckets": buckets, "sum": h.sum, "count": h.count})
+                })
             }
         })
     }

@@ -220,7 +220,13 @@ impl Fleet {
             now: self.now,
             config: &self.cfg,
             instances: &instances,
-            db: &DbSnapshot { rows: self.rows.clone(), invalid_rows: vec![], read_at: self.now, open_intents: vec![] },
+            db: &DbSnapshot {
+                rows: self.rows.clone(),
+                invalid_rows: vec![],
+                read_at: self.now,
+                open_intents: vec![],
+                ..Default::default()
+            },
             memory: &self.memory,
             boots: &boots,
             trust: &seen.trust,
@@ -348,6 +354,7 @@ fn one_process_that_really_restarts_has_its_lost_sessions_ended_once_confirmed()
                 invalid_rows: vec![],
                 read_at: fleet.now,
                 open_intents: vec![],
+                ..Default::default()
             },
             memory: &fleet.memory,
             boots: &b,

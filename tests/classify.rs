@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use sessiond::config::{Policy, ReconcileConfig};
 use sessiond::model::{
-    BootRecord, BootRecords, ControllerList, DbSnapshot, InstanceSnapshot, InvalidEntry, InvalidEntryKind, InvalidRow,
-    LiveSession, LiveState, OpenIntent, RowState, SessionId, SessionRow,
+    BootRecord, BootRecords, ControllerList, DbSnapshot, GoneRow, InstanceSnapshot, InvalidEntry, InvalidEntryKind,
+    InvalidRow, LiveSession, LiveState, OpenIntent, RowState, SessionId, SessionRow,
 };
 use sessiond::reconcile::boots::Trust;
 use sessiond::reconcile::classify::{classify, Classification, Decision, Input, Memory, PassOptions, TableShape};
@@ -31,6 +31,8 @@ struct World {
     /// What each instance's list may be trusted for; missing means trusted.
     trust: BTreeMap<String, Trust>,
     invalid_rows: Vec<InvalidRow>,
+    /// Live ids with no row whose audit history says the row existed.
+    gone: Vec<GoneRow>,
     writable: BTreeSet<RowState>,
     shape: TableShape,
 }
@@ -51,6 +53,7 @@ impl World {
             intents: Vec::new(),
             trust: BTreeMap::new(),
             invalid_rows: Vec::new(),
+            gone: Vec::new(),
             writable: RowState::ALL.into_iter().collect(),
             shape: TableShape::default(),
         };
@@ -157,6 +160,8 @@ impl World {
                 invalid_rows: self.invalid_rows.clone(),
                 read_at: self.now,
                 open_intents: self.intents.clone(),
+                gone: self.gone.clone(),
+                ..Default::default()
             },
             memory: &self.memory,
             boots: &self.boots,
@@ -352,7 +357,7 @@ fn live_session_without_a_row_is_unpersisted_and_inserted_in_the_live_state() {
         &c.findings[0].repair,
         Some(sessiond::reconcile::classify::Repair::InsertRow { state: RowState::Paused, .. })
     ));
-    assert_eq!(c.probes.never_existed, 1);
+    assert_eq!(c.probes.all.never_existed, 1);
 }
 
 #[test]
@@ -418,7 +423,7 @@ fn invalid_id_is_reported_and_never_makes_its_row_an_orphan() {
     w.invalid("a", "legacy-1", InvalidEntryKind::InvalidId);
     w.row("legacy-1", "o1", "a", RowState::Active, OLD);
     let c = check(&w, "invalid_id legacy-1 note\ninvalid_id weird id'; DROP TABLE sessions note");
-    assert_eq!(c.probes.invalid_format, 2);
+    assert_eq!(c.probes.all.invalid_format, 2);
 }
 
 #[test]
@@ -535,7 +540,7 @@ fn lookup_probes_count_what_the_api_would_answer() {
     w.live("a", "s2", "o2", LiveState::Active, OLD).row("s2", "o2", "a", RowState::Deleted, OLD);
     w.live("a", "s3", "o3", LiveState::Active, OLD);
     let c = w.run();
-    assert_eq!((c.probes.found, c.probes.deleted, c.probes.never_existed), (1, 1, 1));
+    assert_eq!((c.probes.all.found, c.probes.all.deleted, c.probes.all.never_existed), (1, 1, 1));
 }
 
 #[test]
@@ -685,7 +690,7 @@ fn a_row_with_a_state_in_no_list_is_reported_and_nothing_is_inserted_over_it() {
         controller_instance: Some("a".into()),
     });
     let c = check(&w, "invalid_row s1 note");
-    assert_eq!(c.probes.found, 1, "the row exists");
+    assert_eq!(c.probes.all.found, 1, "the row exists");
 }
 
 #[test]

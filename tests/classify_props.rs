@@ -135,7 +135,13 @@ fn run(w: &World, memory: &Memory) -> Classification {
         now: w.now,
         config: &w.cfg,
         instances: &snapshots(w),
-        db: &DbSnapshot { rows: w.rows.clone(), invalid_rows: vec![], read_at: w.now, open_intents: vec![] },
+        db: &DbSnapshot {
+            rows: w.rows.clone(),
+            invalid_rows: vec![],
+            read_at: w.now,
+            open_intents: vec![],
+            ..Default::default()
+        },
         memory,
         boots: &boots,
         trust: &std::collections::BTreeMap::new(),

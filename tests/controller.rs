@@ -73,6 +73,42 @@ fn a_malformed_counters_block_or_generated_at_is_reported_and_the_list_still_use
     assert!(list.problems[0].detail.contains("invalid type"), "{:?}", list.problems[0]);
 }
 
+#[test]
+fn a_create_seconds_histogram_is_read_and_a_malformed_one_dropped_alone() {
+    let doc = |h: &str| {
+        format!(
+            r#"{{"boot_id": "b1", "counters": {{"sessions_created": 7, "create_seconds": {h}}},
+                "sessions": [{{"session_id": "exec_20261121_095958_1a2b3c4d", "owner_id": "u1", "state": "running"}}]}}"#
+        )
+    };
+    let good = parse(&doc(r#"{"buckets": {"0.5": 6, "0.1": 2, "+Inf": 7}, "sum": 2.5, "count": 7}"#)).expect("valid");
+    let h = good.counters.as_ref().and_then(|c| c.create_seconds.as_ref()).expect("the histogram");
+    assert_eq!(
+        (h.bounds.as_slice(), h.cumulative.as_slice(), h.count, h.sum),
+        ([0.1, 0.5].as_slice(), [2, 6].as_slice(), 7, 2.5)
+    );
+    assert!(good.problems.is_empty());
+
+    let too_many: String = (1..=41).map(|i| format!("\"{i}\": {i}, ")).collect();
+    for (h, needle) in [
+        (r#"{"buckets": {"0.1": 5, "0.5": 3, "+Inf": 7}, "sum": 1, "count": 7}"#.to_owned(), "cumulative"),
+        (r#"{"buckets": {"0.1": 5}, "sum": 1, "count": 5}"#.to_owned(), "no +Inf"),
+        (r#"{"buckets": {"0.1": 5, "+Inf": 6}, "sum": 1, "count": 7}"#.to_owned(), "+Inf is 6, but count is 7"),
+        (r#"{"buckets": {"soon": 5, "+Inf": 5}, "sum": 1, "count": 5}"#.to_owned(), "not a bound in seconds"),
+        (r#"{"buckets": {"0.1": 5, "+Inf": 5}, "sum": -1, "count": 5}"#.to_owned(), "non-negative"),
+        (format!(r#"{{"buckets": {{{too_many}"+Inf": 41}}, "sum": 1, "count": 41}}"#), "at most 40"),
+        (r#"[1, 2]"#.to_owned(), "invalid type"),
+    ] {
+        let list = parse(&doc(&h)).expect("the list is still usable");
+        let counters = list.counters.as_ref().expect("the other counters are kept");
+        assert_eq!(counters.sessions_created, 7);
+        assert!(counters.create_seconds.is_none(), "{h}");
+        assert_eq!(list.problems.len(), 1, "{h}");
+        assert_eq!(list.problems[0].part, "create_seconds");
+        assert!(list.problems[0].detail.contains(needle), "{h}: {}", list.problems[0].detail);
+    }
+}
+
 mod boot_id_scanner {
     use proptest::prelude::*;
     use sessiond::controller::scan::{boot_id_of, BootIdScanner, Scan};

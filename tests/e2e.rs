@@ -58,7 +58,8 @@ async fn cleanup_that_cleared_memory_but_not_the_row_leaves_an_orphan_that_is_st
         .await
         .query_one(
             "SELECT s.end_reason, s.ended_at IS NOT NULL, a.trigger, a.actor, a.details->>'pass_id', a.details->>'sessiond_version'
-               FROM sessions s JOIN session_audit a USING (session_id) WHERE s.session_id = $1",
+               FROM sessions s JOIN session_audit a USING (session_id)
+              WHERE s.session_id = $1 AND a.trigger = 'reconciler'",
             &[&sid(1)],
         )
         .await
@@ -91,7 +92,7 @@ async fn the_creation_race_is_left_alone_and_a_really_unpersisted_session_is_ins
     db.insert(&sid(1), "u1", "ctrl-a", "active", ago(0)).await;
     let rep = once(&cfg).await;
     assert!(rep.findings.is_empty(), "{:?}", rep.findings);
-    assert_eq!(rep.probes.found, 2);
+    assert_eq!(rep.probes.all.found, 2);
 }
 
 #[tokio::test]

@@ -171,7 +171,10 @@ impl Injector {
 async fn audit_rows(db: &TestDb) -> Vec<(String, String, Option<i64>)> {
     db.client()
         .await
-        .query("SELECT session_id, actor, (details->>'term')::bigint FROM session_audit", &[])
+        .query(
+            "SELECT session_id, actor, (details->>'term')::bigint FROM session_audit WHERE trigger = 'reconciler'",
+            &[],
+        )
         .await
         .expect("read the audit")
         .iter()

@@ -318,7 +318,7 @@ async fn a_daemon_killed_in_the_middle_of_a_stop_batch_leaves_no_stop_unaudited_
 
     let d = Daemon::start(&cfg).await;
     for _ in 0..300 {
-        let audited = scalar(&db, "SELECT count(*) FROM session_audit").await;
+        let audited = scalar(&db, "SELECT count(*) FROM session_audit WHERE trigger = 'reconciler'").await;
         if audited >= 20 && a.stops().len() >= 20 {
             break;
         }

@@ -230,7 +230,7 @@ async fn adopt(f: &Fixture) {
     let audited: i64 = db
         .client()
         .await
-        .query_one("SELECT count(*) FROM sessiond.session_audit", &[])
+        .query_one("SELECT count(*) FROM sessiond.session_audit WHERE trigger = 'reconciler'", &[])
         .await
         .expect("the audit trail is in sessiond's schema")
         .get(0);
@@ -382,9 +382,24 @@ async fn check_passes_a_good_mapping_and_says_what_it_checked() {
         "created_at start_time timestamp without time zone",
         "\"running\" as active (1)",
         "unpersisted: INSERT on",
+        "sessiond.sessiond_lookup matches this config",
+        "not counted: the table has no owner column",
     ] {
         assert!(out.contains(needle), "{needle:?} missing from:\n{out}");
     }
+}
+
+#[tokio::test]
+async fn check_warns_when_sessiond_lookup_was_made_from_another_config_or_is_missing() {
+    let warn_line = |out: &str, needle: &str| out.lines().any(|l| l.starts_with("warn") && l.contains(needle));
+    let (code, out) =
+        check_with("", |c, _| c.replace("[sessions]\n", "[sessions]\nid_pattern = \"^exec_[0-9a-f_]+$\"\n")).await;
+    assert_eq!(code, Some(0), "a warning, not a failure: {out}");
+    assert!(warn_line(&out, "was made from another mapping or id pattern: run sessiond migrate"), "{out}");
+
+    let (code, out) = check_with("DROP FUNCTION sessiond.sessiond_lookup(text, boolean)", |c, _| c).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(warn_line(&out, "sessiond_lookup does not exist: run sessiond migrate"), "{out}");
 }
 
 #[tokio::test]
@@ -433,7 +448,9 @@ async fn a_table_that_does_not_fit_stops_once_and_run_with_exit_78() {
     let cfg = DATA_COLLECTION.config(&db, &a);
     let path = write(dir.path(), "s.toml", &cfg);
     let p = path.to_str().expect("utf-8");
-    assert_eq!(run_async(&["migrate", "--config", p]).await.status.code(), Some(0));
+    let migrated = run_async(&["migrate", "--config", p]).await;
+    assert_eq!(migrated.status.code(), Some(0), "{}", text(&migrated.stderr));
+    assert!(text(&migrated.stdout).contains("sessiond_lookup made for"), "the lookup only reads the table");
 
     for cmd in ["once", "run"] {
         let out = run_async(&[cmd, "--config", p]).await;
@@ -507,4 +524,22 @@ async fn the_mapped_role_template_is_all_a_daemon_needs_to_repair_every_kind() {
     assert_eq!(f.state(&db, 10).await.as_deref(), Some("stopped"));
     assert_eq!(f.state(&db, 12).await.as_deref(), Some("running"));
     assert_eq!(a.stops(), [(f.id)(11)]);
+}
+
+#[tokio::test]
+async fn migrate_without_the_mapped_table_migrates_and_says_the_lookup_waits_for_it() {
+    let db = TestDb::empty().await;
+    let a = SimController::start("ctrl-a").await.expect("controller");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "s.toml", &DATA_COLLECTION.config(&db, &a));
+    let p = path.to_str().expect("utf-8");
+    let out = run_async(&["migrate", "--config", p]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("schema is at version"), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(err.contains("sessiond_lookup was not made") && err.contains("data_collection_sessions"), "{err}");
+
+    db.client().await.batch_execute(DATA_COLLECTION.ddl).await.expect("the table, later");
+    let out = run_async(&["migrate", "--config", p]).await;
+    assert!(text(&out.stdout).contains("sessiond_lookup made for"), "{}{}", text(&out.stdout), text(&out.stderr));
 }

@@ -95,6 +95,7 @@ async fn scrape() -> (String, String) {
     db.insert(&sid(1), "owner-secret-1", "ctrl-a", "active", ago(600)).await;
     db.insert(&sid(2), "owner-secret-2", "ctrl-a", "active", ago(600)).await; // an orphan
     a.reuse();
+    a.observe_create(0.2);
     let d = Daemon::start(&config_text(&db, &[&a], IMMEDIATE)).await;
     d.wait_ready().await;
     let (status, ct, body) = d.get("/metrics").await.expect("a scrape");
@@ -175,8 +176,11 @@ async fn a_scrape_of_a_running_daemon_passes_promtool_check_metrics() {
         "sessiond_sessions{source=\"controller\",state=\"active\"} 1",
         "sessiond_sessions{source=\"database\",state=\"active\"} 2",
         "sessiond_app_sessions_reused_total{controller=\"ctrl-a\"} 1",
-        "sessiond_lookup_probes_total{reason=\"exists\",result=\"found\"}",
+        "sessiond_lookup_probes_total{age=\"old\",reason=\"exists\",result=\"found\"} 1",
         "sessiond_reconcile_interval_seconds 0.5",
+        "sessiond_app_session_create_duration_seconds_bucket{controller=\"ctrl-a\",le=\"0.25\"} 1",
+        "sessiond_app_session_create_duration_seconds_count{controller=\"ctrl-a\"} 1",
+        "sessiond_rapid_creates_total 0",
     ] {
         assert!(body.contains(needle), "the scrape lacks {needle}:\n{body}");
     }

@@ -33,6 +33,8 @@ from fastapi import APIRouter, Header, HTTPException, Response
 LIVE_STATES = ("creating", "active", "running", "paused")
 log = logging.getLogger("sessiond_controller")
 LOOKUP_REASONS = ("found", "invalid_format", "never_existed", "deleted")
+# Upper bounds, in seconds, of the session creation-time histogram.
+CREATE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def _now() -> str:
@@ -52,6 +54,9 @@ class _Counters:
     sessions_reused: int = 0
     lookups: Dict[str, int] = field(default_factory=lambda: {r: 0 for r in LOOKUP_REASONS})
     cleanups: Dict[str, int] = field(default_factory=lambda: {"succeeded": 0, "failed": 0})
+    create_buckets: Dict[float, int] = field(default_factory=lambda: {b: 0 for b in CREATE_BUCKETS})
+    create_count: int = 0
+    create_sum: float = 0.0
 
 
 class SessionRegistry:
@@ -110,6 +115,17 @@ class SessionRegistry:
         with self._lock:
             self._counters.lookups[reason] += 1
 
+    def observe_create(self, seconds: float) -> None:
+        """Records how long creating a session took (from the request to the
+        row being stored), for the creation-latency histogram."""
+        with self._lock:
+            c = self._counters
+            for bound in CREATE_BUCKETS:
+                if seconds <= bound:
+                    c.create_buckets[bound] += 1
+            c.create_count += 1
+            c.create_sum += seconds
+
     def count_cleanup(self, succeeded: bool) -> None:
         with self._lock:
             self._counters.cleanups["succeeded" if succeeded else "failed"] += 1
@@ -130,6 +146,14 @@ class SessionRegistry:
                     "sessions_reused": self._counters.sessions_reused,
                     "lookups": dict(self._counters.lookups),
                     "cleanups": dict(self._counters.cleanups),
+                    "create_seconds": {
+                        "buckets": {
+                            **{repr(b): n for b, n in self._counters.create_buckets.items()},
+                            "+Inf": self._counters.create_count,
+                        },
+                        "sum": self._counters.create_sum,
+                        "count": self._counters.create_count,
+                    },
                 },
             }
 

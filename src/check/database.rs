@@ -99,8 +99,66 @@ pub async fn check(cfg: &Config) -> Vec<CheckLine> {
     };
     out.push(line(Status::Ok, "table", describe(&table)));
     out.push(states(&store, &table).await);
+    out.push(lookup(&store, cfg).await);
+    if let Some(l) = rapid_index(&store, cfg, &table).await {
+        out.push(l);
+    }
     out.extend(privileges(&store, cfg, &table).await);
     out
+}
+
+/// Rapid creates read the rows created since the last pass, every pass: on a
+/// large table without an index on `created_at`, that is a scan each time.
+async fn rapid_index(store: &Store, cfg: &Config, t: &Table) -> Option<CheckLine> {
+    let line = |status, detail: String| CheckLine::new(status, "database", "rapid creates", detail);
+    cfg.reconcile.rapid_create_window?;
+    if t.owner.is_none() {
+        return Some(line(Status::Ok, "not counted: the table has no owner column".to_owned()));
+    }
+    Some(match store.created_at_indexed().await {
+        Ok(true) => line(
+            Status::Ok,
+            format!("rows created since the last pass are read through an index on {}", t.created_at.name),
+        ),
+        Ok(false) => line(
+            Status::Warn,
+            format!(
+                "no index of {} leads with {}: every pass scans the table to count rapid creates. Create one \
+                 (CREATE INDEX CONCURRENTLY ON {} ({})) or set reconcile.rapid_create_window = \"off\"",
+                t.name,
+                t.created_at.name,
+                t.table,
+                t.created_at.q()
+            ),
+        ),
+        Err(e) => line(Status::Warn, e.to_string()),
+    })
+}
+
+/// Whether `sessiond_lookup` exists and was made from this config.
+async fn lookup(store: &Store, cfg: &Config) -> CheckLine {
+    let line = |status, detail: String| CheckLine::new(status, "database", "lookup", detail);
+    let expected = match store.lookup_expected(&cfg.sessions) {
+        Ok(e) => e,
+        Err(e) => return line(Status::Warn, e.to_string()),
+    };
+    match store.lookup_installed().await {
+        Ok(Some(found)) if found == expected => {
+            line(Status::Ok, format!("{}.sessiond_lookup matches this config", cfg.database.schema))
+        }
+        Ok(Some(_)) => line(
+            Status::Warn,
+            format!(
+                "{}.sessiond_lookup was made from another mapping or id pattern: run sessiond migrate to remake it",
+                cfg.database.schema
+            ),
+        ),
+        Ok(None) => line(
+            Status::Warn,
+            format!("{}.sessiond_lookup does not exist: run sessiond migrate to make it", cfg.database.schema),
+        ),
+        Err(e) => line(Status::Warn, e.to_string()),
+    }
 }
 
 fn describe(t: &Table) -> String {
@@ -262,6 +320,19 @@ async fn privileges(store: &Store, cfg: &Config, t: &Table) -> Vec<CheckLine> {
             if !ok {
                 missing.push(format!("{privilege} on {table}"));
             }
+        }
+    }
+    // The snapshot reads each live id's latest audit row: no resurrection.
+    let audit = format!("{}.\"session_audit\"", cfg.database.schema.quoted());
+    for column in ["id", "session_id", "old_state", "new_state", "trigger", "at"] {
+        let ok = store
+            .query("SELECT has_column_privilege($1, $2, 'SELECT')", &[(&audit, Type::TEXT), (&column, Type::TEXT)])
+            .await
+            .ok()
+            .and_then(|rows| rows.first().map(|r| r.get::<_, bool>(0)))
+            .unwrap_or(false);
+        if !ok {
+            missing.push(format!("SELECT on session_audit.{column}"));
         }
     }
     out.push(if missing.is_empty() {

@@ -122,6 +122,7 @@ pub struct RawReconcile {
     pub confirmations: Option<i64>,
     pub creating_timeout: Option<String>,
     pub instance_dead_after: Option<String>,
+    pub rapid_create_window: Option<String>,
     pub max_repairs_per_pass: Option<i64>,
     pub max_orphan_fraction: Option<f64>,
     pub guard_min_orphans: Option<i64>,
@@ -301,6 +302,10 @@ pub struct ReconcileConfig {
     pub creating_timeout: Duration,
     #[serde(with = "humantime_serde_compat::option")]
     pub instance_dead_after: Option<Duration>,
+    /// Sessions of one owner created within this of each other are rapid
+    /// creates (the duplicate-sessions race); `None`: not measured.
+    #[serde(with = "humantime_serde_compat::option")]
+    pub rapid_create_window: Option<Duration>,
     pub max_repairs_per_pass: usize,
     pub max_orphan_fraction: f64,
     pub guard_min_orphans: usize,
@@ -350,6 +355,7 @@ impl Default for ReconcileConfig {
             confirmations: 2,
             creating_timeout: Duration::from_secs(120),
             instance_dead_after: None,
+            rapid_create_window: Some(Duration::from_secs(10)),
             max_repairs_per_pass: 1000,
             max_orphan_fraction: 0.5,
             guard_min_orphans: 5,
@@ -660,6 +666,7 @@ const GRACE_BOUNDS: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(
 const CREATING_TIMEOUT_BOUNDS: (Duration, Duration) = (SECOND, Duration::from_secs(30 * 86_400));
 const DEAD_AFTER_BOUNDS: (Duration, Duration) = (MINUTE, Duration::from_secs(365 * 86_400));
 const LEASE_BOUNDS: (Duration, Duration) = (SECOND, Duration::from_secs(600));
+const RAPID_WINDOW_BOUNDS: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3600));
 
 /// Checks that `^` and `$` bind the whole pattern. `^exec_.*|.*$` starts with
 /// `^` and ends with `$`, yet its second branch matches anything: a top-level
@@ -843,6 +850,13 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
             Some(duration_in(file, "reconcile.instance_dead_after", Some(v), Duration::ZERO, DEAD_AFTER_BOUNDS)?)
         }
     };
+    let rapid_create_window = match r.rapid_create_window.as_deref() {
+        Some("off") => None,
+        None => defaults.rapid_create_window,
+        Some(v) => {
+            Some(duration_in(file, "reconcile.rapid_create_window", Some(v), Duration::ZERO, RAPID_WINDOW_BOUNDS)?)
+        }
+    };
     let confirmations = match r.confirmations {
         None => defaults.confirmations,
         Some(n) if (1..=100).contains(&n) => n as u32,
@@ -887,6 +901,7 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
             CREATING_TIMEOUT_BOUNDS,
         )?,
         instance_dead_after,
+        rapid_create_window,
         max_repairs_per_pass,
         max_orphan_fraction,
         guard_min_orphans,

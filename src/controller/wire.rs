@@ -11,7 +11,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::model::{
-    AppCounters, ControllerList, InvalidEntry, InvalidEntryKind, LiveSession, LiveState, PayloadProblem, SessionId,
+    AppCounters, ControllerList, CreateHistogram, InvalidEntry, InvalidEntryKind, LiveSession, LiveState,
+    PayloadProblem, SessionId,
 };
 
 #[derive(Deserialize)]
@@ -41,7 +42,9 @@ struct WireSession<'a> {
 }
 
 #[derive(Deserialize, Default)]
-struct WireCounters {
+struct WireCounters<'a> {
+    #[serde(borrow)]
+    create_seconds: Option<&'a RawValue>,
     sessions_created: Option<u64>,
     sessions_reused: Option<u64>,
     #[serde(default)]
@@ -62,6 +65,61 @@ struct WireLookups {
 struct WireCleanups {
     succeeded: Option<u64>,
     failed: Option<u64>,
+}
+
+/// The most buckets a creation-time histogram may have.
+pub const MAX_CREATE_BUCKETS: usize = 40;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireHistogram {
+    buckets: std::collections::BTreeMap<String, u64>,
+    sum: f64,
+    count: u64,
+}
+
+/// `counters.create_seconds`: cumulative buckets keyed by their upper bound in
+/// seconds (`"0.1"`, …, `"+Inf"`), with `sum` and `count`, as a Prometheus
+/// histogram has them. Refused unless it is one: finite bounds, counts that
+/// never decrease with the bound, and a `+Inf` bucket equal to `count`.
+fn create_histogram(raw: &str) -> Result<CreateHistogram, String> {
+    let w: WireHistogram = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+    if w.buckets.len() > MAX_CREATE_BUCKETS + 1 {
+        return Err(format!("{} buckets; at most {MAX_CREATE_BUCKETS} and +Inf", w.buckets.len()));
+    }
+    if !w.sum.is_finite() || w.sum < 0.0 {
+        return Err(format!("sum {} is not a non-negative number", w.sum));
+    }
+    let mut inf = None;
+    let mut finite: Vec<(f64, u64)> = Vec::with_capacity(w.buckets.len());
+    for (key, n) in &w.buckets {
+        if key == "+Inf" {
+            inf = Some(*n);
+            continue;
+        }
+        match key.parse::<f64>() {
+            Ok(b) if b.is_finite() && b >= 0.0 => finite.push((b, *n)),
+            _ => return Err(format!("bucket {} is not a bound in seconds", printable(key))),
+        }
+    }
+    finite.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if finite.windows(2).any(|p| p[0].0 == p[1].0) {
+        return Err("two buckets have the same bound".into());
+    }
+    if finite.windows(2).any(|p| p[1].1 < p[0].1) {
+        return Err("bucket counts decrease with the bound: they must be cumulative".into());
+    }
+    match inf {
+        Some(n) if n == w.count && finite.last().is_none_or(|l| l.1 <= n) => {}
+        Some(n) => return Err(format!("+Inf is {n}, but count is {} (or below a smaller bucket)", w.count)),
+        None => return Err("no +Inf bucket".into()),
+    }
+    Ok(CreateHistogram {
+        bounds: finite.iter().map(|b| b.0).collect(),
+        cumulative: finite.iter().map(|b| b.1).collect(),
+        count: w.count,
+        sum: w.sum,
+    })
 }
 
 pub(super) enum ParseProblem {
@@ -117,6 +175,17 @@ pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Res
         Some(v) if v.get() == "null" => None,
         Some(v) => match serde_json::from_str::<WireCounters>(v.get()) {
             Ok(c) => Some(AppCounters {
+                create_seconds: match c.create_seconds {
+                    None => None,
+                    Some(v) if v.get() == "null" => None,
+                    Some(v) => match create_histogram(v.get()) {
+                        Ok(h) => Some(h),
+                        Err(detail) => {
+                            problems.push(PayloadProblem { part: "create_seconds", detail });
+                            None
+                        }
+                    },
+                },
                 sessions_created: c.sessions_created.unwrap_or(0),
                 sessions_reused: c.sessions_reused.unwrap_or(0),
                 lookups_found: c.lookups.found.unwrap_or(0),

@@ -118,7 +118,7 @@ impl PassObserver for Printer {
             created += c.sessions_created;
             reused += c.sessions_reused;
         }
-        let p = &r.probes;
+        let p = &r.probes.all;
         let probes = p.found + p.never_existed + p.deleted + p.invalid_format;
         let pct = |n: u64, d: u64| if d == 0 { "-".to_owned() } else { format!("{:.1}%", 100.0 * n as f64 / d as f64) };
         let restarted: Vec<&str> = r.instances.iter().filter(|i| i.restarted).map(|i| i.name.as_str()).collect();

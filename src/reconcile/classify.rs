@@ -30,8 +30,8 @@ use serde::Serialize;
 
 use crate::config::{Policy, ReconcileConfig};
 use crate::model::{
-    BootRecords, ControllerList, DbSnapshot, InstanceSnapshot, InvalidEntryKind, LiveSession, RowState, SessionId,
-    SessionRow, StopOutcome,
+    BootRecords, ControllerList, DbSnapshot, GoneRow, InstanceSnapshot, InvalidEntryKind, LiveSession, RowState,
+    SessionId, SessionRow, StopOutcome,
 };
 use crate::reconcile::boots::Trust;
 
@@ -283,14 +283,49 @@ pub struct Streak {
     pub first_seen: DateTime<Utc>,
 }
 
-/// The application's lookups, replayed: every live controller session looked up
-/// in the database as the application's API would.
+/// Lookups by what they found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Probes {
+pub struct ProbeCounts {
     pub found: u64,
     pub never_existed: u64,
     pub deleted: u64,
     pub invalid_format: u64,
+}
+
+/// What a lookup found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeResult {
+    Found,
+    NeverExisted,
+    Deleted,
+    InvalidFormat,
+}
+
+/// The application's lookups, replayed: every live controller session looked up
+/// in the database as the application's API would. `young` counts those of
+/// sessions younger than `grace` (by the controller's `generated_at −
+/// started_at`): their misses are the creation race, the window in which an
+/// application's own API answers "not found" for a session it just created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Probes {
+    #[serde(flatten)]
+    pub all: ProbeCounts,
+    pub young: ProbeCounts,
+}
+
+impl Probes {
+    fn count(&mut self, result: ProbeResult, young: bool) {
+        let add = |c: &mut ProbeCounts| match result {
+            ProbeResult::Found => c.found += 1,
+            ProbeResult::NeverExisted => c.never_existed += 1,
+            ProbeResult::Deleted => c.deleted += 1,
+            ProbeResult::InvalidFormat => c.invalid_format += 1,
+        };
+        add(&mut self.all);
+        if young {
+            add(&mut self.young);
+        }
+    }
 }
 
 /// Everything a classification produces.
@@ -520,7 +555,8 @@ fn listings<'a>(
                 InvalidEntryKind::InvalidEntry => Kind::InvalidEntry,
             };
             if kind == Kind::InvalidId {
-                out.probes.invalid_format += 1;
+                // An unusable entry has no age: it counts as old.
+                out.probes.count(ProbeResult::InvalidFormat, false);
             }
             let subject = bad.raw_id.clone().unwrap_or_else(|| "<missing>".into());
             candidates.push(note(kind, &subject, Some(&inst.name), bad.problem.clone()));
@@ -684,6 +720,7 @@ fn sessions(
 ) {
     let rows_by_id: FxHashMap<&str, &SessionRow> = input.db.rows.iter().map(|r| (r.id.as_str(), r)).collect();
     let invalid: FxHashSet<&str> = input.db.invalid_rows.iter().map(|r| r.id.as_str()).collect();
+    let gone: FxHashMap<&str, &GoneRow> = input.db.gone.iter().map(|g| (g.id.as_str(), g)).collect();
     for inst in input.instances.iter().filter(|i| reach.reachable.contains_key(i.name.as_str())) {
         let Ok(list) = &inst.result else { continue };
         for live in &list.sessions {
@@ -691,13 +728,18 @@ fn sessions(
                 Some(only) if std::ptr::eq(only, live) => {}
                 _ => continue, // listed more than once: reported above, never acted on
             }
+            let young = match (list.generated_at, live.started_at) {
+                (Some(generated), Some(started)) => generated - started < to_chrono(input.config.grace),
+                // A session whose age the controller does not tell counts as old.
+                _ => false,
+            };
             match rows_by_id.get(live.id.as_str()) {
-                Some(row) if row.state.is_live() => out.probes.found += 1,
+                Some(row) if row.state.is_live() => out.probes.count(ProbeResult::Found, young),
                 Some(row) => {
                     if row.state == RowState::Deleted {
-                        out.probes.deleted += 1;
+                        out.probes.count(ProbeResult::Deleted, young);
                     } else {
-                        out.probes.found += 1;
+                        out.probes.count(ProbeResult::Found, young);
                     }
                     candidates.push(Candidate {
                         finding: Finding {
@@ -723,9 +765,42 @@ fn sessions(
                 }
                 // A row exists, with a state the vocabulary does not know: it is
                 // reported as such, and nothing is inserted over it.
-                None if invalid.contains(live.id.as_str()) => out.probes.found += 1,
+                None if invalid.contains(live.id.as_str()) => out.probes.count(ProbeResult::Found, young),
+                // No row, but the audit trail says there was one: it was
+                // deleted. Re-inserting it would resurrect a session someone
+                // ended; it is a zombie to stop.
+                None if gone.contains_key(live.id.as_str()) => {
+                    let g = gone[live.id.as_str()];
+                    out.probes.count(ProbeResult::Deleted, young);
+                    candidates.push(Candidate {
+                        finding: Finding {
+                            kind: Kind::Zombie,
+                            subject: live.id.to_string(),
+                            instance: Some(inst.name.clone()),
+                            detail: format!(
+                                "live on {} but its row is gone: the audit trail shows it existed (last {} → {} by \
+                                 {}); a deleted session is stopped, never re-inserted",
+                                inst.name,
+                                g.old_state.as_deref().unwrap_or("none"),
+                                g.new_state.as_deref().unwrap_or("none"),
+                                g.trigger
+                            ),
+                            decision: Decision::Note,
+                            repair: Some(Repair::StopLive {
+                                id: live.id.clone(),
+                                controller_instance: inst.name.clone(),
+                                row_version: String::new(),
+                                row_state: RowState::Deleted,
+                                end_row: false,
+                            }),
+                        },
+                        changed_at: Some(g.at),
+                        age: Some(inst.fetched_at - g.at),
+                        explained: Explained::No,
+                    });
+                }
                 None => {
-                    out.probes.never_existed += 1;
+                    out.probes.count(ProbeResult::NeverExisted, young);
                     let age = live_age(input, inst, list, live);
                     candidates.push(Candidate {
                         finding: Finding {

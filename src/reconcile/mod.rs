@@ -16,6 +16,7 @@
 pub mod apply;
 pub mod boots;
 pub mod classify;
+pub mod rapid;
 pub mod report;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -151,6 +152,9 @@ pub struct PassReport {
     pub probes: Probes,
     /// Round trips to the database this pass (statements, BEGIN and COMMIT).
     pub db_round_trips: u64,
+    /// Sessions created since the previous pass within
+    /// `reconcile.rapid_create_window` of another of the same owner.
+    pub rapid_creates: u64,
     /// Where the pass spent its time, in seconds.
     pub stages: Stages,
 }
@@ -246,6 +250,8 @@ pub struct Reconciler {
     lease: Option<crate::lease::Lease>,
     /// The term of the last pass this replica led (none: it followed).
     led_term: Option<i64>,
+    /// The rapid creates earlier passes counted.
+    rapid: rapid::RapidCreates,
 }
 
 impl Reconciler {
@@ -262,6 +268,7 @@ impl Reconciler {
             payload_problems: BTreeMap::new(),
             lease: None,
             led_term: None,
+            rapid: rapid::RapidCreates::default(),
         })
     }
 
@@ -292,6 +299,7 @@ impl Reconciler {
         if term != self.led_term {
             self.memory = Memory::default();
             self.boots = None;
+            self.rapid = rapid::RapidCreates::default();
             self.led_term = term;
         }
         (role, fence)
@@ -376,6 +384,7 @@ impl Reconciler {
             guard_tripped: BTreeMap::new(),
             probes: Probes::default(),
             db_round_trips: 0,
+            rapid_creates: 0,
             stages: Stages::default(),
         };
 
@@ -472,8 +481,21 @@ impl Reconciler {
             .flat_map(|l| l.sessions.iter().map(|s| s.id.as_str()))
             .collect();
         let read_started = std::time::Instant::now();
-        let db = store.snapshot(&live_ids).await?;
+        let window = cfg.reconcile.rapid_create_window;
+        let lookback = window.map(|w| rapid::lookback(w, cfg.daemon.interval));
+        let db = store.snapshot(&live_ids, lookback).await?;
         drop(live_ids);
+        if let (Some(w), Some(lookback), Some(now)) = (window, lookback, db.db_now) {
+            report.rapid_creates = self.rapid.observe(&db.recent_creates, w, now, lookback);
+            if report.rapid_creates > 0 {
+                tracing::warn!(
+                    rapid_creates = report.rapid_creates,
+                    window = %humantime::format_duration(w),
+                    "sessions were created within the window of another session of the same owner: the \
+                     duplicate-sessions race"
+                );
+            }
+        }
         report.stages.read = read_started.elapsed().as_secs_f64();
         if let Some(p) = &self.progress {
             p.tick();

@@ -308,6 +308,23 @@ impl Table {
         )
     }
 
+    /// `(id, owner, created_at)` of the rows created in the last `$1`
+    /// milliseconds, comparing the column as stored so an index on it is
+    /// used; `None` without an owner column.
+    pub fn recent_creates_sql(&self) -> Option<String> {
+        let owner = self.owner.as_ref()?;
+        Some(format!(
+            "SELECT {}, {}, {} FROM {} t WHERE t.{} > {} AND t.{} IS NOT NULL",
+            self.id.text("t"),
+            owner.text("t"),
+            self.created_at.instant("t"),
+            self.table,
+            self.created_at.q(),
+            self.created_at.store_instant("(now() - $1::bigint * interval '1 millisecond')"),
+            owner.q()
+        ))
+    }
+
     fn now(c: &Col) -> String {
         c.store_instant("now()")
     }
@@ -423,7 +440,8 @@ impl Table {
         )
     }
 
-    /// Records stop intents for rows still as classified and not locked.
+    /// Records stop intents for rows still as classified and not locked, and
+    /// for sessions whose row was deleted (version `''`) that still have none.
     ///
     /// `$1` ids, `$2` versions, `$3` canonical states, `$4` end_row, `$5`
     /// controllers, `$6` kinds, `$7` details, `$8` pass id, `$9` actor, `$10`
@@ -437,15 +455,20 @@ impl Table {
              ),
              current AS (
                  SELECT i.* FROM input i JOIN {table} s ON s.{id} = {id_in}
-                  WHERE s.xmin = i.version::xid
+                  WHERE i.version <> ''
+                    AND s.xmin = CASE WHEN i.version = '' THEN NULL ELSE i.version::xid END
                     FOR SHARE OF s SKIP LOCKED
+             ),
+             still_absent AS (
+                 SELECT i.* FROM input i
+                  WHERE i.version = '' AND NOT EXISTS (SELECT 1 FROM {table} s WHERE s.{id} = {id_in})
              )
              INSERT INTO {intents}
                     (session_id, controller, kind, row_version, row_state, end_row, pass_id, actor, details,
                      expires_at)
              SELECT session_id, controller, kind, version, state, end_row, $8, $9, details::jsonb,
                     now() + $10::bigint * interval '1 millisecond'
-               FROM current
+               FROM (SELECT * FROM current UNION ALL SELECT * FROM still_absent) c
              ON CONFLICT (session_id) WHERE settled_at IS NULL DO NOTHING
              RETURNING id, session_id",
             table = self.table,
@@ -462,18 +485,17 @@ impl Table {
     pub fn settle_stops_sql(&self) -> String {
         // A stopped zombie's row is touched, so its version changes; a
         // duplicate's is ended.
-        let touch = match &self.updated_at {
-            Some(c) => format!("{} = {}", c.q(), Self::now(c)),
-            None => format!("{q} = s.{q}", q = self.state.q()),
-        };
-        let mut set = vec![
-            touch,
-            format!(
-                "{q} = CASE WHEN st.end_row THEN {v} ELSE s.{q} END",
-                q = self.state.q(),
-                v = self.state.cast("$5")
-            ),
-        ];
+        // Without an updated_at column, the state's assignment (to itself for
+        // a zombie) is the touch.
+        let mut set = Vec::new();
+        if let Some(c) = &self.updated_at {
+            set.push(format!("{} = {}", c.q(), Self::now(c)));
+        }
+        set.push(format!(
+            "{q} = CASE WHEN st.end_row THEN {v} ELSE s.{q} END",
+            q = self.state.q(),
+            v = self.state.cast("$5")
+        ));
         if let Some(c) = &self.ended_at {
             set.push(format!(
                 "{q} = CASE WHEN st.end_row THEN coalesce(s.{q}, {now}) ELSE s.{q} END",
@@ -502,7 +524,8 @@ impl Table {
              ),
              unchanged AS (
                  SELECT s.{id} AS k FROM {table} s JOIN settled st ON s.{id} = {id_st}
-                  WHERE st.outcome = 'stopped' AND s.xmin = st.row_version::xid
+                  WHERE st.outcome = 'stopped' AND st.row_version <> ''
+                    AND s.xmin = CASE WHEN st.row_version = '' THEN NULL ELSE st.row_version::xid END
                     FOR UPDATE OF s SKIP LOCKED
              ),
              touched AS (

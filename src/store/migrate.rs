@@ -139,6 +139,60 @@ CREATE TABLE IF NOT EXISTS sessiond_leases (
 );
 "#,
     },
+    Migration {
+        version: 5,
+        description: "lifecycle: the reference table audits every transition and refuses hard deletes",
+        reference: r#"
+-- Every state change of a session is audited. The application's (and any
+-- other writer's) with trigger 'app'; sessiond's repairs audit themselves
+-- (trigger 'reconciler') in the statement that makes them, and mark their
+-- transaction (SET LOCAL sessiond.writer) so they are not audited twice.
+-- SECURITY DEFINER: the application's role needs no privilege on the trail.
+CREATE OR REPLACE FUNCTION sessions_audit_transition() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    IF current_setting('sessiond.writer', true) IS NOT DISTINCT FROM 'reconciler' THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO session_audit (session_id, old_state, new_state, trigger, actor, reason, details)
+        VALUES (NEW.session_id, NULL, NEW.state, 'app', session_user, 'created',
+                jsonb_build_object('application_name', current_setting('application_name', true)));
+    ELSIF NEW.state IS DISTINCT FROM OLD.state THEN
+        INSERT INTO session_audit (session_id, old_state, new_state, trigger, actor, reason, details)
+        VALUES (NEW.session_id, OLD.state, NEW.state, 'app', session_user, NEW.end_reason,
+                jsonb_build_object('application_name', current_setting('application_name', true)));
+    END IF;
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS sessions_audit_transition ON sessions;
+CREATE TRIGGER sessions_audit_transition AFTER INSERT OR UPDATE OF state ON sessions
+    FOR EACH ROW EXECUTE FUNCTION sessions_audit_transition();
+
+-- Deletion is soft: a deleted session stays, with state 'deleted', so a
+-- lookup can say why it is gone and sessiond never mistakes it for one that
+-- was never stored.
+CREATE OR REPLACE FUNCTION sessions_refuse_delete() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'sessions are never deleted (% refused): set state = ''deleted'' and deleted_at = now() instead', TG_OP
+        USING ERRCODE = 'restrict_violation',
+              HINT = 'a soft-deleted session stays visible to sessiond_lookup(id, include_deleted => true)';
+END
+$$;
+DROP TRIGGER IF EXISTS sessions_no_delete ON sessions;
+CREATE TRIGGER sessions_no_delete BEFORE DELETE ON sessions
+    FOR EACH ROW EXECUTE FUNCTION sessions_refuse_delete();
+DROP TRIGGER IF EXISTS sessions_no_truncate ON sessions;
+CREATE TRIGGER sessions_no_truncate BEFORE TRUNCATE ON sessions
+    FOR EACH STATEMENT EXECUTE FUNCTION sessions_refuse_delete();
+
+-- Rapid creates: each pass reads the rows created since the last one.
+CREATE INDEX IF NOT EXISTS sessions_by_created_at ON sessions (created_at);
+"#,
+        own: "-- nothing of sessiond's own: the lookup function is made from the config by every migrate",
+    },
 ];
 
 /// The schema version this build needs.
@@ -148,7 +202,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 const OWN_TABLES: [&str; 4] = ["session_audit", "sessiond_instance_state", "sessiond_stop_intents", "sessiond_leases"];
 
 /// An arbitrary, fixed key for the advisory lock that serialises migrations.
-const MIGRATION_LOCK_KEY: i64 = 0x5e55_10d0_0001;
+pub(super) const MIGRATION_LOCK_KEY: i64 = 0x5e55_10d0_0001;
 
 /// The reference table's columns and types, to name what a foreign table of
 /// that name lacks.

@@ -18,6 +18,7 @@
 //! the two commit together or not at all.
 
 pub mod lease;
+pub mod lifecycle;
 pub mod mapping;
 mod migrate;
 mod repair;
@@ -336,9 +337,13 @@ impl Store {
         // A transaction left open by a process that stopped mid-way (paused,
         // partitioned) is ended by the server, so the locks it holds (a row,
         // the lease row) are not held for longer than a statement may take.
+        // A repair marks its transaction as sessiond's: it writes its own audit
+        // rows, so the reference table's transition trigger (and the ones
+        // `sessiond sql audit-triggers` prints) do not audit it twice.
+        let writer = if matches!(kind, Tx::Write) { "; SET LOCAL sessiond.writer = 'reconciler'" } else { "" };
         let settings = format!(
             "SET LOCAL statement_timeout = {statement_ms}; SET LOCAL lock_timeout = {lock_ms}; \
-             SET LOCAL idle_in_transaction_session_timeout = {statement_ms}"
+             SET LOCAL idle_in_transaction_session_timeout = {statement_ms}{writer}"
         );
         tokio::time::timeout(timeout, tx.batch_execute(&settings))
             .await

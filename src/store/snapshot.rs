@@ -8,7 +8,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::mapping::Kind;
 use super::{q, Store, StoreError, Tx};
-use crate::model::{DbSnapshot, InvalidRow, OpenIntent, RowState, SessionId, SessionRow};
+use crate::model::{DbSnapshot, GoneRow, InvalidRow, OpenIntent, RowState, SessionId, SessionRow};
 
 impl Store {
     /// Reads every live row, and the row (in whatever state) of every id in
@@ -16,7 +16,15 @@ impl Store {
     /// streamed statements, whatever the number of sessions. Only the ids
     /// without a live row — the zombie and unpersisted candidates, normally a
     /// few — are sent to the server.
-    pub async fn snapshot(&mut self, live_ids: &[&str]) -> Result<DbSnapshot, StoreError> {
+    ///
+    /// With `created_within`, it also reads the id, owner and creation time of
+    /// every row created that recently (by the database's clock), for rapid
+    /// creates.
+    pub async fn snapshot(
+        &mut self,
+        live_ids: &[&str],
+        created_within: Option<std::time::Duration>,
+    ) -> Result<DbSnapshot, StoreError> {
         const WHAT: &str = "read the sessions";
         let table = self.table()?;
         let live_sql = table.live_rows_sql();
@@ -28,6 +36,12 @@ impl Store {
             "SELECT id, session_id, controller, kind, expires_at < now() FROM {} WHERE settled_at IS NULL",
             table.intents
         );
+        let history_sql = format!(
+            "SELECT DISTINCT ON (session_id) session_id, old_state, new_state, trigger, at
+               FROM {} WHERE session_id = ANY($1::text[]) ORDER BY session_id, id DESC",
+            table.audit
+        );
+        let recent_sql = table.recent_creates_sql();
         let timeout = self.timeout;
         let counter = std::sync::Arc::clone(&self.round_trips);
         let tx = self.begin(WHAT, Tx::Read).await?;
@@ -88,7 +102,54 @@ impl Store {
                     expired: r.try_get(4).map_err(q(WHAT))?,
                 });
             }
-            Ok::<_, StoreError>((DbSnapshot { rows, invalid_rows: invalid, read_at: sent, open_intents }, statements))
+            // Live ids with no row at all: does the audit trail know them?
+            let mut gone = Vec::new();
+            if !missing.is_empty() {
+                let mut found: Vec<&str> =
+                    rows.iter().map(|r| r.id.as_str()).chain(invalid.iter().map(|r| r.id.as_str())).collect();
+                found.sort_unstable();
+                let absent: Vec<&str> = missing.iter().copied().filter(|id| found.binary_search(id).is_err()).collect();
+                if !absent.is_empty() {
+                    statements += 1;
+                    let params: [(&(dyn ToSql + Sync), Type); 1] = [(&absent, Type::TEXT_ARRAY)];
+                    for r in tx.query_typed(&history_sql, &params).await.map_err(q(WHAT))? {
+                        let at: DateTime<Utc> = r.try_get(4).map_err(q(WHAT))?;
+                        gone.push(GoneRow {
+                            id: SessionId::from_row(r.try_get::<_, String>(0).map_err(q(WHAT))?),
+                            old_state: r.try_get(1).map_err(q(WHAT))?,
+                            new_state: r.try_get(2).map_err(q(WHAT))?,
+                            trigger: r.try_get(3).map_err(q(WHAT))?,
+                            at: at - offset,
+                        });
+                    }
+                }
+            }
+            // Rows created since the previous pass, for rapid creates.
+            let mut recent_creates = Vec::new();
+            if let (Some(sql), Some(lookback)) = (&recent_sql, created_within) {
+                statements += 1;
+                let ms = i64::try_from(lookback.as_millis()).unwrap_or(i64::MAX);
+                let params: [(&(dyn ToSql + Sync), Type); 1] = [(&ms, Type::INT8)];
+                let stream = tx.query_typed_raw(sql, params).await.map_err(q(WHAT))?;
+                pin_mut!(stream);
+                while let Some(r) = stream.try_next().await.map_err(q(WHAT))? {
+                    recent_creates.push(crate::model::RecentCreate {
+                        id: r.try_get(0).map_err(q(WHAT))?,
+                        owner: r.try_get(1).map_err(q(WHAT))?,
+                        created_at: r.try_get(2).map_err(q(WHAT))?,
+                    });
+                }
+            }
+            let snapshot = DbSnapshot {
+                rows,
+                invalid_rows: invalid,
+                read_at: sent,
+                open_intents,
+                gone,
+                recent_creates,
+                db_now: Some(db_now),
+            };
+            Ok::<_, StoreError>((snapshot, statements))
         };
         let (snapshot, statements) =
             tokio::time::timeout(timeout, work).await.map_err(|_| StoreError::Timeout { what: WHAT, timeout })??;

@@ -110,7 +110,11 @@ impl TestDb {
     pub async fn migrate(&self) {
         let cfg = sessiond::config::DatabaseConfig::for_url(&self.url);
         let mut store = sessiond::store::Store::connect(&cfg).await.expect("connect");
-        store.migrate(&sessiond::config::SessionsConfig::reference(&cfg.schema)).await.expect("migrate");
+        let sessions = sessiond::config::SessionsConfig::reference(&cfg.schema);
+        store.migrate(&sessions).await.expect("migrate");
+        // As `sessiond migrate` does: the lookup function, made from the table.
+        store.bind_table(&sessions, &Default::default()).await.expect("bind the reference table");
+        store.install_lookup(&sessions).await.expect("make sessiond_lookup");
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -143,11 +147,17 @@ impl TestDb {
             .map(|r| r.get(0))
     }
 
-    /// (old_state, new_state, reason) of every audit row for `id`, oldest first.
+    /// (old_state, new_state, reason) of every audit row sessiond wrote for
+    /// `id` (trigger `reconciler`), oldest first. The reference table also
+    /// audits the tests' own writes, as the application's (`app`).
     pub async fn audit(&self, id: &str) -> Vec<(Option<String>, Option<String>, String)> {
         self.client()
             .await
-            .query("SELECT old_state, new_state, reason FROM session_audit WHERE session_id = $1 ORDER BY id", &[&id])
+            .query(
+                "SELECT old_state, new_state, reason FROM session_audit
+                  WHERE session_id = $1 AND trigger = 'reconciler' ORDER BY id",
+                &[&id],
+            )
             .await
             .expect("read the audit trail")
             .iter()
@@ -155,8 +165,14 @@ impl TestDb {
             .collect()
     }
 
+    /// Audit rows sessiond wrote (trigger `reconciler`).
     pub async fn audit_count(&self) -> i64 {
-        self.client().await.query_one("SELECT count(*) FROM session_audit", &[]).await.expect("count audit").get(0)
+        self.client()
+            .await
+            .query_one("SELECT count(*) FROM session_audit WHERE trigger = 'reconciler'", &[])
+            .await
+            .expect("count audit")
+            .get(0)
     }
 }
 
