@@ -183,6 +183,7 @@ fn render(c: &Classification) -> String {
                 Decision::Repair => "repair",
                 Decision::Wait { .. } => "wait",
                 Decision::Guarded => "guarded",
+                Decision::Deferred { .. } => "deferred",
                 Decision::Report { .. } => "report",
                 Decision::Note => "note",
             };
@@ -503,17 +504,28 @@ fn force_overrides_the_guard_but_it_is_still_reported() {
 }
 
 #[test]
-fn more_repairs_of_one_kind_than_max_repairs_per_pass_are_guarded() {
+fn more_repairs_of_one_kind_than_max_repairs_per_pass_drain_oldest_first() {
     let mut w = World::new();
     w.cfg.max_repairs_per_pass = 3;
-    for i in 0..4 {
-        w.live("a", &format!("s{i}"), &format!("o{i}"), LiveState::Active, OLD);
+    // Five unpersisted sessions of different ages, listed youngest first.
+    for (i, age) in [(0, OLD), (1, OLD + 40), (2, OLD + 10), (3, OLD + 30), (4, OLD + 20)] {
+        w.live("a", &format!("s{i}"), &format!("o{i}"), LiveState::Active, age);
     }
     w.live("a", "z1", "oz", LiveState::Active, OLD).row("z1", "oz", "a", RowState::Stopped, OLD);
     let c = w.run();
     let rendered = render(&c);
-    assert_eq!(c.findings.iter().filter(|f| f.decision == Decision::Guarded).count(), 4, "{rendered}");
+    let decision = |id: &str| c.findings.iter().find(|f| f.subject == id).map(|f| f.decision.clone());
+    for id in ["s1", "s3", "s4"] {
+        assert_eq!(decision(id), Some(Decision::Repair), "the oldest three first: {rendered}");
+    }
+    assert_eq!(decision("s2"), Some(Decision::Deferred { ahead: 3, limit: 3 }), "{rendered}");
+    assert_eq!(decision("s0"), Some(Decision::Deferred { ahead: 4, limit: 3 }), "{rendered}");
     assert!(rendered.contains("zombie z1 repair"), "other kinds still repair: {rendered}");
+    assert!(c.guard_tripped.is_empty(), "a backlog is not a mass disappearance: {rendered}");
+
+    w.options.force = true;
+    let c = w.run();
+    assert!(c.findings.iter().all(|f| f.decision == Decision::Repair), "--force lifts the rate: {}", render(&c));
 }
 
 #[test]

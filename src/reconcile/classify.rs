@@ -180,6 +180,9 @@ pub enum Decision {
     Wait { reason: Hold },
     /// The mass-repair guard held it back.
     Guarded,
+    /// More repairs of its kind than `max_repairs_per_pass` are due: `ahead`
+    /// older ones go first, this pass or the next ones.
+    Deferred { ahead: usize, limit: usize },
     /// Reported only: policy `report`, `observe` mode, `--dry-run`, or no way to repair.
     Report { reason: ReportReason },
     /// A finding with no repair (invalid ids, unverifiable rows).
@@ -1171,7 +1174,10 @@ fn rows_of_one_owner(
 ///   `max_orphan_fraction` of an instance's live rows (or the fleet's, without
 ///   an instance column) hold back those orphan repairs (a restart or a
 ///   declared-dead instance explains orphans);
-/// - more than `max_repairs_per_pass` repairs of one kind hold back that kind.
+///
+/// Then the drain: up to `max_repairs_per_pass` repairs of one kind proceed,
+/// oldest evidence first; the rest are deferred to later passes (unless
+/// `--force`). A backlog drains at that rate with no one stepping in.
 fn guard(
     input: &Input<'_>,
     reach: &Reach<'_>,
@@ -1216,19 +1222,30 @@ fn guard(
         }
     }
 
-    let mut per_kind: BTreeMap<Kind, usize> = BTreeMap::new();
-    for c in candidates.iter().filter(|c| c.finding.decision == Decision::Repair) {
-        *per_kind.entry(c.finding.kind).or_default() += 1;
+    if input.options.force {
+        return;
     }
-    for c in candidates.iter_mut() {
-        if per_kind.get(&c.finding.kind).is_some_and(|&n| n > cfg.max_repairs_per_pass)
-            && c.finding.decision == Decision::Repair
-        {
-            let inst = key(c);
-            trip(&inst, c.finding.kind, tripped);
-            if !input.options.force {
-                c.finding.decision = Decision::Guarded;
-            }
+    let mut per_kind: BTreeMap<Kind, Vec<usize>> = BTreeMap::new();
+    for (i, c) in candidates.iter().enumerate().filter(|(_, c)| c.finding.decision == Decision::Repair) {
+        per_kind.entry(c.finding.kind).or_default().push(i);
+    }
+    let limit = cfg.max_repairs_per_pass;
+    for (_, mut queue) in per_kind {
+        if queue.len() <= limit {
+            continue;
+        }
+        // Oldest evidence first; evidence of unknown age last; then by id, so
+        // the order is the same every pass.
+        queue.sort_by(|&a, &b| {
+            let (a, b) = (&candidates[a], &candidates[b]);
+            b.age
+                .is_some()
+                .cmp(&a.age.is_some())
+                .then(b.age.cmp(&a.age))
+                .then(a.finding.subject.cmp(&b.finding.subject))
+        });
+        for (ahead, &i) in queue.iter().enumerate().skip(limit) {
+            candidates[i].finding.decision = Decision::Deferred { ahead, limit };
         }
     }
 }

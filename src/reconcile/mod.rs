@@ -189,6 +189,7 @@ impl PassReport {
                 (Decision::Repair, Some(Outcome::Failed)) => "failed",
                 (Decision::Repair, Some(Outcome::Deferred)) => "deferred",
                 (Decision::Guarded, _) => "guarded",
+                (Decision::Deferred { .. }, _) => "deferred",
                 (Decision::Report { .. }, _) => "reported",
                 _ => continue,
             };

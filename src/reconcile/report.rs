@@ -152,6 +152,7 @@ pub fn to_table(report: &PassReport) -> String {
             (_, Some(o)) => format!("{o:?}").to_lowercase(),
             (Decision::Wait { reason }, None) => format!("waiting: {reason}"),
             (Decision::Guarded, None) => "guarded".into(),
+            (Decision::Deferred { ahead, .. }, None) => format!("deferred: {ahead} ahead"),
             (Decision::Report { reason }, None) => format!("reported: {reason}"),
             (Decision::Repair, None) => "planned".into(),
             (Decision::Note, None) => "noted".into(),
