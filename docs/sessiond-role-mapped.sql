@@ -20,6 +20,9 @@
 --   record stops, remember boot ids          SELECT, INSERT, UPDATE on sessiond_stop_intents
 --                                            and sessiond_instance_state
 --   with [ha]: the leader lease              SELECT, INSERT, UPDATE on sessiond_leases
+--   the pause (read in every repair, set by  SELECT, INSERT, UPDATE on sessiond_pause
+--   the admin endpoints)
+--   with [audit] retain: prune old rows      EXECUTE on sessiond_audit_prune
 --   check the schema version                 SELECT on sessiond_schema_migrations
 -- A kind whose policy is "report" needs none of its writes; `sessiond check`
 -- names every privilege an enabled repair lacks.
@@ -47,3 +50,5 @@ GRANT SELECT ON sessiond.sessiond_schema_migrations TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond.sessiond_instance_state TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond.sessiond_stop_intents TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond.sessiond_leases TO :"role";
+GRANT SELECT, INSERT, UPDATE ON sessiond.sessiond_pause TO :"role";
+GRANT EXECUTE ON FUNCTION sessiond.sessiond_audit_prune(interval, integer) TO :"role";

@@ -23,6 +23,10 @@
 --   after                                           sessiond_stop_intents
 --   with [ha]: take and renew the leader lease,     SELECT, INSERT, UPDATE on
 --   and lock it (FOR SHARE) in every repair         sessiond_leases
+--   honour the pause (FOR SHARE in every repair),   SELECT, INSERT, UPDATE on
+--   and set it from the admin endpoints             sessiond_pause
+--   with [audit] retain: prune old audit rows       EXECUTE on sessiond_audit_prune (the
+--                                                   only way to delete from the trail)
 -- It never deletes anything, never changes the schema, and never touches the
 -- audit trail after writing it (the trail is append-only for everyone).
 
@@ -36,3 +40,5 @@ GRANT SELECT ON sessiond_schema_migrations TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond_instance_state TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond_stop_intents TO :"role";
 GRANT SELECT, INSERT, UPDATE ON sessiond_leases TO :"role";
+GRANT SELECT, INSERT, UPDATE ON sessiond_pause TO :"role";
+GRANT EXECUTE ON FUNCTION sessiond_audit_prune(interval, integer) TO :"role";

@@ -76,6 +76,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Explain one session: its row, what every controller lists for it, what
+    /// a pass would decide about it and why, and its audit history. Runs one
+    /// read-only pass; changes nothing.
+    Explain {
+        /// The session id.
+        session_id: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print it as JSON (the document GET /sessions/{id} answers).
+        #[arg(long)]
+        json: bool,
+    },
     /// Everything on one machine: a private PostgreSQL, simulated controllers
     /// and application with faults, the daemon and its endpoints.
     Demo(DemoArgs),
@@ -236,6 +248,13 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
         }
         Command::Demo(args) => demo(args).await,
         Command::Sql { what } => sql(what).await,
+        Command::Explain { session_id, config, json } => {
+            let cfg = match load(&config.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            explain(Arc::new(cfg), &session_id, json).await
+        }
         Command::Run(c) => {
             let cfg = match load(&c.config) {
                 Ok(c) => c,
@@ -340,6 +359,58 @@ async fn migrate(cfg: &Config, allow_proxy: bool) -> Result<(Vec<i32>, Result<()
     Ok((applied, lookup))
 }
 
+/// `sessiond explain ID`: one read-only pass, then the session's row and trail.
+async fn explain(cfg: Arc<Config>, id: &str, json: bool) -> ExitCode {
+    if !crate::explain::valid_id(id, &cfg.sessions.id_pattern) {
+        eprintln!(
+            "sessiond: {id:?} is not a session id: it does not match sessions.id_pattern {:?} (or is over 255 bytes, \
+             or has a control character)",
+            cfg.sessions.id_pattern.as_str()
+        );
+        return ExitCode::from(EXIT_FAILED);
+    }
+    let mut reconciler = match Reconciler::new(Arc::clone(&cfg)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sessiond: bad config: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    reconciler.watch(id);
+    let report = reconciler.pass(PassRequest::daemon().dry_run(true)).await;
+    let read = async {
+        let round_trips = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let store = crate::reconcile::connect(&cfg, &round_trips).await?;
+        store.explain(id, crate::explain::AUDIT_ROWS).await
+    };
+    let (row, audit) = match read.await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sessiond: cannot read the session's row: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let last = crate::api::LastFindings::of(&report);
+    let mut e = crate::api::explanation(id, Some(&last), row, audit);
+    e.controllers = report.entries.get(id).cloned().unwrap_or_default();
+    e.controllers_source = "fetched now".into();
+    e.pass.description = format!(
+        "one read-only pass now, by the daemon's rules: a fresh process has seen each finding once, where the \
+         daemon repairs after {} pass(es) in a row; the daemon's GET /sessions/{{id}} shows its own streak",
+        cfg.reconcile.confirmations
+    );
+    if json {
+        println!("{}", serde_json::to_string_pretty(&e).unwrap_or_default());
+    } else {
+        print!("{}", crate::explain::render(&e));
+    }
+    if report.outcome == PassOutcome::Failed {
+        eprintln!("sessiond: the pass failed: {}", report.error.as_deref().unwrap_or("unknown error"));
+        return ExitCode::from(EXIT_FAILED);
+    }
+    ExitCode::SUCCESS
+}
+
 /// `sessiond sql …`: SQL made from the config and the table's catalog.
 async fn sql(what: SqlCommand) -> ExitCode {
     let (SqlCommand::AuditTriggers(c) | SqlCommand::Lookup(c)) = &what;
@@ -403,6 +474,14 @@ impl crate::daemon::PassObserver for Hooks {
     fn reload_rejected(&mut self, error: &str) {
         self.notifier.ready();
         self.notifier.status(&format!("config reload rejected, running config kept: {error}"));
+    }
+    fn wake(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(Arc::clone(&self.shared.pass_now))
+    }
+    fn before_pass(&mut self, reconciler: &mut Reconciler) {
+        for controller in self.shared.take_releases() {
+            reconciler.release_guard(&controller);
+        }
     }
 }
 

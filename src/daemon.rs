@@ -78,6 +78,12 @@ pub trait PassObserver: Send {
     fn reloading(&mut self) {}
     fn config_reloaded(&mut self, _config: &Arc<Config>) {}
     fn reload_rejected(&mut self, _error: &str) {}
+    /// Fires when an operator asks for a pass now (`POST /pass`).
+    fn wake(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
+    /// Just before each pass: hands over what operators asked of it.
+    fn before_pass(&mut self, _reconciler: &mut Reconciler) {}
 }
 
 /// Where reloads come from: the config file path and the environment overrides.
@@ -112,6 +118,7 @@ pub async fn run(
     loop {
         let started = Instant::now();
         progress.tick();
+        observer.before_pass(&mut reconciler);
         let report = reconciler.pass(PassRequest::daemon()).await;
         progress.tick();
         failures = if report.outcome == PassOutcome::Failed { failures.saturating_add(1) } else { 0 };
@@ -133,6 +140,14 @@ pub async fn run(
             }
         };
         tokio::pin!(gained);
+        let wake = observer.wake();
+        let asked = async {
+            match &wake {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(asked);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -142,6 +157,8 @@ pub async fn run(
                 _ = tokio::time::sleep_until(next) => break,
                 // A follower that takes over starts its first pass at once.
                 _ = &mut gained => break,
+                // An operator asked for a pass now.
+                _ = &mut asked => break,
                 _ = heartbeat.tick() => progress.tick(),
                 Some(()) = reload.recv() => {
                     observer.reloading();

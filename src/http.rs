@@ -49,6 +49,16 @@ pub struct Shared {
     started: Instant,
     /// With `[ha]`: the lease, read at every scrape.
     lease: RwLock<Option<crate::lease::Lease>>,
+    /// The running config (the API reads the database with it).
+    pub(crate) config: RwLock<Arc<Config>>,
+    /// The last pass's findings, for `/findings` and `/sessions/{id}`.
+    pub(crate) api: RwLock<Option<Arc<crate::api::LastFindings>>>,
+    /// The API's own database connection, made on first use.
+    pub(crate) db: tokio::sync::Mutex<Option<crate::store::Store>>,
+    /// `POST /pass`: the daemon loop starts a pass now.
+    pub pass_now: Arc<tokio::sync::Notify>,
+    /// `POST /guard/release`: controllers whose guard the next pass releases.
+    pub(crate) releases: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Shared {
@@ -63,6 +73,11 @@ impl Shared {
             last: RwLock::new(None),
             started: Instant::now(),
             lease: RwLock::new(None),
+            config: RwLock::new(Arc::new(cfg.clone())),
+            api: RwLock::new(None),
+            db: tokio::sync::Mutex::new(None),
+            pass_now: Arc::new(tokio::sync::Notify::new()),
+            releases: std::sync::Mutex::new(std::collections::BTreeSet::new()),
         }))
     }
 
@@ -71,6 +86,7 @@ impl Shared {
         let ended_unix = report.started_at.timestamp_millis() as f64 / 1000.0 + report.duration_seconds;
         self.metrics.record_pass(report, ended_unix);
         let status = status_document(report);
+        *self.api.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(crate::api::LastFindings::of(report)));
         *self.last.write().unwrap_or_else(|p| p.into_inner()) = Some(LastPass {
             ended: Instant::now(),
             database_up: report.database_up,
@@ -84,6 +100,11 @@ impl Shared {
     /// loads, the running one stays.
     pub fn set_config(&self, cfg: &Config) {
         self.metrics.observe_config(cfg);
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg.clone());
+        // The API reconnects with the new settings on its next request.
+        if let Ok(mut db) = self.db.try_lock() {
+            *db = None;
+        }
         *self.interval.write().unwrap_or_else(|p| p.into_inner()) = cfg.daemon.interval;
         let web = match &cfg.daemon.web_config_file {
             Some(path) => match WebConfig::load(path) {
@@ -111,7 +132,12 @@ impl Shared {
         self.metrics.render()
     }
 
-    fn web(&self) -> WebConfig {
+    /// Controllers whose guard an operator released, taken for the next pass.
+    pub fn take_releases(&self) -> std::collections::BTreeSet<String> {
+        std::mem::take(&mut *self.releases.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub(crate) fn web(&self) -> WebConfig {
         self.web.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -197,7 +223,7 @@ pub fn status_document(r: &PassReport) -> serde_json::Value {
     })
 }
 
-fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+pub(crate) fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
@@ -206,26 +232,36 @@ fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
     resp
 }
 
-const INDEX: &str = "sessiond\n\n/metrics  Prometheus metrics\n/healthz  liveness\n/readyz   readiness\n/status   the last pass, as JSON\n";
+const INDEX: &str = "sessiond\n\n/metrics          Prometheus metrics\n/healthz          liveness\n/readyz           readiness\n/status           the last pass, as JSON\n/findings         the last pass's findings (?kind=&controller=&limit=)\n/sessions/{id}    one session explained\nPOST /pass, /pause, /resume, /guard/release?controller=   with [daemon] admin = true\n";
+
+pub(crate) fn unauthorized() -> Response<Full<Bytes>> {
+    let mut r = text(StatusCode::UNAUTHORIZED, "text/plain; charset=utf-8", "unauthorized\n");
+    r.headers_mut()
+        .insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Basic realm=\"sessiond\""));
+    r
+}
 
 /// Answers one request.
 pub async fn handle(shared: &Shared, req: &Request<impl hyper::body::Body>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if req.method() == Method::POST {
+        return crate::api::admin(shared, path, req.uri().query(), header).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "method not allowed\n");
-        r.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
+        r.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD, POST"));
         return r;
     }
-    let path = req.uri().path();
-    if matches!(path, "/metrics" | "/status") {
-        let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        if !shared.web().authorized(header).await {
-            let mut r = text(StatusCode::UNAUTHORIZED, "text/plain; charset=utf-8", "unauthorized\n");
-            r.headers_mut().insert(
-                hyper::header::WWW_AUTHENTICATE,
-                hyper::header::HeaderValue::from_static("Basic realm=\"sessiond\""),
-            );
-            return r;
-        }
+    let protected = matches!(path, "/metrics" | "/status" | "/findings") || path.starts_with("/sessions/");
+    if protected && !shared.web().authorized(header).await {
+        return unauthorized();
+    }
+    if path == "/findings" {
+        return crate::api::findings(shared, req.uri().query());
+    }
+    if let Some(id) = path.strip_prefix("/sessions/") {
+        return crate::api::session(shared, id).await;
     }
     match path {
         "/metrics" => text(StatusCode::OK, CONTENT_TYPE, shared.render_metrics()),

@@ -6,12 +6,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod demo;
+pub mod explain;
 pub mod http;
 pub mod lease;
 pub mod logging;

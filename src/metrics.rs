@@ -52,6 +52,10 @@ pub struct Metrics {
     leader_term: IntGauge,
     leader_transitions: prometheus::IntCounter,
     rapid_creates: prometheus::IntCounter,
+    paused: IntGauge,
+    deferred: IntGaugeVec,
+    oldest_finding: prometheus::Gauge,
+    audit_pruned: prometheus::IntCounter,
     /// Transitions already counted into `leader_transitions`.
     transitions_seen: Mutex<u64>,
     /// The term of the last pass this replica led (see `record_app_counters`).
@@ -198,6 +202,27 @@ impl Metrics {
                 "Sessions created within reconcile.rapid_create_window of another session of the same owner: the \
                  duplicate-sessions race.",
             ))?,
+            paused: IntGauge::with_opts(opts(
+                "sessiond_paused",
+                "Whether an operator has paused sessiond (POST /pause): 1 while passes look and change nothing.",
+            ))?,
+            deferred: IntGaugeVec::new(
+                opts(
+                    "sessiond_repairs_deferred",
+                    "Repairs the last pass deferred to later ones, by kind: the backlog beyond \
+                     reconcile.max_repairs_per_pass, drained oldest first.",
+                ),
+                &["kind"],
+            )?,
+            oldest_finding: prometheus::Gauge::with_opts(opts(
+                "sessiond_oldest_finding_age_seconds",
+                "How long the oldest finding still waiting for a repair (waiting, guarded, deferred or failed) has \
+                 been seen, at the end of the last pass; 0 when there is none.",
+            ))?,
+            audit_pruned: prometheus::IntCounter::with_opts(opts(
+                "sessiond_audit_pruned_total",
+                "Audit rows deleted because they were older than [audit] retain.",
+            ))?,
             transitions_seen: Mutex::new(0),
             led_term: Mutex::new(None),
             app_last: Mutex::new(HashMap::new()),
@@ -228,6 +253,10 @@ impl Metrics {
         m.registry.register(Box::new(m.leader_term.clone()))?;
         m.registry.register(Box::new(m.leader_transitions.clone()))?;
         m.registry.register(Box::new(m.rapid_creates.clone()))?;
+        m.registry.register(Box::new(m.paused.clone()))?;
+        m.registry.register(Box::new(m.deferred.clone()))?;
+        m.registry.register(Box::new(m.oldest_finding.clone()))?;
+        m.registry.register(Box::new(m.audit_pruned.clone()))?;
         m.registry.register(Box::new(SharedCollector(std::sync::Arc::clone(&m.create_durations))))?;
 
         // Every bounded series exists from the start, so rate() and absent()
@@ -305,6 +334,11 @@ impl Metrics {
     /// the leader does. Only its own reach of the database is its to report.
     fn record_follower(&self, report: &PassReport) {
         self.database_up.set(i64::from(report.database_up));
+        self.paused.set(0);
+        self.oldest_finding.set(0.0);
+        for kind in Kind::REPAIRABLE {
+            let _ = self.deferred.remove_label_values(&[kind.as_str()]);
+        }
         let known = self.controllers.lock().unwrap_or_else(|p| p.into_inner());
         for name in known.iter() {
             let _ = self.controller_up.remove_label_values(&[name]);
@@ -387,6 +421,22 @@ impl Metrics {
             self.probes.with_label_values(&[result, reason, "old"]).inc_by(total.saturating_sub(young));
         }
         self.rapid_creates.inc_by(report.rapid_creates);
+        self.paused.set(i64::from(report.paused.is_some()));
+        self.audit_pruned.inc_by(report.audit_pruned);
+        let outcomes = report.outcomes_by_kind();
+        for kind in Kind::REPAIRABLE {
+            let n = outcomes.get(&(kind, "deferred")).copied().unwrap_or(0);
+            self.deferred.with_label_values(&[kind.as_str()]).set(n as i64);
+        }
+        let ended = report.started_at + chrono::Duration::milliseconds((report.duration_seconds * 1000.0) as i64);
+        let oldest = report
+            .findings
+            .iter()
+            .filter(|f| f.awaits_repair())
+            .filter_map(|f| f.seen.map(|s| s.first_seen))
+            .min()
+            .map_or(0.0, |first| (ended - first).num_milliseconds().max(0) as f64 / 1000.0);
+        self.oldest_finding.set(oldest);
     }
 
     /// Takes the controllers' counters as they are now as the baseline, for

@@ -175,23 +175,35 @@ impl WebConfig {
     /// Whether the `Authorization` header value admits the request. bcrypt runs
     /// on the blocking pool, a bounded number at once, and an unknown user is
     /// checked against a hash of the same cost, so it answers no sooner.
+    /// Basic auth is configured: every protected endpoint needs a user.
+    pub fn requires_auth(&self) -> bool {
+        self.auth.is_some()
+    }
+
     pub async fn authorized(&self, header: Option<&str>) -> bool {
-        let Some(auth) = &self.auth else { return true };
-        let Some((user, password)) = header.and_then(parse_basic) else { return false };
+        self.user(header).await.is_some()
+    }
+
+    /// Who the request authenticates as: `None` if it does not; `Some(None)`
+    /// when no basic auth is configured (anyone who reaches the listener).
+    pub async fn user(&self, header: Option<&str>) -> Option<Option<String>> {
+        let Some(auth) = &self.auth else { return Some(None) };
+        let (user, password) = header.and_then(parse_basic)?;
         if auth.remembered(&user, &password) {
-            return true;
+            return Some(Some(user));
         }
         let known = auth.hashes.contains_key(&user);
         let hash = auth.hashes.get(&user).unwrap_or(&auth.dummy).clone();
-        let Ok(_permit) = auth.hashing.acquire().await else { return false };
+        let _permit = auth.hashing.acquire().await.ok()?;
         let candidate = password.clone();
         let matches = tokio::task::spawn_blocking(move || bcrypt::verify(&candidate, &hash).unwrap_or(false))
             .await
             .unwrap_or(false);
         if matches && known {
-            auth.remember(user, &password);
+            auth.remember(user.clone(), &password);
+            return Some(Some(user));
         }
-        matches && known
+        None
     }
 }
 

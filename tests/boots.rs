@@ -234,6 +234,7 @@ impl Fleet {
             writable: &RowState::ALL.into_iter().collect(),
             shape: Default::default(),
             options: PassOptions { read_only: false, force: false, require_confirmations: true },
+            released: &BTreeSet::new(),
         });
         self.boots = boots;
         self.memory = c.memory;
@@ -363,6 +364,7 @@ fn one_process_that_really_restarts_has_its_lost_sessions_ended_once_confirmed()
             writable: &RowState::ALL.into_iter().collect(),
             shape: Default::default(),
             options: PassOptions { read_only: false, force: false, require_confirmations: true },
+            released: &BTreeSet::new(),
         });
         fleet.boots = b;
         fleet.memory = c.memory;

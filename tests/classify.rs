@@ -27,6 +27,7 @@ struct World {
     boots: BootRecords,
     stoppable: BTreeSet<String>,
     options: PassOptions,
+    released: BTreeSet<String>,
     intents: Vec<OpenIntent>,
     /// What each instance's list may be trusted for; missing means trusted.
     trust: BTreeMap<String, Trust>,
@@ -50,6 +51,7 @@ impl World {
             boots: BootRecords::new(),
             stoppable: BTreeSet::new(),
             options: PassOptions::default(),
+            released: BTreeSet::new(),
             intents: Vec::new(),
             trust: BTreeMap::new(),
             invalid_rows: Vec::new(),
@@ -170,6 +172,7 @@ impl World {
             shape: self.shape,
             stoppable: &self.stoppable,
             options: self.options,
+            released: &self.released,
         })
     }
 }
@@ -501,6 +504,19 @@ fn force_overrides_the_guard_but_it_is_still_reported() {
     let c = w.run();
     assert!(c.findings.iter().all(|f| f.decision == Decision::Repair), "{}", render(&c));
     assert!(c.guard_tripped.contains_key("a"));
+}
+
+#[test]
+fn a_released_guard_lets_that_controller_s_orphans_through_for_the_pass_and_still_reports_the_trip() {
+    let mut w = World::new();
+    many_orphans(&mut w, 10, 10);
+    w.released.insert("a".into());
+    let c = w.run();
+    assert!(c.findings.iter().all(|f| f.decision == Decision::Repair), "{}", render(&c));
+    assert!(c.guard_tripped.contains_key("a"), "still reported");
+    w.released = BTreeSet::from(["b".to_owned()]);
+    let c = w.run();
+    assert!(c.findings.iter().all(|f| f.decision == Decision::Guarded), "another's release: {}", render(&c));
 }
 
 #[test]

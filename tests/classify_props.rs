@@ -149,6 +149,7 @@ fn run(w: &World, memory: &Memory) -> Classification {
         shape: Default::default(),
         stoppable: &stoppable,
         options: w.options,
+        released: &BTreeSet::new(),
     })
 }
 

@@ -301,7 +301,8 @@ async fn privileges(store: &Store, cfg: &Config, t: &Table) -> Vec<CheckLine> {
             )
         });
     }
-    let own: [(&str, &[&str]); 4] = [
+    let own: [(&str, &[&str]); 5] = [
+        ("sessiond_pause", &["SELECT", "INSERT", "UPDATE"]),
         ("session_audit", &["INSERT"]),
         ("sessiond_stop_intents", &["SELECT", "INSERT", "UPDATE"]),
         ("sessiond_instance_state", &["SELECT", "INSERT", "UPDATE"]),

@@ -75,6 +75,14 @@ pub struct RawConfig {
     pub sessions: RawSessions,
     #[serde(default)]
     pub ha: RawHa,
+    #[serde(default)]
+    pub audit: RawAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub retain: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +99,7 @@ pub struct RawDaemon {
     pub mode: Option<String>,
     pub listen: Option<String>,
     pub web_config_file: Option<PathBuf>,
+    pub admin: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,6 +188,16 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
     pub sessions: SessionsConfig,
     pub ha: HaConfig,
+    pub audit: AuditConfig,
+}
+
+/// The audit trail: `[audit]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct AuditConfig {
+    /// Audit rows older than this are pruned (hourly, by the leader); `None`:
+    /// kept forever.
+    #[serde(with = "humantime_serde_compat::option")]
+    pub retain: Option<Duration>,
 }
 
 /// Several replicas, one leader: `[ha]`.
@@ -207,6 +226,8 @@ pub struct DaemonConfig {
     /// TLS and basic auth for the HTTP endpoints, in the Prometheus
     /// exporter-toolkit web config format (see `web.rs`).
     pub web_config_file: Option<PathBuf>,
+    /// The POST endpoints (pass, pause, resume, guard release) are served.
+    pub admin: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -456,6 +477,7 @@ impl Config {
             reconcile: &'a ReconcileConfig,
             ha: &'a HaConfig,
             sessions: &'a SessionsConfig,
+            audit: &'a AuditConfig,
         }
         let out = Out {
             daemon: &self.daemon,
@@ -464,6 +486,7 @@ impl Config {
             reconcile: &self.reconcile,
             ha: &self.ha,
             sessions: &self.sessions,
+            audit: &self.audit,
         };
         toml::to_string_pretty(&out).unwrap_or_else(|e| format!("# cannot render the config: {e}\n"))
     }
@@ -666,6 +689,7 @@ const GRACE_BOUNDS: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(
 const CREATING_TIMEOUT_BOUNDS: (Duration, Duration) = (SECOND, Duration::from_secs(30 * 86_400));
 const DEAD_AFTER_BOUNDS: (Duration, Duration) = (MINUTE, Duration::from_secs(365 * 86_400));
 const LEASE_BOUNDS: (Duration, Duration) = (SECOND, Duration::from_secs(600));
+const RETAIN_BOUNDS: (Duration, Duration) = (DAY, Duration::from_secs(100 * 365 * 86_400));
 const RAPID_WINDOW_BOUNDS: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3600));
 
 /// Checks that `^` and `$` bind the whole pattern. `^exec_.*|.*$` starts with
@@ -730,7 +754,25 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
             }
             None => None,
         },
+        admin: raw.daemon.admin.unwrap_or(false),
     };
+    if daemon.admin && !daemon.listen.ip().is_loopback() {
+        let authenticated = match &daemon.web_config_file {
+            Some(p) => crate::web::WebConfig::load(p).is_ok_and(|w| w.requires_auth()),
+            None => false,
+        };
+        if !authenticated {
+            return Err(ConfigError::at(
+                file,
+                "daemon.admin",
+                format!(
+                    "the admin endpoints would be open to anyone who reaches {}: configure basic auth in \
+                     daemon.web_config_file, or listen on a loopback address",
+                    daemon.listen
+                ),
+            ));
+        }
+    }
 
     let raw_db =
         raw.database.ok_or_else(|| ConfigError::at(file, "database", "is missing; add a [database] table with url"))?;
@@ -946,7 +988,13 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
         lease: duration_in(file, "ha.lease", raw.ha.lease.as_deref(), HaConfig::default().lease, LEASE_BOUNDS)?,
     };
 
-    Ok(Config { source: file.to_owned(), daemon, database, controllers, reconcile, sessions, ha })
+    let audit = AuditConfig {
+        retain: match raw.audit.retain.as_deref() {
+            None | Some("off") => None,
+            Some(v) => Some(duration_in(file, "audit.retain", Some(v), DAY, RETAIN_BOUNDS)?),
+        },
+    };
+    Ok(Config { source: file.to_owned(), daemon, database, controllers, reconcile, sessions, ha, audit })
 }
 
 /// Each kind of repair writes some canonical state; one whose state has no

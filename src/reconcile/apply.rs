@@ -97,7 +97,7 @@ impl ApplyContext<'_> {
 /// that earlier passes left.
 pub async fn apply(mut ctx: ApplyContext<'_>, findings: Vec<Finding>, settle: &[SettleIntent]) -> Applied {
     let mut results: Vec<FindingResult> =
-        findings.into_iter().map(|finding| FindingResult { finding, outcome: None, error: None }).collect();
+        findings.into_iter().map(|finding| FindingResult { finding, outcome: None, error: None, seen: None }).collect();
     settle_abandoned(&mut ctx, settle).await;
 
     let mut updates: Vec<usize> = Vec::new();
@@ -161,7 +161,7 @@ pub async fn apply(mut ctx: ApplyContext<'_>, findings: Vec<Finding>, settle: &[
         ctx.tick();
         match result {
             Ok(rows) => record(&mut results, chunk, &rows),
-            Err(StoreError::Fenced { .. }) => {
+            Err(StoreError::Fenced { .. } | StoreError::Paused { .. }) => {
                 expired = true;
                 defer(&mut results, chunk);
             }
@@ -199,7 +199,7 @@ pub async fn apply(mut ctx: ApplyContext<'_>, findings: Vec<Finding>, settle: &[
         ctx.tick();
         match result {
             Ok(rows) => record(&mut results, chunk, &rows),
-            Err(StoreError::Fenced { .. }) => {
+            Err(StoreError::Fenced { .. } | StoreError::Paused { .. }) => {
                 expired = true;
                 defer(&mut results, chunk);
             }
@@ -276,7 +276,7 @@ async fn stop_batch(
     ctx.tick();
     let opened = match opened {
         Ok(o) => o,
-        Err(StoreError::Fenced { .. }) => {
+        Err(StoreError::Fenced { .. } | StoreError::Paused { .. }) => {
             defer(results, chunk);
             return true;
         }

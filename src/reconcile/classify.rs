@@ -280,7 +280,7 @@ pub struct Memory {
     pub unreachable_since: HashMap<String, DateTime<Utc>>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Streak {
     pub passes: u32,
     pub first_seen: DateTime<Utc>,
@@ -371,6 +371,9 @@ pub struct Input<'a> {
     pub writable: &'a BTreeSet<RowState>,
     pub shape: TableShape,
     pub options: PassOptions,
+    /// Controllers whose mass-repair guard an operator released for this
+    /// pass (`POST /guard/release`): tripped, reported, but not held back.
+    pub released: &'a BTreeSet<String>,
 }
 
 /// How long a live session had been running when its list was fetched. Both
@@ -1215,7 +1218,10 @@ fn guard(
             let inst = key(c);
             if held_instances.contains(&inst) && c.finding.decision == Decision::Repair {
                 trip(&inst, Kind::Orphaned, tripped);
-                if !input.options.force {
+                // Without an instance column the guard is the fleet's: releasing
+                // any controller releases it.
+                let released = input.released.contains(&inst) || (inst == FLEET && !input.released.is_empty());
+                if !input.options.force && !released {
                     c.finding.decision = Decision::Guarded;
                 }
             }

@@ -90,6 +90,22 @@ pub struct FindingResult {
     pub outcome: Option<Outcome>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Consecutive passes (of this process) that have seen it, and since when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen: Option<classify::Streak>,
+}
+
+impl FindingResult {
+    /// A repair is due and has not happened yet: it waits (for grace or
+    /// confirmations), is guarded or deferred, or failed.
+    pub fn awaits_repair(&self) -> bool {
+        self.finding.repair.is_some()
+            && match &self.finding.decision {
+                Decision::Wait { .. } | Decision::Guarded | Decision::Deferred { .. } => true,
+                Decision::Repair => !matches!(self.outcome, Some(Outcome::Repaired)),
+                Decision::Report { .. } | Decision::Note => false,
+            }
+    }
 }
 
 /// The part this process played in a pass.
@@ -157,6 +173,18 @@ pub struct PassReport {
     pub rapid_creates: u64,
     /// Where the pass spent its time, in seconds.
     pub stages: Stages,
+    /// An operator paused sessiond: the pass changed nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused: Option<crate::store::operator::Pause>,
+    /// Controllers whose guard an operator released for this pass.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub released: Vec<String>,
+    /// Audit rows older than `[audit] retain` pruned by this pass.
+    pub audit_pruned: u64,
+    /// What the controllers listed for each id with a finding (for
+    /// `GET /sessions/{id}`); the lists themselves are not kept.
+    #[serde(skip)]
+    pub entries: Arc<BTreeMap<String, Vec<crate::explain::LiveEntry>>>,
 }
 
 /// Seconds spent in each stage of a pass.
@@ -253,6 +281,13 @@ pub struct Reconciler {
     led_term: Option<i64>,
     /// The rapid creates earlier passes counted.
     rapid: rapid::RapidCreates,
+    /// Controllers whose guard an operator released for the next pass.
+    released: BTreeSet<String>,
+    /// When the audit trail was last pruned (`[audit] retain`).
+    pruned_at: Option<Instant>,
+    /// An id whose list entries a pass keeps even without a finding
+    /// (`sessiond explain`).
+    watched: Option<String>,
 }
 
 impl Reconciler {
@@ -270,7 +305,22 @@ impl Reconciler {
             lease: None,
             led_term: None,
             rapid: rapid::RapidCreates::default(),
+            released: BTreeSet::new(),
+            pruned_at: None,
+            watched: None,
         })
+    }
+
+    /// Releases the mass-repair guard of `controller` for the next pass
+    /// that reaches classification (an operator's `POST /guard/release`).
+    pub fn release_guard(&mut self, controller: &str) {
+        self.released.insert(controller.to_owned());
+    }
+
+    /// Keeps what the controllers list for `id` in every report
+    /// ([`PassReport::entries`]), finding or not.
+    pub fn watch(&mut self, id: &str) {
+        self.watched = Some(id.to_owned());
     }
 
     /// Runs passes only while `lease` is held, fencing every write by it.
@@ -387,6 +437,10 @@ impl Reconciler {
             db_round_trips: 0,
             rapid_creates: 0,
             stages: Stages::default(),
+            paused: None,
+            released: Vec::new(),
+            audit_pruned: 0,
+            entries: Arc::default(),
         };
 
         if report.role.is_follower() {
@@ -459,7 +513,6 @@ impl Reconciler {
         deadline: Instant,
         fence: Option<crate::store::Fence>,
     ) -> Result<(), StoreError> {
-        let read_only = req.dry_run || cfg.daemon.mode == Mode::Observe;
         let PassRequest { force, require_confirmations, .. } = req;
         let round_trips_before = self.round_trips.load(Ordering::Relaxed);
         if self.store.as_ref().is_none_or(Store::is_closed) {
@@ -467,6 +520,12 @@ impl Reconciler {
         }
         let Some(store) = self.store.as_mut() else { unreachable!("the store was connected just above") };
         store.set_fence(fence.clone());
+        // Paused by an operator: look, change nothing. Every write checks the
+        // pause again, so one set during the pass stops it before its next batch.
+        report.paused = store.pause_state().await?;
+        let read_only = req.dry_run || cfg.daemon.mode == Mode::Observe || report.paused.is_some();
+        let released = std::mem::take(&mut self.released);
+        report.released = released.iter().cloned().collect();
         let mut instances = instances;
         let table = store.table()?;
         normalize_ids(&mut instances, table.id.kind);
@@ -541,8 +600,9 @@ impl Reconciler {
         let memory = std::mem::take(&mut self.memory);
         let for_classify = Arc::clone(cfg);
         let boots_for_classify = boots.clone();
-        let classification = tokio::task::spawn_blocking(move || {
-            classify::classify(&classify::Input {
+        let watched = self.watched.clone();
+        let (classification, entries) = tokio::task::spawn_blocking(move || {
+            let c = classify::classify(&classify::Input {
                 now,
                 config: &for_classify.reconcile,
                 instances: &instances,
@@ -554,7 +614,11 @@ impl Reconciler {
                 writable: &writable,
                 shape,
                 options: PassOptions { read_only, force, require_confirmations },
-            })
+                released: &released,
+            });
+            let subjects = c.findings.iter().map(|f| f.subject.as_str()).chain(watched.as_deref());
+            let entries = crate::explain::entries_of(subjects, &instances);
+            (c, entries)
         })
         .await
         .unwrap_or_else(|e| {
@@ -566,6 +630,7 @@ impl Reconciler {
         }
         report.stages.classify = classify_started.elapsed().as_secs_f64();
         self.memory = classification.memory;
+        report.entries = Arc::new(entries);
         report.guard_tripped = classification.guard_tripped;
         report.probes = classification.probes;
         for (inst, kinds) in &report.guard_tripped {
@@ -582,8 +647,9 @@ impl Reconciler {
             report.findings = classification
                 .findings
                 .into_iter()
-                .map(|finding| FindingResult { finding, outcome: None, error: None })
+                .map(|finding| FindingResult { finding, outcome: None, error: None, seen: None })
                 .collect();
+            annotate(&mut report.findings, &self.memory);
             report.db_round_trips = self.round_trips.load(Ordering::Relaxed) - round_trips_before;
             return Ok(());
         }
@@ -622,7 +688,54 @@ impl Reconciler {
             ));
         }
         report.findings = applied.results;
+        annotate(&mut report.findings, &self.memory);
+        self.prune_audit(cfg, report).await;
         Ok(())
+    }
+
+    /// With `[audit] retain`, deletes audit rows older than that, at most once
+    /// an hour and a bounded number per pass, through the one function allowed
+    /// to. A failure is logged; it never fails the pass.
+    async fn prune_audit(&mut self, cfg: &Config, report: &mut PassReport) {
+        const BATCH: i32 = 10_000;
+        const BATCHES_PER_PASS: u32 = 10;
+        let Some(retain) = cfg.audit.retain else { return };
+        if self.pruned_at.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(3600)) {
+            return;
+        }
+        let Some(store) = self.store.as_mut() else { return };
+        let mut pruned = 0;
+        let mut complete = false;
+        for _ in 0..BATCHES_PER_PASS {
+            match store.prune_audit(retain, BATCH).await {
+                Ok(n) => {
+                    pruned += n;
+                    if n < BATCH as u64 {
+                        complete = true;
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning the audit trail failed; the next pass tries again");
+                    return;
+                }
+            }
+        }
+        report.audit_pruned = pruned;
+        // A backlog goes on next pass; once caught up, once an hour.
+        if complete {
+            self.pruned_at = Some(Instant::now());
+        }
+        if pruned > 0 {
+            tracing::info!(pruned, retain = %humantime::format_duration(retain), "pruned old audit rows");
+        }
+    }
+}
+
+/// Each finding's streak: how many passes have seen it, since when.
+fn annotate(findings: &mut [FindingResult], memory: &Memory) {
+    for f in findings {
+        f.seen = memory.streaks.get(&(f.finding.kind, f.finding.subject.clone())).copied();
     }
 }
 

@@ -308,6 +308,17 @@ impl Table {
         )
     }
 
+    /// The row of one id. `$1`: the id as text.
+    pub fn row_by_id_sql(&self) -> String {
+        format!(
+            "SELECT {} FROM {} t WHERE t.{} = $1::text::{}",
+            self.select_list(),
+            self.table,
+            self.id.q(),
+            self.id.sql_type
+        )
+    }
+
     /// `(id, owner, created_at)` of the rows created in the last `$1`
     /// milliseconds, comparing the column as stored so an index on it is
     /// used; `None` without an owner column.

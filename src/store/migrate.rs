@@ -193,6 +193,56 @@ CREATE INDEX IF NOT EXISTS sessions_by_created_at ON sessions (created_at);
 "#,
         own: "-- nothing of sessiond's own: the lookup function is made from the config by every migrate",
     },
+    Migration {
+        version: 6,
+        description: "operator: a pause every replica honours, and audit retention through one guarded function",
+        reference: "",
+        own: r#"
+-- One row: while paused, no replica writes a row or sends a stop. Every write
+-- transaction of sessiond reads it first (FOR SHARE), so a pause takes effect
+-- before the next batch, and a restart or another replica honours it.
+CREATE TABLE IF NOT EXISTS sessiond_pause (
+    name        text PRIMARY KEY,
+    paused      boolean NOT NULL,
+    changed_by  text NOT NULL,
+    changed_at  timestamptz NOT NULL,
+    reason      text
+);
+
+-- Retention: the trail stays append-only, except that rows older than a day
+-- may be deleted by sessiond_audit_prune, and only by it (it marks its own
+-- transaction; only a role with DELETE on the trail, such as its owner, can
+-- delete at all). Recent rows can never be deleted.
+CREATE INDEX IF NOT EXISTS session_audit_by_at ON session_audit (at);
+CREATE OR REPLACE FUNCTION session_audit_append_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' AND current_setting('sessiond.pruning', true) = 'on'
+       AND OLD.at < now() - interval '1 day' THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION 'session_audit is append-only (% refused)', TG_OP;
+END
+$$;
+CREATE OR REPLACE FUNCTION sessiond_audit_prune(retain interval, batch integer DEFAULT 10000) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    gone bigint;
+BEGIN
+    IF retain < interval '1 day' THEN
+        RAISE EXCEPTION 'audit rows are kept for at least a day (asked to keep %)', retain;
+    END IF;
+    PERFORM set_config('sessiond.pruning', 'on', true);
+    DELETE FROM session_audit WHERE id IN (
+        SELECT id FROM session_audit WHERE at < now() - retain ORDER BY at LIMIT greatest(batch, 1));
+    GET DIAGNOSTICS gone = ROW_COUNT;
+    PERFORM set_config('sessiond.pruning', 'off', true);
+    RETURN gone;
+END
+$$;
+REVOKE ALL ON FUNCTION sessiond_audit_prune(interval, integer) FROM PUBLIC;
+"#,
+    },
 ];
 
 /// The schema version this build needs.

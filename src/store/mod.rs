@@ -21,6 +21,7 @@ pub mod lease;
 pub mod lifecycle;
 pub mod mapping;
 mod migrate;
+pub mod operator;
 mod repair;
 mod snapshot;
 
@@ -68,6 +69,9 @@ pub enum StoreError {
     /// replica leads now. Nothing was written.
     #[error("the lease of term {term} is no longer held: another replica leads; nothing was written")]
     Fenced { term: i64 },
+    /// An operator paused sessiond: nothing was written.
+    #[error("sessiond is paused (by {by}); nothing was written")]
+    Paused { by: String },
 }
 
 /// The server's own words for a database error (its `Display` is only "db

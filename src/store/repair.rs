@@ -145,15 +145,33 @@ impl Store {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        self.write_checked(what, sql, params, true).await
+    }
+
+    /// As [`Store::write`], and with `pause`, refused while an operator has
+    /// paused sessiond. Settling stops already sent is bookkeeping, not a
+    /// repair: it goes on while paused.
+    async fn write_checked(
+        &mut self,
+        what: &'static str,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+        pause: bool,
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         let timeout = self.timeout;
         self.count(2); // the statement, COMMIT
         let fence = self.fence.clone();
         let leases = self.own("sessiond_leases");
+        let pause_table = self.own("sessiond_pause");
         let counter = std::sync::Arc::clone(&self.round_trips);
         let tx = self.begin(what, Tx::Write).await?;
         if let Some(fence) = &fence {
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             super::lease::check(&tx, &leases, fence, timeout).await?;
+        }
+        if let Some(pause_table) = pause.then_some(&pause_table) {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            super::operator::check_not_paused(&tx, pause_table, timeout).await?;
         }
         let rows = tokio::time::timeout(timeout, tx.query_typed(sql, params))
             .await
@@ -232,7 +250,7 @@ impl Store {
             (&stopped, Type::TEXT),
             (&audit.term, Type::INT8),
         ];
-        let rows = self.write(WHAT, &sql, &params).await?;
+        let rows = self.write_checked(WHAT, &sql, &params, false).await?;
         let mut done: HashMap<i64, bool> = HashMap::with_capacity(rows.len());
         for r in &rows {
             done.insert(r.try_get(0).map_err(q(WHAT))?, r.try_get(1).map_err(q(WHAT))?);
