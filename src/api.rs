@@ -267,11 +267,11 @@ pub fn explanation(
     }
 }
 
+/// The paths of the admin endpoints (POST only).
+pub const ADMIN_PATHS: [&str; 4] = ["/pass", "/pause", "/resume", "/guard/release"];
+
 /// The admin endpoints.
 pub async fn admin(shared: &Shared, path: &str, q: Option<&str>, header: Option<&str>) -> Response<Full<Bytes>> {
-    if !matches!(path, "/pass" | "/pause" | "/resume" | "/guard/release") {
-        return error(StatusCode::NOT_FOUND, format!("no POST endpoint {path}"));
-    }
     let cfg = Arc::clone(&shared.config.read().unwrap_or_else(|p| p.into_inner()));
     if !cfg.daemon.admin {
         return error(

@@ -245,12 +245,14 @@ pub(crate) fn unauthorized() -> Response<Full<Bytes>> {
 pub async fn handle(shared: &Shared, req: &Request<impl hyper::body::Body>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if req.method() == Method::POST {
+    let admin_path = crate::api::ADMIN_PATHS.contains(&path);
+    if req.method() == Method::POST && admin_path {
         return crate::api::admin(shared, path, req.uri().query(), header).await;
     }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+    if admin_path || (req.method() != Method::GET && req.method() != Method::HEAD) {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "method not allowed\n");
-        r.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD, POST"));
+        let allow = if admin_path { "POST" } else { "GET, HEAD" };
+        r.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static(allow));
         return r;
     }
     let protected = matches!(path, "/metrics" | "/status" | "/findings") || path.starts_with("/sessions/");
@@ -346,6 +348,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
                 }
             },
         };
+        // Small answers go out at once, not after the client's delayed ACK.
+        let _ = stream.set_nodelay(true);
         let tls = shared.web().tls;
         let shared = Arc::clone(&shared);
         match tls {

@@ -79,6 +79,12 @@ struct PassFigures {
     scrape_p99_ms: f64,
     scrape_max_ms: f64,
     stages: [f64; 4],
+    /// `GET /findings?limit=100` and `GET /sessions/{id}` while the pass
+    /// runs, after an earlier pass has left its findings (read-only runs).
+    api_findings_ms: [f64; 3],
+    api_session_ms: [f64; 3],
+    api_counts: [usize; 2],
+    api_session_idle_ms: [f64; 3],
 }
 
 fn proc_status_kb(field: &str) -> u64 {
@@ -110,17 +116,37 @@ async fn child_pass(config: &std::path::Path, dry_run: bool) -> anyhow::Result<P
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(sessiond::http::serve(listener, Arc::clone(&shared), stop.clone()));
     let mut reconciler = sessiond::reconcile::Reconciler::new(Arc::new(cfg))?;
+    if dry_run {
+        // An earlier pass leaves findings for the API to answer from while
+        // the measured one runs.
+        let earlier = reconciler.pass(sessiond::reconcile::PassRequest::once().dry_run(true)).await;
+        shared.record(&earlier);
+        // The API's own connection is made on its first request, once per
+        // process: not what is measured.
+        let _ = reqwest::get(format!("http://{addr}/sessions/{}", sid(0))).await;
+    }
 
     let scraping = stop.clone();
+    let api = dry_run;
     let scraper = tokio::spawn(async move {
         let client = reqwest::Client::new();
-        let url = format!("http://{addr}/metrics");
-        let mut latencies = Vec::new();
+        let urls = [
+            format!("http://{addr}/metrics"),
+            format!("http://{addr}/findings?limit=100"),
+            format!("http://{addr}/sessions/{}", sid(0)),
+        ];
+        let mut latencies: [Vec<f64>; 3] = Default::default();
+        let mut turn = 0usize;
         while !scraping.is_cancelled() {
+            let which = if api { turn % 3 } else { 0 };
+            turn += 1;
             let t = Instant::now();
-            if let Ok(resp) = client.get(&url).send().await {
+            if let Ok(resp) = client.get(&urls[which]).send().await {
+                let ok = resp.status().is_success();
                 let _ = resp.bytes().await;
-                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                if ok {
+                    latencies[which].push(t.elapsed().as_secs_f64() * 1000.0);
+                }
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -134,9 +160,25 @@ async fn child_pass(config: &std::path::Path, dry_run: bool) -> anyhow::Result<P
     let report = reconciler.pass(sessiond::reconcile::PassRequest::once().dry_run(dry_run)).await;
     let seconds = t.elapsed().as_secs_f64();
     let peak_rss = proc_status_kb("VmHWM:") * 1024;
+    // The same request with no pass running, for comparison.
+    let mut idle_ms = Vec::new();
+    if dry_run {
+        let client = reqwest::Client::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            if let Ok(resp) = client.get(format!("http://{addr}/sessions/{}", sid(0))).send().await {
+                let _ = resp.bytes().await;
+                idle_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        idle_ms.sort_by(f64::total_cmp);
+    }
     stop.cancel();
-    let mut latencies = scraper.await.unwrap_or_default();
-    latencies.sort_by(f64::total_cmp);
+    let [mut latencies, mut findings_ms, mut session_ms] = scraper.await.unwrap_or_default();
+    for l in [&mut latencies, &mut findings_ms, &mut session_ms] {
+        l.sort_by(f64::total_cmp);
+    }
+    let figures = |l: &[f64]| [percentile(l, 0.5), percentile(l, 0.99), l.last().copied().unwrap_or(0.0)];
     if report.outcome != sessiond::reconcile::PassOutcome::Ok {
         bail!("the pass was {:?}: {:?}", report.outcome, report.error);
     }
@@ -154,6 +196,10 @@ async fn child_pass(config: &std::path::Path, dry_run: bool) -> anyhow::Result<P
         scrape_p99_ms: percentile(&latencies, 0.99),
         scrape_max_ms: latencies.last().copied().unwrap_or(0.0),
         stages: [report.stages.fetch, report.stages.read, report.stages.classify, report.stages.apply],
+        api_findings_ms: figures(&findings_ms),
+        api_session_ms: figures(&session_ms),
+        api_counts: [findings_ms.len(), session_ms.len()],
+        api_session_idle_ms: figures(&idle_ms),
     })
 }
 
@@ -404,6 +450,15 @@ async fn measure_in(base_url: &str, name: &str, n: usize, naive_sample: usize) -
         "N={n} sessiond_read_only_s={:.3} round_trips={} findings={} stages: fetch={:.3} read={:.3} classify={:.3}",
         read.seconds, read.round_trips, read.findings, read.stages[0], read.stages[1], read.stages[2]
     );
+    let [fp50, fp99, fmax] = read.api_findings_ms;
+    let [sp50, sp99, smax] = read.api_session_ms;
+    println!(
+        "N={n} api_latency_ms_during_pass findings p50={fp50:.2} p99={fp99:.2} max={fmax:.2} \
+         session p50={sp50:.2} p99={sp99:.2} max={smax:.2} (samples {}/{}, while a read-only pass runs, {:.1} s)",
+        read.api_counts[0], read.api_counts[1], read.seconds
+    );
+    let [ip50, ip99, _] = read.api_session_idle_ms;
+    println!("N={n} api_latency_ms_idle session p50={ip50:.2} p99={ip99:.2}");
     let full = tokio::task::spawn_blocking({
         let path = path.clone();
         move || run_child(&path, false)

@@ -69,6 +69,9 @@ pub enum StoreError {
     /// replica leads now. Nothing was written.
     #[error("the lease of term {term} is no longer held: another replica leads; nothing was written")]
     Fenced { term: i64 },
+    /// The database answered something sessiond cannot read.
+    #[error("{what}: {detail}")]
+    Corrupt { what: &'static str, detail: String },
     /// An operator paused sessiond: nothing was written.
     #[error("sessiond is paused (by {by}); nothing was written")]
     Paused { by: String },

@@ -38,7 +38,7 @@ pub struct RowView {
 }
 
 /// One audit row.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct AuditView {
     pub at: DateTime<Utc>,
     pub trigger: String,
@@ -153,58 +153,51 @@ impl Store {
     }
 
     /// One session's row (as mapped), and its newest `limit` audit rows,
-    /// newest first. `id` must already match the id pattern.
+    /// newest first, in one statement. `id` must already match the id pattern.
     pub async fn explain(&self, id: &str, limit: i64) -> Result<(Option<RowView>, Vec<AuditView>), StoreError> {
         const WHAT: &str = "read one session";
         let table = self.table()?;
-        let row_sql = table.row_by_id_sql();
-        let rows = self.bounded(WHAT, self.client.query_typed(&row_sql, &[(&id, Type::TEXT)])).await?;
-        let row = match rows.first() {
-            None => None,
-            Some(r) => {
-                let value: Option<String> = r.try_get(1).map_err(q(WHAT))?;
-                let deleted_flag: bool = r.try_get(7).map_err(q(WHAT))?;
-                let state = if deleted_flag {
-                    Some(crate::model::RowState::Deleted)
-                } else {
-                    value.as_deref().and_then(|v| table.vocabulary.read(v))
-                };
-                let created_at: DateTime<Utc> = r.try_get(2).map_err(q(WHAT))?;
-                let changed_at: Option<DateTime<Utc>> = r.try_get(3).map_err(q(WHAT))?;
-                Some(RowView {
-                    value,
-                    state: state.map(|s| s.as_str()),
-                    owner_id: r.try_get(5).map_err(q(WHAT))?,
-                    controller_instance: r.try_get(6).map_err(q(WHAT))?,
-                    created_at,
-                    changed_at: changed_at.unwrap_or(created_at),
-                    deleted_flag,
-                })
-            }
-        };
-        let audit_sql = format!(
-            "SELECT at, trigger, actor, old_state, new_state, reason, details::text
-               FROM {} WHERE session_id = $1 ORDER BY id DESC LIMIT $2",
-            table.audit
+        // One round trip: the row (if any) beside the trail as JSON. The trail
+        // is read newest first by (session_id, at), its index: ordered by id
+        // alone, the planner walks the whole trail backwards.
+        let sql = format!(
+            "WITH r AS ({row})
+             SELECT r.*, (SELECT coalesce(json_agg(a ORDER BY a.at DESC, a.id DESC), '[]')::text FROM (
+                        SELECT id, at, trigger, actor, old_state, new_state, reason, details
+                          FROM {audit} WHERE session_id = $1 ORDER BY at DESC, id DESC LIMIT $2) a)
+               FROM (SELECT 1) one LEFT JOIN r ON true",
+            row = table.row_by_id_sql(),
+            audit = table.audit
         );
-        let audit = self
-            .bounded(WHAT, self.client.query_typed(&audit_sql, &[(&id, Type::TEXT), (&limit, Type::INT8)]))
-            .await?
-            .iter()
-            .map(|r| {
-                let details: String = r.try_get(6).map_err(q(WHAT))?;
-                Ok(AuditView {
-                    at: r.try_get(0).map_err(q(WHAT))?,
-                    trigger: r.try_get(1).map_err(q(WHAT))?,
-                    actor: r.try_get(2).map_err(q(WHAT))?,
-                    old_state: r.try_get(3).map_err(q(WHAT))?,
-                    new_state: r.try_get(4).map_err(q(WHAT))?,
-                    reason: r.try_get(5).map_err(q(WHAT))?,
-                    details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok((row, audit))
+        let rows =
+            self.bounded(WHAT, self.client.query_typed(&sql, &[(&id, Type::TEXT), (&limit, Type::INT8)])).await?;
+        let Some(r) = rows.first() else { return Ok((None, Vec::new())) };
+        let trail: String = r.try_get(8).map_err(q(WHAT))?;
+        let audit: Vec<AuditView> = serde_json::from_str(&trail)
+            .map_err(|e| StoreError::Corrupt { what: WHAT, detail: format!("the audit trail as JSON: {e}") })?;
+        let found: Option<String> = r.try_get(0).map_err(q(WHAT))?;
+        if found.is_none() {
+            return Ok((None, audit));
+        }
+        let value: Option<String> = r.try_get(1).map_err(q(WHAT))?;
+        let deleted_flag: bool = r.try_get(7).map_err(q(WHAT))?;
+        let state = if deleted_flag {
+            Some(crate::model::RowState::Deleted)
+        } else {
+            value.as_deref().and_then(|v| table.vocabulary.read(v))
+        };
+        let created_at: DateTime<Utc> = r.try_get(2).map_err(q(WHAT))?;
+        let changed_at: Option<DateTime<Utc>> = r.try_get(3).map_err(q(WHAT))?;
+        let row = RowView {
+            value,
+            state: state.map(|s| s.as_str()),
+            owner_id: r.try_get(5).map_err(q(WHAT))?,
+            controller_instance: r.try_get(6).map_err(q(WHAT))?,
+            created_at,
+            changed_at: changed_at.unwrap_or(created_at),
+            deleted_flag,
+        };
+        Ok((Some(row), audit))
     }
 }
 
