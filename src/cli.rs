@@ -468,10 +468,12 @@ impl crate::daemon::PassObserver for Hooks {
     }
     fn config_reloaded(&mut self, config: &Arc<Config>) {
         self.shared.set_config(config);
+        self.shared.metrics.observe_reload(true);
         self.notifier.ready();
         self.notifier.status("config reloaded; takes effect at the next pass");
     }
     fn reload_rejected(&mut self, error: &str) {
+        self.shared.metrics.observe_reload(false);
         self.notifier.ready();
         self.notifier.status(&format!("config reload rejected, running config kept: {error}"));
     }
@@ -496,7 +498,7 @@ async fn run_daemon(path: PathBuf, cfg: Config) -> ExitCode {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %path.display(),
-        mode = ?cfg.daemon.mode,
+        mode = cfg.daemon.mode.as_str(),
         interval = %humantime::format_duration(cfg.daemon.interval),
         controllers = cfg.controllers.len(),
         database = %cfg.database.url,

@@ -53,7 +53,11 @@ pub fn init_with_default(format: LogFormat, default: &str) {
     }
     let builder = tracing_subscriber::fmt().with_env_filter(filter(default)).with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Text => builder.with_target(false).try_init(),
+        // Colour only for a person at a terminal: never in a file, a pipe or
+        // a log collector.
+        LogFormat::Text => {
+            builder.with_target(false).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init()
+        }
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
     };
 }

@@ -53,6 +53,10 @@ pub struct Metrics {
     leader_transitions: prometheus::IntCounter,
     rapid_creates: prometheus::IntCounter,
     paused: IntGauge,
+    mode: IntGaugeVec,
+    reload_ok: IntGauge,
+    reload_at: prometheus::Gauge,
+    controller_restarts: IntCounterVec,
     deferred: IntGaugeVec,
     oldest_finding: prometheus::Gauge,
     audit_pruned: prometheus::IntCounter,
@@ -75,10 +79,13 @@ impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let build_info = IntGaugeVec::new(
-            opts("sessiond_build_info", "Always 1; the version label is the running sessiond's version."),
-            &["version"],
+            opts(
+                "sessiond_build_info",
+                "Always 1; the labels are the running sessiond's version and the git revision it was built from.",
+            ),
+            &["version", "revision"],
         )?;
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("SESSIOND_REVISION")]).set(1);
         let m = Metrics {
             passes: IntCounterVec::new(
                 opts("sessiond_reconcile_passes_total", "Reconciliation passes, by outcome (ok, partial, failed)."),
@@ -223,6 +230,26 @@ impl Metrics {
                 "sessiond_audit_pruned_total",
                 "Audit rows deleted because they were older than [audit] retain.",
             ))?,
+            mode: IntGaugeVec::new(
+                opts("sessiond_mode", "1 for the mode the config sets (repair or observe), 0 for the other."),
+                &["mode"],
+            )?,
+            reload_ok: IntGauge::with_opts(opts(
+                "sessiond_config_last_reload_successful",
+                "Whether the last config reload (SIGHUP) was applied: 1, or 0 if it was rejected and the running \
+                 config stays (a restart would then fail).",
+            ))?,
+            reload_at: prometheus::Gauge::with_opts(opts(
+                "sessiond_config_last_reload_success_timestamp_seconds",
+                "Unix time of the last config load that was applied (start-up or reload).",
+            ))?,
+            controller_restarts: IntCounterVec::new(
+                opts(
+                    "sessiond_controller_restarts_total",
+                    "Confirmed restarts of a controller (a new boot id that held steadily).",
+                ),
+                &["controller"],
+            )?,
             transitions_seen: Mutex::new(0),
             led_term: Mutex::new(None),
             app_last: Mutex::new(HashMap::new()),
@@ -254,6 +281,12 @@ impl Metrics {
         m.registry.register(Box::new(m.leader_transitions.clone()))?;
         m.registry.register(Box::new(m.rapid_creates.clone()))?;
         m.registry.register(Box::new(m.paused.clone()))?;
+        m.registry.register(Box::new(m.mode.clone()))?;
+        m.registry.register(Box::new(m.reload_ok.clone()))?;
+        m.registry.register(Box::new(m.reload_at.clone()))?;
+        m.registry.register(Box::new(m.controller_restarts.clone()))?;
+        m.reload_ok.set(1);
+        m.reload_at.set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
         m.registry.register(Box::new(m.deferred.clone()))?;
         m.registry.register(Box::new(m.oldest_finding.clone()))?;
         m.registry.register(Box::new(m.audit_pruned.clone()))?;
@@ -289,6 +322,9 @@ impl Metrics {
     /// (series of controllers no longer configured are removed).
     pub fn observe_config(&self, cfg: &Config) {
         self.interval.set(cfg.daemon.interval.as_secs_f64());
+        for mode in [crate::config::Mode::Repair, crate::config::Mode::Observe] {
+            self.mode.with_label_values(&[mode.as_str()]).set(i64::from(mode == cfg.daemon.mode));
+        }
         let wanted: BTreeSet<String> = cfg.controllers.iter().map(|c| c.name.clone()).collect();
         let mut known = self.controllers.lock().unwrap_or_else(|p| p.into_inner());
         for gone in known.difference(&wanted) {
@@ -299,6 +335,7 @@ impl Metrics {
                 let _ = self.payload_errors.remove_label_values(&[gone, part]);
             }
             let _ = self.app_created.remove_label_values(&[gone]);
+            let _ = self.controller_restarts.remove_label_values(&[gone]);
             let _ = self.app_reused.remove_label_values(&[gone]);
             for (result, reason) in LOOKUP_LABELS {
                 let _ = self.app_lookups.remove_label_values(&[gone, result, reason]);
@@ -312,11 +349,20 @@ impl Metrics {
             self.controller_up.with_label_values(&[name]).set(0);
             self.guard.with_label_values(&[name]).set(0);
             self.inconsistent.with_label_values(&[name]).set(0);
+            self.controller_restarts.with_label_values(&[name]);
             for part in PAYLOAD_PARTS {
                 self.payload_errors.with_label_values(&[name, part]);
             }
         }
         *known = wanted;
+    }
+
+    /// A config reload was applied (`true`) or rejected.
+    pub fn observe_reload(&self, applied: bool) {
+        self.reload_ok.set(i64::from(applied));
+        if applied {
+            self.reload_at.set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+        }
     }
 
     /// Follows the lease, at scrape time: whether this replica leads now.
@@ -384,6 +430,9 @@ impl Metrics {
             if inst.reachable || inst.trust.is_some() {
                 let inconsistent = matches!(inst.trust, Some(crate::reconcile::boots::Trust::Inconsistent { .. }));
                 self.inconsistent.with_label_values(&[&inst.name]).set(i64::from(inconsistent));
+            }
+            if inst.restarted {
+                self.controller_restarts.with_label_values(&[&inst.name]).inc();
             }
             for part in &inst.problem_parts {
                 self.payload_errors.with_label_values(&[inst.name.as_str(), part]).inc();

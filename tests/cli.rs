@@ -260,7 +260,7 @@ async fn the_daemon_repairs_after_confirmations_keeps_running_on_a_bad_reload_an
     db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let good = config_text(&db, &[&a], "grace = \"0s\"\nconfirmations = 2")
-        .replace("interval = \"1s\"", "interval = \"300ms\"");
+        .replace("interval = \"1s\"", "interval = \"300ms\"\nlisten = \"127.0.0.1:0\"");
     let path = write(dir.path(), "s.toml", &good);
     let child = common::Guarded(Some(
         sessiond(&["run", "--config", path.to_str().expect("utf-8")])
@@ -334,4 +334,38 @@ async fn json_logs_are_one_object_per_line() {
     let summary = lines.iter().find(|l| l["message"] == "pass complete").expect("a summary line");
     assert_eq!(summary["outcome"], "ok");
     assert!(summary["duration_ms"].is_u64());
+}
+
+#[tokio::test]
+async fn logs_carry_no_colour_codes_off_a_terminal_and_json_fields_are_as_the_config_writes_them() {
+    let db = TestDb::migrated().await;
+    let a = SimController::start("ctrl-a").await.expect("controller");
+    let b = SimController::start("ctrl-b").await.expect("controller");
+    b.shutdown(); // a warning to log
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text_cfg = config_text(&db, &[&a, &b], IMMEDIATE).replace("[daemon]\n", "[daemon]\nlisten = \"127.0.0.1:0\"\n");
+    let path = write(dir.path(), "s.toml", &text_cfg);
+    let p = path.to_str().expect("utf-8");
+    let out = common::run_async(&["once", "--config", p]).await;
+    let err = text(&out.stderr);
+    assert!(err.contains("controller unreachable"), "{err}");
+    assert!(!err.contains('\u{1b}'), "ANSI escapes in a pipe: {err:?}");
+
+    let mut child = sessiond(&["run", "--log-format", "json", "--config", p])
+        .env("SESSIOND_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let first = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stderr).lines().map_while(Result::ok).find(|l| l.contains("\"mode\""))
+    });
+    let line = tokio::task::spawn_blocking(move || first.join().ok().flatten()).await.expect("join");
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("a start-up line with the mode");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(v["mode"], "repair", "{line}");
 }

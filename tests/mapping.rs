@@ -156,8 +156,8 @@ impl Fixture {
 
     fn config(&self, db: &TestDb, a: &SimController) -> String {
         format!(
-            "[database]\nurl = \"{}\"\nschema = \"sessiond\"\nstatement_timeout = \"5s\"\n\n{}[reconcile]\ngrace = \"0s\"\n\
-             confirmations = 1\n{}",
+            "[daemon]\nlisten = \"127.0.0.1:0\"\n\n[database]\nurl = \"{}\"\nschema = \"sessiond\"\nstatement_timeout = \"5s\"\n\n{}\
+             [reconcile]\ngrace = \"0s\"\nconfirmations = 1\n{}",
             db.url,
             a.controller_toml("2s"),
             self.sessions_toml

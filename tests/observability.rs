@@ -6,6 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::{ago, config_text, sid, tool, Daemon, TestDb, IMMEDIATE};
 use sessiond::simctl::SimController;
@@ -167,7 +168,16 @@ async fn a_scrape_of_a_running_daemon_passes_promtool_check_metrics() {
     let findings = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && findings.trim().is_empty(), "promtool check metrics findings:\n{findings}");
 
-    let build_info = format!("sessiond_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    let build_info = format!("\",version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    let revision = body
+        .lines()
+        .find_map(|l| l.strip_prefix("sessiond_build_info{revision=\""))
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("no build_info with a revision:\n{body}"));
+    assert!(
+        revision == "unknown" || (revision.len() == 12 && revision.chars().all(|c| c.is_ascii_hexdigit())),
+        "{revision}"
+    );
     for needle in [
         build_info.as_str(),
         "sessiond_controller_up{controller=\"ctrl-a\"} 1",
@@ -181,6 +191,11 @@ async fn a_scrape_of_a_running_daemon_passes_promtool_check_metrics() {
         "sessiond_app_session_create_duration_seconds_bucket{controller=\"ctrl-a\",le=\"0.25\"} 1",
         "sessiond_app_session_create_duration_seconds_count{controller=\"ctrl-a\"} 1",
         "sessiond_rapid_creates_total 0",
+        "sessiond_mode{mode=\"repair\"} 1",
+        "sessiond_mode{mode=\"observe\"} 0",
+        "sessiond_config_last_reload_successful 1",
+        "sessiond_controller_restarts_total{controller=\"ctrl-a\"} 0",
+        "sessiond_paused 0",
     ] {
         assert!(body.contains(needle), "the scrape lacks {needle}:\n{body}");
     }
@@ -306,4 +321,47 @@ async fn readyz_explains_why_it_is_not_ready_while_healthz_and_status_answer() {
     assert_eq!(d.get("/nope").await.map(|r| r.0), Some(404));
     let post = common::http().post(d.url("/metrics")).send().await.expect("post");
     assert_eq!(post.status().as_u16(), 405);
+}
+
+#[tokio::test]
+async fn a_rejected_reload_shows_in_a_metric_until_one_is_applied() {
+    let db = TestDb::migrated().await;
+    let a = SimController::start("ctrl-a").await.expect("controller");
+    let d = Daemon::start(&config_text(&db, &[&a], IMMEDIATE)).await;
+    d.wait_ready().await;
+    let path = d.dir.path().join("sessiond.toml");
+    let good = std::fs::read_to_string(&path).expect("the config");
+    let metric = |body: &str, name: &str| {
+        body.lines().find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_owned)).unwrap_or_default()
+    };
+    let (_, _, before) = d.get("/metrics").await.expect("scrape");
+    let applied_at: f64 =
+        metric(&before, "sessiond_config_last_reload_success_timestamp_seconds").parse().expect("a time");
+
+    std::fs::write(&path, good.replace("[reconcile]", "[reconcile]\nbogus = 1")).expect("a bad config");
+    common::signal(d.child.id(), "HUP");
+    let mut seen = String::new();
+    for _ in 0..50 {
+        seen = d.get("/metrics").await.map(|r| r.2).unwrap_or_default();
+        if metric(&seen, "sessiond_config_last_reload_successful") == "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&seen, "sessiond_config_last_reload_successful"), "0", "{seen}");
+
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    std::fs::write(&path, &good).expect("the good config again");
+    common::signal(d.child.id(), "HUP");
+    for _ in 0..50 {
+        seen = d.get("/metrics").await.map(|r| r.2).unwrap_or_default();
+        if metric(&seen, "sessiond_config_last_reload_successful") == "1" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&seen, "sessiond_config_last_reload_successful"), "1", "{seen}");
+    let reloaded_at: f64 =
+        metric(&seen, "sessiond_config_last_reload_success_timestamp_seconds").parse().expect("a time");
+    assert!(reloaded_at > applied_at, "{reloaded_at} > {applied_at}");
 }

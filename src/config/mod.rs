@@ -170,6 +170,16 @@ pub enum Mode {
     Observe,
 }
 
+impl Mode {
+    /// As the config writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Repair => "repair",
+            Mode::Observe => "observe",
+        }
+    }
+}
+
 /// What to do with a finding of one kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
