@@ -372,6 +372,13 @@ async fn a_pause_stops_every_write_of_a_pass_already_under_way_and_settling_goes
     assert_eq!(db.state(&sid(1)).await.as_deref(), Some("active"));
     assert_eq!(db.audit(&sid(1)).await.len(), 0);
     assert_eq!(pass.pause_state().await.expect("read").map(|p| p.by).as_deref(), Some("admin:test"));
+    // A whole pass while paused looks, repairs nothing, and says so.
+    let a = SimController::start("ctrl-a").await.expect("controller");
+    let rep = Reconciler::new(config(&db, &[&a], IMMEDIATE)).expect("reconciler").pass(PassRequest::once()).await;
+    assert_eq!(common::outcomes(&rep), ["orphaned.reported=1"]);
+    let table = sessiond::reconcile::report::to_table(&rep);
+    assert!(table.contains("PAUSED by admin:test") && table.contains("(investigating)"), "{table}");
+    assert_eq!(db.state(&sid(1)).await.as_deref(), Some("active"));
 
     assert!(operator.set_pause(false, "admin:test", None).await.expect("resume"));
     pass.update_rows(&[update], &audit).await.expect("resumed: the write goes through");

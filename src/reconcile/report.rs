@@ -52,7 +52,8 @@ pub fn log_summary(report: &PassReport) {
             rows,
             findings = %findings,
             repairs = %repairs,
-            read_only = report.dry_run || report.mode == crate::config::Mode::Observe,
+            read_only = report.dry_run || report.mode == crate::config::Mode::Observe || report.paused.is_some(),
+            paused = report.paused.is_some(),
             "pass complete"
         );
     }
@@ -113,6 +114,15 @@ pub fn to_table(report: &PassReport) -> String {
     }
     if let Some(e) = &report.error {
         let _ = writeln!(s, "error: {e}");
+    }
+    if let Some(p) = &report.paused {
+        let _ = writeln!(
+            s,
+            "PAUSED by {} at {}{}: nothing was repaired (POST /resume to resume)",
+            p.by,
+            p.at.to_rfc3339(),
+            p.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+        );
     }
     let _ = writeln!(s, "\nCONTROLLER           STATUS       SESSIONS  NOTE");
     for i in &report.instances {
