@@ -87,13 +87,18 @@ fn query(q: Option<&str>) -> BTreeMap<String, String> {
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (decode(k), decode(v))
+            (decode_form(k), decode_form(v))
         })
         .collect()
 }
 
-/// Percent-decoding (and `+` as a space, as forms send it); invalid escapes
-/// stay as they are.
+/// A query value: percent-decoded, and `+` as a space, as forms send it.
+fn decode_form(s: &str) -> String {
+    decode(&s.replace('+', "%20"))
+}
+
+/// Percent-decoding (a path segment: `+` stays `+`); invalid escapes stay as
+/// they are.
 pub fn decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -111,10 +116,6 @@ pub fn decode(s: &str) -> String {
                         i += 1;
                     }
                 }
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
             }
             b => {
                 out.push(b);
@@ -361,5 +362,22 @@ pub async fn admin(shared: &Shared, path: &str, q: Option<&str>, header: Option<
             *db = None;
             error(StatusCode::SERVICE_UNAVAILABLE, format!("nothing was done: {e}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{decode, decode_form, query};
+
+    #[test]
+    fn paths_keep_plus_signs_and_queries_read_them_as_spaces() {
+        assert_eq!(decode("exec%5F1+2"), "exec_1+2");
+        assert_eq!(decode_form("incident+42%21"), "incident 42!");
+        assert_eq!(decode("%zz%4"), "%zz%4", "invalid escapes stay");
+        assert_eq!(decode("%E2%9C%93"), "\u{2713}");
+        let q = query(Some("kind=orphaned&controller=ctrl%2Da&reason=a+b&flag"));
+        assert_eq!(q.get("controller").map(String::as_str), Some("ctrl-a"));
+        assert_eq!(q.get("reason").map(String::as_str), Some("a b"));
+        assert_eq!(q.get("flag").map(String::as_str), Some(""));
     }
 }
