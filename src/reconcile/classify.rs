@@ -747,27 +747,15 @@ fn sessions(
                     } else {
                         out.probes.count(ProbeResult::Found, young);
                     }
-                    candidates.push(Candidate {
-                        finding: Finding {
-                            kind: Kind::Zombie,
-                            subject: live.id.to_string(),
-                            instance: Some(inst.name.clone()),
-                            detail: format!("live on {} but the row is {}", inst.name, row.state),
-                            decision: Decision::Note,
-                            repair: Some(Repair::StopLive {
-                                id: live.id.clone(),
-                                controller_instance: inst.name.clone(),
-                                row_version: row.version.clone(),
-                                row_state: row.state,
-                                end_row: false,
-                            }),
-                        },
-                        changed_at: Some(row.changed_at),
-                        // A row stopped just before the list was taken may be a
-                        // stop the controller has not carried out yet.
-                        age: Some(inst.fetched_at - row.changed_at),
-                        explained: Explained::No,
-                    });
+                    // A row stopped just before the list was taken may be a
+                    // stop the controller has not carried out yet: its age counts.
+                    candidates.push(zombie(
+                        inst,
+                        live,
+                        format!("live on {} but the row is {}", inst.name, row.state),
+                        (row.version.clone(), row.state),
+                        row.changed_at,
+                    ));
                 }
                 // A row exists, with a state the vocabulary does not know: it is
                 // reported as such, and nothing is inserted over it.
@@ -778,32 +766,21 @@ fn sessions(
                 None if gone.contains_key(live.id.as_str()) => {
                     let g = gone[live.id.as_str()];
                     out.probes.count(ProbeResult::Deleted, young);
-                    candidates.push(Candidate {
-                        finding: Finding {
-                            kind: Kind::Zombie,
-                            subject: live.id.to_string(),
-                            instance: Some(inst.name.clone()),
-                            detail: format!(
-                                "live on {} but its row is gone: the audit trail shows it existed (last {} → {} by \
-                                 {}); a deleted session is stopped, never re-inserted",
-                                inst.name,
-                                g.old_state.as_deref().unwrap_or("none"),
-                                g.new_state.as_deref().unwrap_or("none"),
-                                g.trigger
-                            ),
-                            decision: Decision::Note,
-                            repair: Some(Repair::StopLive {
-                                id: live.id.clone(),
-                                controller_instance: inst.name.clone(),
-                                row_version: String::new(),
-                                row_state: RowState::Deleted,
-                                end_row: false,
-                            }),
-                        },
-                        changed_at: Some(g.at),
-                        age: Some(inst.fetched_at - g.at),
-                        explained: Explained::No,
-                    });
+                    candidates.push(zombie(
+                        inst,
+                        live,
+                        format!(
+                            "live on {} but its row is gone: the audit trail shows it existed (last {} → {} by {}); \
+                             a deleted session is stopped, never re-inserted",
+                            inst.name,
+                            g.old_state.as_deref().unwrap_or("none"),
+                            g.new_state.as_deref().unwrap_or("none"),
+                            g.trigger
+                        ),
+                        // No row to compare and set: the stop's intent checks it is still absent.
+                        (String::new(), RowState::Deleted),
+                        g.at,
+                    ));
                 }
                 None => {
                     out.probes.count(ProbeResult::NeverExisted, young);
@@ -868,6 +845,36 @@ fn intents<'a>(
         out.settle.push(SettleIntent { intent: intent.intent, session_id: intent.session_id.clone(), outcome, detail });
     }
     in_flight
+}
+
+/// A zombie: `live` runs on `inst` while its row (`version`, `state`; an
+/// empty version for a row that is gone) says it ended at `at`.
+fn zombie(
+    inst: &InstanceSnapshot,
+    live: &LiveSession,
+    detail: String,
+    (row_version, row_state): (String, RowState),
+    at: DateTime<Utc>,
+) -> Candidate {
+    Candidate {
+        finding: Finding {
+            kind: Kind::Zombie,
+            subject: live.id.to_string(),
+            instance: Some(inst.name.clone()),
+            detail,
+            decision: Decision::Note,
+            repair: Some(Repair::StopLive {
+                id: live.id.clone(),
+                controller_instance: inst.name.clone(),
+                row_version,
+                row_state,
+                end_row: false,
+            }),
+        },
+        changed_at: Some(at),
+        age: Some(inst.fetched_at - at),
+        explained: Explained::No,
+    }
 }
 
 /// Stage 7: grace, then confirmations, then policy, for each finding.
