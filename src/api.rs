@@ -126,6 +126,22 @@ pub fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The API's own connection, made (checked and bound) when there is none
+/// or it has closed.
+async fn connected<'a>(
+    db: &'a mut Option<crate::store::Store>,
+    cfg: &crate::config::Config,
+) -> Result<&'a mut crate::store::Store, crate::store::StoreError> {
+    if db.as_ref().is_none_or(crate::store::Store::is_closed) {
+        let round_trips = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        *db = Some(crate::reconcile::connect(cfg, &round_trips).await?);
+    }
+    match db {
+        Some(store) => Ok(store),
+        None => unreachable!("connected just above"),
+    }
+}
+
 /// `GET /findings[?kind=&controller=&limit=]`: the last pass's findings,
 /// from memory, at most `limit`, with how many were left out.
 pub fn findings(shared: &Shared, q: Option<&str>) -> Response<Full<Bytes>> {
@@ -191,16 +207,7 @@ pub async fn session(shared: &Shared, raw: &str) -> Response<Full<Bytes>> {
     let last = shared.api.read().unwrap_or_else(|p| p.into_inner()).clone();
     let (row, audit, database_error) = {
         let mut db = shared.db.lock().await;
-        let read = async {
-            if db.as_ref().is_none_or(crate::store::Store::is_closed) {
-                let round_trips = Arc::new(std::sync::atomic::AtomicU64::new(0));
-                *db = Some(crate::reconcile::connect(&cfg, &round_trips).await?);
-            }
-            match db.as_ref() {
-                Some(store) => store.explain(&id, AUDIT_ROWS).await,
-                None => unreachable!("connected just above"),
-            }
-        };
+        let read = async { connected(&mut db, &cfg).await?.explain(&id, AUDIT_ROWS).await };
         match read.await {
             Ok((row, audit)) => (row, audit, None),
             Err(e) => {
@@ -304,11 +311,7 @@ pub async fn admin(shared: &Shared, path: &str, q: Option<&str>, header: Option<
     }
     let mut db = shared.db.lock().await;
     let result = async {
-        if db.as_ref().is_none_or(crate::store::Store::is_closed) {
-            let round_trips = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            *db = Some(crate::reconcile::connect(&cfg, &round_trips).await?);
-        }
-        let Some(store) = db.as_mut() else { unreachable!("connected just above") };
+        let store = connected(&mut db, &cfg).await?;
         match path {
             "/pause" => store
                 .set_pause(true, &actor, reason.as_deref())

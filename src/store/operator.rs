@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio_postgres::types::{ToSql, Type};
 
-use super::{q, Store, StoreError, Tx};
+use super::{q, Store, StoreError};
 
 /// The one row of `sessiond_pause`.
 const PAUSE_NAME: &str = "default";
@@ -95,7 +95,7 @@ impl Store {
             (&reason, Type::TEXT),
             (&NO_SESSION, Type::TEXT),
         ];
-        let rows = self.admin_write(WHAT, &sql, &params).await?;
+        let rows = self.write_checked(WHAT, &sql, &params, false).await?;
         Ok(!rows.is_empty())
     }
 
@@ -115,29 +115,7 @@ impl Store {
         let details = details.to_string();
         let params: [(&(dyn ToSql + Sync), Type); 4] =
             [(&NO_SESSION, Type::TEXT), (&actor, Type::TEXT), (&action, Type::TEXT), (&details, Type::TEXT)];
-        self.admin_write(WHAT, &sql, &params).await.map(|_| ())
-    }
-
-    /// One statement in its own short transaction, not subject to the pause
-    /// (it is how the pause is set) and marked as sessiond's.
-    async fn admin_write(
-        &mut self,
-        what: &'static str,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
-        let timeout = self.timeout;
-        self.count(2);
-        let tx = self.begin(what, Tx::Write).await?;
-        let rows = tokio::time::timeout(timeout, tx.query_typed(sql, params))
-            .await
-            .map_err(|_| StoreError::Timeout { what, timeout })?
-            .map_err(q(what))?;
-        tokio::time::timeout(timeout, tx.commit())
-            .await
-            .map_err(|_| StoreError::Timeout { what, timeout })?
-            .map_err(q(what))?;
-        Ok(rows)
+        self.write_checked(WHAT, &sql, &params, false).await.map(|_| ())
     }
 
     /// Deletes up to `batch` audit rows older than `retain`, through the one

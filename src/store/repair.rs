@@ -150,8 +150,8 @@ impl Store {
 
     /// As [`Store::write`], and with `pause`, refused while an operator has
     /// paused sessiond. Settling stops already sent is bookkeeping, not a
-    /// repair: it goes on while paused.
-    async fn write_checked(
+    /// repair: it goes on while paused; so does setting the pause itself.
+    pub(super) async fn write_checked(
         &mut self,
         what: &'static str,
         sql: &str,
