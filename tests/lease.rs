@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use common::{ago, sid, TestDb};
 use sessiond::config::DatabaseConfig;
 use sessiond::lease::{Lease, LEASE_NAME};
-use sessiond::model::{RowState, SessionId};
 use sessiond::store::{AuditContext, Fence, RowUpdate, Store, StoreError};
 
 async fn store(db: &TestDb) -> Store {
@@ -62,24 +61,7 @@ async fn one_holder_at_a_time_and_the_term_grows_on_every_takeover() {
 async fn a_write_fenced_by_a_lost_lease_writes_nothing_and_one_still_held_writes() {
     let db = TestDb::migrated().await;
     db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await;
-    let version: String = db
-        .client()
-        .await
-        .query_one("SELECT xmin::text FROM sessions WHERE session_id = $1", &[&sid(1)])
-        .await
-        .expect("xmin")
-        .get(0);
-    let update = RowUpdate {
-        id: SessionId::from_row(sid(1)),
-        version,
-        from: RowState::Active,
-        to: RowState::Stopped,
-        owner_id: None,
-        controller_instance: None,
-        end_reason: Some("orphaned"),
-        reason: "orphaned",
-        details: serde_json::json!({}),
-    };
+    let update = db.orphan_update(&sid(1)).await;
     let mut old = store(&db).await;
     let term = old.acquire_lease(LEASE_NAME, "old", Duration::from_secs(30)).await.expect("acquire");
     assert_eq!(term, Some(1));

@@ -330,28 +330,10 @@ async fn a_pause_survives_a_restart_is_honoured_by_a_second_replica_and_resume_l
 
 #[tokio::test]
 async fn a_pause_stops_every_write_of_a_pass_already_under_way_and_settling_goes_on() {
-    use sessiond::model::{RowState, SessionId};
-    use sessiond::store::{AuditContext, RowUpdate, Store, StoreError};
+    use sessiond::store::{AuditContext, Store, StoreError};
     let db = TestDb::migrated().await;
     db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await;
-    let version: String = db
-        .client()
-        .await
-        .query_one("SELECT xmin::text FROM sessions WHERE session_id = $1", &[&sid(1)])
-        .await
-        .expect("xmin")
-        .get(0);
-    let update = RowUpdate {
-        id: SessionId::from_row(sid(1)),
-        version,
-        from: RowState::Active,
-        to: RowState::Stopped,
-        owner_id: None,
-        controller_instance: None,
-        end_reason: Some("orphaned"),
-        reason: "orphaned",
-        details: serde_json::json!({}),
-    };
+    let update = db.orphan_update(&sid(1)).await;
     let cfg = sessiond::config::DatabaseConfig::for_url(&db.url);
     let connect = || async {
         let mut s = Store::connect(&cfg).await.expect("connect");

@@ -117,6 +117,29 @@ impl TestDb {
         store.install_lookup(&sessions).await.expect("make sessiond_lookup");
     }
 
+    /// The repair that ends the reference row of `id` as an orphan, at the
+    /// version it has now.
+    pub async fn orphan_update(&self, id: &str) -> sessiond::store::RowUpdate {
+        let version: String = self
+            .client()
+            .await
+            .query_one("SELECT xmin::text FROM sessions WHERE session_id = $1", &[&id])
+            .await
+            .expect("xmin")
+            .get(0);
+        sessiond::store::RowUpdate {
+            id: sessiond::model::SessionId::from_row(id.to_owned()),
+            version,
+            from: sessiond::model::RowState::Active,
+            to: sessiond::model::RowState::Stopped,
+            owner_id: None,
+            controller_instance: None,
+            end_reason: Some("orphaned"),
+            reason: "orphaned",
+            details: serde_json::json!({}),
+        }
+    }
+
     pub async fn client(&self) -> tokio_postgres::Client {
         let (client, conn) = tokio_postgres::connect(&self.url, NoTls).await.expect("connect to the test database");
         tokio::spawn(conn);
