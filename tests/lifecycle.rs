@@ -8,10 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{ago, config, config_text, sid, Daemon, TestDb, IMMEDIATE};
-use sessiond::config::DatabaseConfig;
 use sessiond::reconcile::{PassRequest, Reconciler};
 use sessiond::simctl::SimController;
-use sessiond::store::Store;
 
 /// Every audit row of `id`: (trigger, old_state, new_state, reason).
 async fn trail(db: &TestDb, id: &str) -> Vec<(String, Option<String>, Option<String>, Option<String>)> {
@@ -163,18 +161,9 @@ async fn lookup(db: &TestDb, id: &str, include_deleted: bool) -> (bool, String, 
     (r.get(0), r.get(1), r.get(2))
 }
 
-async fn install_lookup(db: &TestDb) {
-    let cfg = DatabaseConfig::for_url(&db.url);
-    let mut store = Store::connect(&cfg).await.expect("connect");
-    let sessions = sessiond::config::SessionsConfig::reference(&cfg.schema);
-    store.bind_table(&sessions, &Default::default()).await.expect("bind");
-    store.install_lookup(&sessions).await.expect("install sessiond_lookup");
-}
-
 #[tokio::test]
 async fn sessiond_lookup_gives_every_reason_in_one_statement_through_the_id_index() {
     let db = TestDb::migrated().await;
-    install_lookup(&db).await;
     let app = db.client().await;
     db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await;
     db.insert(&sid(2), "u2", "ctrl-a", "stopped", ago(600)).await;
@@ -445,7 +434,6 @@ async fn the_sql_printed_for_a_mapped_table_audits_its_transitions_refuses_delet
 #[tokio::test]
 async fn the_python_example_looks_a_session_up_with_its_reason() {
     let db = TestDb::migrated().await;
-    install_lookup(&db).await;
     db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await;
     db.insert(&sid(2), "u2", "ctrl-a", "stopped", ago(600)).await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python/lookup.py");
