@@ -6,7 +6,7 @@
 //! names. No label ever carries a session id or an owner id. The label for a
 //! controller is `controller`, because Prometheus owns `instance` and `job`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
@@ -25,6 +25,9 @@ pub const REPAIR_OUTCOMES: [&str; 6] = ["repaired", "conflict", "failed", "guard
 /// The optional parts of a controller's document, for payload errors.
 const PAYLOAD_PARTS: [&str; 3] = ["counters", "create_seconds", "generated_at"];
 
+/// The `controller` label of a finding that concerns no configured controller.
+pub const NO_CONTROLLER: &str = "none";
+
 /// Lookup results and reasons, as the application's API would answer.
 const LOOKUP_LABELS: [(&str, &str); 4] =
     [("found", "exists"), ("not_found", "never_existed"), ("not_found", "deleted"), ("not_found", "invalid_format")];
@@ -40,6 +43,7 @@ pub struct Metrics {
     sessions: IntGaugeVec,
     discrepancies: IntGaugeVec,
     repairs: IntCounterVec,
+    repair_latency: prometheus::HistogramVec,
     guard: IntGaugeVec,
     inconsistent: IntGaugeVec,
     payload_errors: IntCounterVec,
@@ -62,10 +66,6 @@ pub struct Metrics {
     audit_pruned: prometheus::IntCounter,
     /// Transitions already counted into `leader_transitions`.
     transitions_seen: Mutex<u64>,
-    /// The term of the last pass this replica led (see `record_app_counters`).
-    led_term: Mutex<Option<i64>>,
-    /// The last counters seen per controller, with the boot id they belong to.
-    app_last: Mutex<HashMap<String, (String, AppCounters)>>,
     create_durations: std::sync::Arc<CreateDurations>,
     controllers: Mutex<BTreeSet<String>>,
 }
@@ -123,17 +123,29 @@ impl Metrics {
                 &["source", "state"],
             )?,
             discrepancies: IntGaugeVec::new(
-                opts("sessiond_discrepancies", "Findings of the last pass, by kind."),
-                &["kind"],
+                opts(
+                    "sessiond_discrepancies",
+                    "Findings of the last pass, by kind and by the configured controller they concern (none: a \
+                     row that names no configured controller, or a finding of the whole fleet).",
+                ),
+                &["kind", "controller"],
             )?,
             repairs: IntCounterVec::new(
                 opts(
                     "sessiond_repairs_total",
                     "What became of findings that have a repair: repaired, conflict (the row changed since it was \
                      read), failed, guarded (held back by the mass-repair guard), reported (policy, observe mode \
-                     or dry run) or deferred (left for a later pass).",
+                     or dry run) or deferred (left for a later pass); controller as on sessiond_discrepancies.",
                 ),
-                &["kind", "outcome"],
+                &["kind", "outcome", "controller"],
+            )?,
+            repair_latency: prometheus::HistogramVec::new(
+                HistogramOpts::new(
+                    "sessiond_repair_latency_seconds",
+                    "From the pass that first saw a finding to the pass that repaired it, by kind.",
+                )
+                .buckets(vec![1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 4.0 * 3600.0]),
+                &["kind"],
             )?,
             guard: IntGaugeVec::new(
                 opts(
@@ -251,8 +263,6 @@ impl Metrics {
                 &["controller"],
             )?,
             transitions_seen: Mutex::new(0),
-            led_term: Mutex::new(None),
-            app_last: Mutex::new(HashMap::new()),
             create_durations: std::sync::Arc::new(CreateDurations::new()?),
             controllers: Mutex::new(BTreeSet::new()),
             registry,
@@ -268,6 +278,9 @@ impl Metrics {
         m.registry.register(Box::new(m.sessions.clone()))?;
         m.registry.register(Box::new(m.discrepancies.clone()))?;
         m.registry.register(Box::new(m.repairs.clone()))?;
+        m.registry.register(Box::new(m.repair_latency.clone()))?;
+        #[cfg(target_os = "linux")]
+        m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         m.registry.register(Box::new(m.guard.clone()))?;
         m.registry.register(Box::new(m.inconsistent.clone()))?;
         m.registry.register(Box::new(m.payload_errors.clone()))?;
@@ -297,13 +310,9 @@ impl Metrics {
         for outcome in [PassOutcome::Ok, PassOutcome::Partial, PassOutcome::Failed] {
             m.passes.with_label_values(&[outcome.as_str()]);
         }
-        for kind in Kind::ALL {
-            m.discrepancies.with_label_values(&[kind.as_str()]).set(0);
-        }
+        m.add_controller_series(NO_CONTROLLER);
         for kind in Kind::REPAIRABLE {
-            for outcome in REPAIR_OUTCOMES {
-                m.repairs.with_label_values(&[kind.as_str(), outcome]);
-            }
+            m.repair_latency.with_label_values(&[kind.as_str()]);
         }
         for (result, reason) in LOOKUP_LABELS {
             for age in ["young", "old"] {
@@ -334,18 +343,12 @@ impl Metrics {
             for part in PAYLOAD_PARTS {
                 let _ = self.payload_errors.remove_label_values(&[gone, part]);
             }
-            let _ = self.app_created.remove_label_values(&[gone]);
             let _ = self.controller_restarts.remove_label_values(&[gone]);
-            let _ = self.app_reused.remove_label_values(&[gone]);
-            for (result, reason) in LOOKUP_LABELS {
-                let _ = self.app_lookups.remove_label_values(&[gone, result, reason]);
-            }
-            for outcome in ["succeeded", "failed"] {
-                let _ = self.app_cleanups.remove_label_values(&[gone, outcome]);
-            }
-            self.create_durations.forget(gone);
+            self.remove_app_series(gone);
+            self.remove_finding_series(gone);
         }
         for name in wanted.difference(&known) {
+            self.add_controller_series(name);
             self.controller_up.with_label_values(&[name]).set(0);
             self.guard.with_label_values(&[name]).set(0);
             self.inconsistent.with_label_values(&[name]).set(0);
@@ -355,6 +358,44 @@ impl Metrics {
             }
         }
         *known = wanted;
+    }
+
+    /// The discrepancy and repair series of one `controller` label, at zero,
+    /// so that increase() and absent() behave before the first event.
+    fn add_controller_series(&self, controller: &str) {
+        for kind in Kind::ALL {
+            self.discrepancies.with_label_values(&[kind.as_str(), controller]).set(0);
+        }
+        for kind in Kind::REPAIRABLE {
+            for outcome in REPAIR_OUTCOMES {
+                self.repairs.with_label_values(&[kind.as_str(), outcome, controller]);
+            }
+        }
+    }
+
+    fn remove_finding_series(&self, controller: &str) {
+        for kind in Kind::ALL {
+            let _ = self.discrepancies.remove_label_values(&[kind.as_str(), controller]);
+        }
+        for kind in Kind::REPAIRABLE {
+            for outcome in REPAIR_OUTCOMES {
+                let _ = self.repairs.remove_label_values(&[kind.as_str(), outcome, controller]);
+            }
+        }
+    }
+
+    /// The application's counters of one controller, which only the leader
+    /// exports.
+    fn remove_app_series(&self, controller: &str) {
+        let _ = self.app_created.remove_label_values(&[controller]);
+        let _ = self.app_reused.remove_label_values(&[controller]);
+        for (result, reason) in LOOKUP_LABELS {
+            let _ = self.app_lookups.remove_label_values(&[controller, result, reason]);
+        }
+        for outcome in ["succeeded", "failed"] {
+            let _ = self.app_cleanups.remove_label_values(&[controller, outcome]);
+        }
+        self.create_durations.forget(controller);
     }
 
     /// A config reload was applied (`true`) or rejected.
@@ -390,9 +431,13 @@ impl Metrics {
             let _ = self.controller_up.remove_label_values(&[name]);
             let _ = self.guard.remove_label_values(&[name]);
             let _ = self.inconsistent.remove_label_values(&[name]);
+            self.remove_app_series(name);
+            for kind in Kind::ALL {
+                let _ = self.discrepancies.remove_label_values(&[kind.as_str(), name]);
+            }
         }
         for kind in Kind::ALL {
-            let _ = self.discrepancies.remove_label_values(&[kind.as_str()]);
+            let _ = self.discrepancies.remove_label_values(&[kind.as_str(), NO_CONTROLLER]);
         }
         for source in ["controller", "database"] {
             for state in LIVE_ROW_STATES {
@@ -406,17 +451,6 @@ impl Metrics {
         if report.role.is_follower() {
             self.record_follower(report);
             return;
-        }
-        {
-            // A replica that leads again re-exports the controllers' counters
-            // from where they are now: the increase meanwhile was the other
-            // leader's to export.
-            let mut led = self.led_term.lock().unwrap_or_else(|p| p.into_inner());
-            let term = report.role.term();
-            if *led != term {
-                *led = term;
-                self.rebaseline_app_counters(&report.instances);
-            }
         }
         self.passes.with_label_values(&[report.outcome.as_str()]).inc();
         self.duration.observe(report.duration_seconds);
@@ -437,8 +471,8 @@ impl Metrics {
             for part in &inst.problem_parts {
                 self.payload_errors.with_label_values(&[inst.name.as_str(), part]).inc();
             }
-            if let (Some(boot), Some(c)) = (&inst.boot_id, &inst.counters) {
-                self.record_app_counters(&inst.name, boot, c);
+            if let Some(c) = &inst.counters {
+                self.record_app_counters(&inst.name, c);
             }
         }
         if report.outcome == PassOutcome::Failed {
@@ -452,13 +486,8 @@ impl Metrics {
             let rows = report.rows_by_state.get(s).copied().unwrap_or(0);
             self.sessions.with_label_values(&["database", s]).set(rows as i64);
         }
-        let by_kind = report.findings_by_kind();
-        for kind in Kind::ALL {
-            self.discrepancies.with_label_values(&[kind.as_str()]).set(by_kind.get(&kind).copied().unwrap_or(0) as i64);
-        }
-        for ((kind, outcome), n) in report.outcomes_by_kind() {
-            self.repairs.with_label_values(&[kind.as_str(), outcome]).inc_by(n);
-        }
+        let ended = report.started_at + chrono::Duration::milliseconds((report.duration_seconds * 1000.0) as i64);
+        self.record_findings(report, ended);
         let (all, young) = (&report.probes.all, &report.probes.young);
         for ((result, reason), total, young) in [
             (("found", "exists"), all.found, young.found),
@@ -477,7 +506,6 @@ impl Metrics {
             let n = outcomes.get(&(kind, "deferred")).copied().unwrap_or(0);
             self.deferred.with_label_values(&[kind.as_str()]).set(n as i64);
         }
-        let ended = report.started_at + chrono::Duration::milliseconds((report.duration_seconds * 1000.0) as i64);
         let oldest = report
             .findings
             .iter()
@@ -488,53 +516,67 @@ impl Metrics {
         self.oldest_finding.set(oldest);
     }
 
-    /// Takes the controllers' counters as they are now as the baseline, for
-    /// the controllers whose counters this process has exported before.
-    fn rebaseline_app_counters(&self, instances: &[crate::reconcile::InstanceReport]) {
-        let mut last = self.app_last.lock().unwrap_or_else(|p| p.into_inner());
-        for inst in instances {
-            if let (Some(boot), Some(c), true) = (&inst.boot_id, &inst.counters, last.contains_key(&inst.name)) {
-                last.insert(inst.name.clone(), (boot.clone(), c.clone()));
-                if let Some(h) = &c.create_seconds {
-                    self.create_durations.record(&inst.name, boot, h, true);
-                }
+    /// Discrepancies, repair outcomes and repair latencies of one pass, by
+    /// kind and by the configured controller each finding concerns.
+    fn record_findings(&self, report: &PassReport, ended: chrono::DateTime<chrono::Utc>) {
+        let known = self.controllers.lock().unwrap_or_else(|p| p.into_inner());
+        let label = |instance: Option<&String>| -> &str {
+            match instance.and_then(|name| known.get(name)) {
+                Some(name) => name.as_str(),
+                None => NO_CONTROLLER,
+            }
+        };
+        let mut found: BTreeMap<(Kind, &str), i64> = BTreeMap::new();
+        for f in &report.findings {
+            let controller = label(f.finding.instance.as_ref());
+            *found.entry((f.finding.kind, controller)).or_default() += 1;
+            if let Some(outcome) = f.repair_outcome() {
+                self.repairs.with_label_values(&[f.finding.kind.as_str(), outcome, controller]).inc();
+            }
+            if let (Some("repaired"), Some(seen)) = (f.repair_outcome(), f.seen) {
+                let waited = (ended - seen.first_seen).num_milliseconds().max(0) as f64 / 1000.0;
+                self.repair_latency.with_label_values(&[f.finding.kind.as_str()]).observe(waited);
+            }
+        }
+        for controller in known.iter().map(String::as_str).chain([NO_CONTROLLER]) {
+            for kind in Kind::ALL {
+                let n = found.get(&(kind, controller)).copied().unwrap_or(0);
+                self.discrepancies.with_label_values(&[kind.as_str(), controller]).set(n);
             }
         }
     }
 
-    /// Re-exports the application's cumulative counters. They restart from zero
-    /// when the controller does (a new boot id); we add only what is new since the
-    /// last pass, so the exported counters stay monotonic and `rate()` is right
-    /// across controller restarts.
-    fn record_app_counters(&self, controller: &str, boot: &str, now: &AppCounters) {
+    /// Re-exports the application's cumulative counters exactly as the
+    /// controller reports them. They go back to zero only when the controller
+    /// restarts, which Prometheus reads as the counter reset it is; a restart
+    /// or failover of sessiond changes nothing, since any replica exports the
+    /// same values (the rules take the max over replicas before rate()).
+    fn record_app_counters(&self, controller: &str, now: &AppCounters) {
         if let Some(h) = &now.create_seconds {
-            self.create_durations.record(controller, boot, h, false);
+            self.create_durations.record(controller, h);
         }
-        let mut last = self.app_last.lock().unwrap_or_else(|p| p.into_inner());
-        let zero = AppCounters::default();
-        let prev = match last.get(controller) {
-            Some((b, c)) if b == boot => c,
-            _ => &zero,
+        let set = |counter: prometheus::IntCounter, value: u64| {
+            let current = counter.get();
+            if value < current {
+                counter.reset();
+                counter.inc_by(value);
+            } else {
+                counter.inc_by(value - current);
+            }
         };
-        let delta = |new: u64, old: u64| if new >= old { new - old } else { new };
-        self.app_created.with_label_values(&[controller]).inc_by(delta(now.sessions_created, prev.sessions_created));
-        self.app_reused.with_label_values(&[controller]).inc_by(delta(now.sessions_reused, prev.sessions_reused));
+        set(self.app_created.with_label_values(&[controller]), now.sessions_created);
+        set(self.app_reused.with_label_values(&[controller]), now.sessions_reused);
         let lookups = [
-            (("found", "exists"), now.lookups_found, prev.lookups_found),
-            (("not_found", "never_existed"), now.lookups_never_existed, prev.lookups_never_existed),
-            (("not_found", "deleted"), now.lookups_deleted, prev.lookups_deleted),
-            (("not_found", "invalid_format"), now.lookups_invalid_format, prev.lookups_invalid_format),
+            (("found", "exists"), now.lookups_found),
+            (("not_found", "never_existed"), now.lookups_never_existed),
+            (("not_found", "deleted"), now.lookups_deleted),
+            (("not_found", "invalid_format"), now.lookups_invalid_format),
         ];
-        for ((result, reason), new, old) in lookups {
-            self.app_lookups.with_label_values(&[controller, result, reason]).inc_by(delta(new, old));
+        for ((result, reason), value) in lookups {
+            set(self.app_lookups.with_label_values(&[controller, result, reason]), value);
         }
-        self.app_cleanups
-            .with_label_values(&[controller, "succeeded"])
-            .inc_by(delta(now.cleanups_succeeded, prev.cleanups_succeeded));
-        self.app_cleanups
-            .with_label_values(&[controller, "failed"])
-            .inc_by(delta(now.cleanups_failed, prev.cleanups_failed));
-        last.insert(controller.to_owned(), (boot.to_owned(), now.clone()));
+        set(self.app_cleanups.with_label_values(&[controller, "succeeded"]), now.cleanups_succeeded);
+        set(self.app_cleanups.with_label_values(&[controller, "failed"]), now.cleanups_failed);
     }
 
     /// The exposition text.
@@ -548,23 +590,11 @@ impl Metrics {
 }
 
 /// `sessiond_app_session_create_duration_seconds`: the controllers' creation
-/// time histograms, re-exported like the counters: what is new since the last
-/// pass is added, so the histogram keeps counting up across controller
-/// restarts. A controller that changes its bucket bounds starts its series
-/// anew (Prometheus sees a counter reset).
+/// time histograms, re-exported as the controllers report them (see
+/// `record_app_counters`).
 struct CreateDurations {
     desc: prometheus::core::Desc,
-    by_controller: Mutex<HashMap<String, Accumulated>>,
-}
-
-#[derive(Default)]
-struct Accumulated {
-    /// The last histogram seen, and its boot id.
-    last: Option<(String, crate::model::CreateHistogram)>,
-    bounds: Vec<f64>,
-    cumulative: Vec<u64>,
-    count: u64,
-    sum: f64,
+    by_controller: Mutex<HashMap<String, crate::model::CreateHistogram>>,
 }
 
 impl CreateDurations {
@@ -582,44 +612,8 @@ impl CreateDurations {
         })
     }
 
-    fn record(&self, controller: &str, boot: &str, now: &crate::model::CreateHistogram, rebase: bool) {
-        let mut all = self.by_controller.lock().unwrap_or_else(|p| p.into_inner());
-        let acc = all.entry(controller.to_owned()).or_default();
-        if acc.bounds != now.bounds {
-            *acc = Accumulated {
-                bounds: now.bounds.clone(),
-                cumulative: vec![0; now.bounds.len()],
-                ..Accumulated::default()
-            };
-        }
-        let previous = match &acc.last {
-            Some((b, h)) if b == boot && !rebase => Some(h),
-            _ => None,
-        };
-        // A histogram smaller than the last one started over without a new
-        // boot id: all of it is new.
-        let shrank = previous.is_some_and(|p| now.count < p.count);
-        if rebase && acc.last.is_some() {
-            // Leading again: the increase meanwhile was another leader's.
-        } else {
-            match previous.filter(|_| !shrank) {
-                Some(p) => {
-                    for (i, c) in now.cumulative.iter().enumerate() {
-                        acc.cumulative[i] += c.saturating_sub(p.cumulative.get(i).copied().unwrap_or(0));
-                    }
-                    acc.count += now.count.saturating_sub(p.count);
-                    acc.sum += (now.sum - p.sum).max(0.0);
-                }
-                None => {
-                    for (i, c) in now.cumulative.iter().enumerate() {
-                        acc.cumulative[i] += c;
-                    }
-                    acc.count += now.count;
-                    acc.sum += now.sum;
-                }
-            }
-        }
-        acc.last = Some((boot.to_owned(), now.clone()));
+    fn record(&self, controller: &str, now: &crate::model::CreateHistogram) {
+        self.by_controller.lock().unwrap_or_else(|p| p.into_inner()).insert(controller.to_owned(), now.clone());
     }
 
     fn forget(&self, controller: &str) {

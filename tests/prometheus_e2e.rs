@@ -108,13 +108,16 @@ async fn an_injected_orphan_reaches_prometheus_recording_rules_and_alerts() {
     // Inject the orphan: the application's cleanup cleared memory, not the row.
     db.insert(&sid(2), "u2", "ctrl-a", "active", ago(600)).await;
 
-    prom.wait_for("sessiond_discrepancies{kind=\"orphaned\"}", |r| r.first().is_some_and(|s| value(s) == 1.0)).await;
+    prom.wait_for("sessiond_discrepancies{kind=\"orphaned\",controller=\"ctrl-a\"}", |r| {
+        r.first().is_some_and(|s| value(s) == 1.0)
+    })
+    .await;
     let alerts = prom.wait_for("ALERTS{alertname=\"SessiondOrphansOrZombiesPersisting\"}", |r| !r.is_empty()).await;
     assert_eq!(alerts[0]["metric"]["kind"], "orphaned");
     assert_eq!(alerts[0]["metric"]["severity"], "warning");
     assert_eq!(alerts[0]["metric"]["alertstate"], "pending", "pending until its 15 minutes are up");
     let reported = prom
-        .wait_for("sessiond_repairs_total{kind=\"orphaned\",outcome=\"reported\"}", |r| {
+        .wait_for("sessiond_repairs_total{kind=\"orphaned\",outcome=\"reported\",controller=\"ctrl-a\"}", |r| {
             r.first().is_some_and(|s| value(s) >= 1.0)
         })
         .await;

@@ -98,6 +98,22 @@ pub struct FindingResult {
 impl FindingResult {
     /// A repair is due and has not happened yet: it waits (for grace or
     /// confirmations), is guarded or deferred, or failed.
+    /// What became of its repair, in the vocabulary of
+    /// `sessiond_repairs_total{outcome}`; `None` while it waits, or for a
+    /// finding that has no repair.
+    pub fn repair_outcome(&self) -> Option<&'static str> {
+        Some(match (&self.finding.decision, self.outcome) {
+            (Decision::Repair, Some(Outcome::Repaired)) => "repaired",
+            (Decision::Repair, Some(Outcome::Conflict)) => "conflict",
+            (Decision::Repair, Some(Outcome::Failed)) => "failed",
+            (Decision::Repair, Some(Outcome::Deferred)) => "deferred",
+            (Decision::Guarded, _) => "guarded",
+            (Decision::Deferred { .. }, _) => "deferred",
+            (Decision::Report { .. }, _) => "reported",
+            _ => return None,
+        })
+    }
+
     pub fn awaits_repair(&self) -> bool {
         self.finding.repair.is_some()
             && match &self.finding.decision {
@@ -211,17 +227,9 @@ impl PassReport {
     pub fn outcomes_by_kind(&self) -> BTreeMap<(Kind, &'static str), u64> {
         let mut m = BTreeMap::new();
         for f in &self.findings {
-            let label = match (&f.finding.decision, f.outcome) {
-                (Decision::Repair, Some(Outcome::Repaired)) => "repaired",
-                (Decision::Repair, Some(Outcome::Conflict)) => "conflict",
-                (Decision::Repair, Some(Outcome::Failed)) => "failed",
-                (Decision::Repair, Some(Outcome::Deferred)) => "deferred",
-                (Decision::Guarded, _) => "guarded",
-                (Decision::Deferred { .. }, _) => "deferred",
-                (Decision::Report { .. }, _) => "reported",
-                _ => continue,
-            };
-            *m.entry((f.finding.kind, label)).or_default() += 1;
+            if let Some(label) = f.repair_outcome() {
+                *m.entry((f.finding.kind, label)).or_default() += 1;
+            }
         }
         m
     }
