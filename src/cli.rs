@@ -91,6 +91,28 @@ pub enum Command {
     /// Everything on one machine: a private PostgreSQL, simulated controllers
     /// and application with faults, the daemon and its endpoints.
     Demo(DemoArgs),
+    /// Write the Prometheus rules and the Grafana dashboard for your scrape
+    /// job and runbook location (the files in alerts/ and dashboards/ are
+    /// this with the defaults).
+    Mixin(MixinArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MixinArgs {
+    /// PromQL label matchers, without braces, that select sessiond's scrape
+    /// targets.
+    #[arg(long, default_value = crate::mixin::DEFAULT_SELECTOR)]
+    pub selector: String,
+    /// The URL of the runbooks page (docs/runbooks.md wherever you publish
+    /// it); each alert links to its section. Relative by default.
+    #[arg(long, default_value = crate::mixin::DEFAULT_RUNBOOK_URL)]
+    pub runbook_url: String,
+    /// Where to write the rules file ("-": standard output).
+    #[arg(long)]
+    pub rules: Option<PathBuf>,
+    /// Where to write the dashboard ("-": standard output).
+    #[arg(long)]
+    pub dashboard: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,6 +143,11 @@ pub struct DemoArgs {
     /// Where to serve /metrics and /status.
     #[arg(long, default_value = "127.0.0.1:9817")]
     pub listen: std::net::SocketAddr,
+    /// Make the simulated application unhealthy as well: a low reuse ratio,
+    /// failing lookups, a controller that restarts every 40 s. By default its
+    /// only faults are the ones sessiond repairs, and no alert pages.
+    #[arg(long)]
+    pub unhealthy_app: bool,
 }
 
 #[derive(Debug, Args)]
@@ -128,6 +155,39 @@ pub struct ConfigArg {
     /// The config file (TOML).
     #[arg(long, short = 'c', env = "SESSIOND_CONFIG")]
     pub config: PathBuf,
+}
+
+/// `sessiond mixin`: renders and writes the requested files.
+fn mixin(args: &MixinArgs) -> ExitCode {
+    if args.rules.is_none() && args.dashboard.is_none() {
+        eprintln!(
+            "sessiond mixin: nothing to write; pass --rules FILE and/or --dashboard FILE (\"-\" for standard output)"
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let opts = crate::mixin::MixinOptions { selector: args.selector.clone(), runbook_url: args.runbook_url.clone() };
+    let outputs = [(&args.rules, opts.rules()), (&args.dashboard, opts.dashboard())];
+    for (path, text) in outputs {
+        let Some(path) = path else { continue };
+        let text = match text {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("sessiond mixin: {e:#}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        let written = if path.as_os_str() == "-" {
+            use std::io::Write;
+            std::io::stdout().write_all(text.as_bytes())
+        } else {
+            std::fs::write(path, text)
+        };
+        if let Err(e) = written {
+            eprintln!("sessiond mixin: cannot write {}: {e}", path.display());
+            return ExitCode::from(EXIT_FAILED);
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// Loads the config or prints why not.
@@ -247,6 +307,7 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
             }
         }
         Command::Demo(args) => demo(args).await,
+        Command::Mixin(args) => mixin(&args),
         Command::Sql { what } => sql(what).await,
         Command::Explain { session_id, config, json } => {
             let cfg = match load(&config.config) {
@@ -290,6 +351,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
         seed: args.seed.unwrap_or_else(|| fastrand::u64(..)),
         duration: args.duration,
         listen: args.listen,
+        unhealthy_app: args.unhealthy_app,
     };
     let timed = opts.duration.is_some();
     match crate::demo::run(opts, shutdown).await {

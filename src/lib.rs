@@ -18,6 +18,7 @@ pub mod http;
 pub mod lease;
 pub mod logging;
 pub mod metrics;
+pub mod mixin;
 pub mod model;
 pub mod pgcluster;
 pub mod reconcile;

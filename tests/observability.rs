@@ -127,11 +127,23 @@ fn every_alert_has_a_unit_test_severity_annotations_and_a_runbook_section() {
         for r in g["rules"].as_sequence().expect("rules") {
             let Some(name) = r["alert"].as_str() else { continue };
             assert!(tests.contains(&format!("alertname: {name}\n")), "{name} has no promtool unit test");
+            assert!(name.starts_with("Sessiond"), "{name}: one prefix for every alert");
             let sev = r["labels"]["severity"].as_str().unwrap_or("");
-            assert!(sev == "warning" || sev == "critical", "{name} severity {sev:?}");
+            assert!(["critical", "warning", "info"].contains(&sev), "{name} severity {sev:?}");
+            if sev == "critical" {
+                assert!(r["for"].as_str().is_some_and(|f| f != "0s"), "{name} pages without a for: clause");
+            }
             for key in ["summary", "description", "runbook_url"] {
                 assert!(r["annotations"][key].as_str().is_some_and(|v| !v.is_empty()), "{name} lacks {key}");
             }
+            let summary = r["annotations"]["summary"].as_str().unwrap_or("");
+            let first = summary.chars().next().unwrap_or(' ');
+            assert!(
+                summary.ends_with('.') && (first.is_uppercase() || summary.starts_with("sessiond") || first == '{'),
+                "{name}: the summary is not a sentence: {summary:?}"
+            );
+            let description = r["annotations"]["description"].as_str().unwrap_or("");
+            assert!(description.contains("$value"), "{name}: the description does not say the value");
             let url = r["annotations"]["runbook_url"].as_str().unwrap_or("");
             let anchor = url.strip_prefix("docs/runbooks.md#").unwrap_or_else(|| panic!("{name}: runbook_url {url}"));
             assert!(anchors.contains(anchor), "{name}: docs/runbooks.md has no section #{anchor}");
@@ -182,7 +194,11 @@ async fn a_scrape_of_a_running_daemon_passes_promtool_check_metrics() {
         build_info.as_str(),
         "sessiond_controller_up{controller=\"ctrl-a\"} 1",
         "sessiond_database_up 1",
-        "sessiond_discrepancies{kind=\"orphaned\"} 1",
+        "sessiond_discrepancies{controller=\"ctrl-a\",kind=\"orphaned\"} 1",
+        "sessiond_discrepancies{controller=\"none\",kind=\"orphaned\"} 0",
+        "sessiond_repair_latency_seconds_count{kind=\"orphaned\"} 1",
+        "process_resident_memory_bytes ",
+        "process_start_time_seconds ",
         "sessiond_sessions{source=\"controller\",state=\"active\"} 1",
         "sessiond_sessions{source=\"database\",state=\"active\"} 2",
         "sessiond_app_sessions_reused_total{controller=\"ctrl-a\"} 1",
@@ -199,7 +215,10 @@ async fn a_scrape_of_a_running_daemon_passes_promtool_check_metrics() {
     ] {
         assert!(body.contains(needle), "the scrape lacks {needle}:\n{body}");
     }
-    assert!(body.contains("sessiond_repairs_total{kind=\"orphaned\",outcome=\"repaired\"} 1"), "{body}");
+    assert!(
+        body.contains("sessiond_repairs_total{controller=\"ctrl-a\",kind=\"orphaned\",outcome=\"repaired\"} 1"),
+        "{body}"
+    );
     for secret in [sid(1), sid(2), "owner-secret".into()] {
         assert!(!body.contains(&secret), "a label carries a session or owner id: {secret}");
     }
@@ -364,4 +383,61 @@ async fn a_rejected_reload_shows_in_a_metric_until_one_is_applied() {
     let reloaded_at: f64 =
         metric(&seen, "sessiond_config_last_reload_success_timestamp_seconds").parse().expect("a time");
     assert!(reloaded_at > applied_at, "{reloaded_at} > {applied_at}");
+}
+
+#[test]
+fn the_checked_in_rules_and_dashboard_are_what_the_mixin_generates() {
+    let opts = sessiond::mixin::MixinOptions::default();
+    let regenerate =
+        "regenerate them: cargo run -- mixin --rules alerts/sessiond.rules.yml --dashboard dashboards/sessiond.json";
+    let rules = std::fs::read_to_string(Path::new(ROOT).join("alerts/sessiond.rules.yml")).expect("read the rules");
+    assert!(rules == opts.rules().expect("render the rules"), "alerts/sessiond.rules.yml is stale; {regenerate}");
+    let dash = std::fs::read_to_string(Path::new(ROOT).join("dashboards/sessiond.json")).expect("read the dashboard");
+    assert!(dash == opts.dashboard().expect("render the dashboard"), "dashboards/sessiond.json is stale; {regenerate}");
+}
+
+#[test]
+fn the_mixin_writes_rules_for_another_job_with_absolute_runbook_links() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (rules, dash) = (dir.path().join("rules.yml"), dir.path().join("dashboard.json"));
+    let base = "https://wiki.example.com/ops/sessiond/runbooks.md";
+    let (ok, out) = run_tool(
+        Command::new(env!("CARGO_BIN_EXE_sessiond"))
+            .args(["mixin", "--selector", r#"job="sessions-prod",env="prod""#, "--runbook-url", base])
+            .arg("--rules")
+            .arg(&rules)
+            .arg("--dashboard")
+            .arg(&dash),
+    );
+    assert!(ok, "sessiond mixin:\n{out}");
+    let (ok, out) = run_tool(Command::new(promtool()).args(["check", "rules"]).arg(&rules));
+    assert!(ok, "promtool check rules on the generated file:\n{out}");
+    let text = std::fs::read_to_string(&rules).expect("read the generated rules");
+    assert!(!text.contains(r#"job="sessiond""#), "the default job is gone");
+    assert!(text.contains(r#"absent(up{job="sessions-prod",env="prod"})"#), "{text}");
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("YAML");
+    let mut alerts = 0;
+    for g in doc["groups"].as_sequence().expect("groups") {
+        for r in g["rules"].as_sequence().expect("rules") {
+            if let Some(url) = r["annotations"]["runbook_url"].as_str() {
+                alerts += 1;
+                assert!(url.starts_with(&format!("{base}#sessiond")), "{url}");
+            }
+        }
+    }
+    assert!(alerts > 20, "{alerts} alerts");
+    let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&dash).expect("read")).expect("JSON");
+    assert_eq!(d["links"][0]["url"], base);
+    assert_eq!(d["editable"], false);
+    let job = d["templating"]["list"].as_array().expect("vars").iter().find(|v| v["name"] == "job").expect("job");
+    assert_eq!(job["definition"], r#"label_values(sessiond_build_info{job="sessions-prod",env="prod"}, job)"#);
+
+    let (ok, out) = run_tool(Command::new(env!("CARGO_BIN_EXE_sessiond")).args([
+        "mixin",
+        "--selector",
+        "{job=\"x\"}",
+        "--rules",
+        "-",
+    ]));
+    assert!(!ok && out.contains("--selector"), "a selector with braces is refused clearly:\n{out}");
 }
