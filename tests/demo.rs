@@ -17,7 +17,20 @@ fn demo_dirs() -> usize {
 fn a_short_demo_repairs_every_injected_fault_and_nothing_else_and_leaves_nothing_behind() {
     let before = demo_dirs();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sessiond"))
-        .args(["demo", "--duration", "30s", "--seed", "5", "--fault-rate", "0.3", "--sessions", "60"])
+        // --unhealthy-app: users churn fast enough for every kind of fault to
+        // be injected within the 15 s this run injects for.
+        .args([
+            "demo",
+            "--duration",
+            "30s",
+            "--seed",
+            "5",
+            "--fault-rate",
+            "0.3",
+            "--sessions",
+            "60",
+            "--unhealthy-app",
+        ])
         .args(["--listen", "127.0.0.1:0"])
         .env_remove("DATABASE_URL")
         .stdout(Stdio::piped())

@@ -56,7 +56,15 @@ pub struct App {
     pub faults: Vec<Fault>,
     fault_rate: f64,
     pub restarts: u32,
+    /// `--unhealthy-app`: the application also breaches its own SLOs.
+    unhealthy: bool,
+    /// When each user last created a session.
+    last_create: Vec<Option<Instant>>,
 }
+
+/// A healthy application's user does not get a new session within this long
+/// of the last one (longer than the default `rapid_create_window`).
+const CREATE_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// The comparison of the audit trail with the truth.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -99,7 +107,18 @@ fn session_id(rng: &mut fastrand::Rng) -> String {
 }
 
 impl App {
-    pub fn new(db: Client, controllers: Vec<SimController>, users: usize, fault_rate: f64, seed: u64) -> App {
+    /// `unhealthy`: users of parked sessions keep retrying (failed lookups),
+    /// sessions are reused less (a reuse ratio near 85%), and users may get
+    /// sessions in quick succession. A healthy application only has the
+    /// injected faults, which are sessiond's to repair.
+    pub fn new(
+        db: Client,
+        controllers: Vec<SimController>,
+        users: usize,
+        fault_rate: f64,
+        seed: u64,
+        unhealthy: bool,
+    ) -> App {
         App {
             db,
             controllers,
@@ -108,6 +127,8 @@ impl App {
             faults: Vec::new(),
             fault_rate,
             restarts: 0,
+            unhealthy,
+            last_create: vec![None; users],
         }
     }
 
@@ -141,6 +162,10 @@ impl App {
     }
 
     async fn create(&mut self, user: usize, faults: bool) -> Result<(), tokio_postgres::Error> {
+        if !self.unhealthy && self.last_create[user].is_some_and(|at| at.elapsed() < CREATE_COOLDOWN) {
+            return Ok(());
+        }
+        self.last_create[user] = Some(Instant::now());
         let id = session_id(&mut self.rng);
         let owner = App::owner(user);
         let instance = self.instance(user);
@@ -219,7 +244,14 @@ impl App {
         match self.users[user].clone() {
             UserState::Parked(_) => {
                 // The user retries and fails: their session cannot be found.
-                ctrl.count_lookup(if self.rng.u8(..10) == 0 { Lookup::InvalidFormat } else { Lookup::NeverExisted });
+                // A healthy application's user waits for the repair instead.
+                if self.unhealthy {
+                    ctrl.count_lookup(if self.rng.u8(..10) == 0 {
+                        Lookup::InvalidFormat
+                    } else {
+                        Lookup::NeverExisted
+                    });
+                }
             }
             UserState::Idle => {
                 if self.rng.u8(..4) == 0 {
@@ -227,7 +259,7 @@ impl App {
                 }
             }
             UserState::Live(id) => {
-                if self.rng.u8(..100) < 90 {
+                if self.rng.u8(..100) < if self.unhealthy { 85 } else { 98 } {
                     ctrl.reuse();
                     ctrl.count_lookup(Lookup::Found);
                 } else {

@@ -30,7 +30,11 @@ use app::{App, Verdict};
 const STEP: Duration = Duration::from_millis(20);
 /// The first controller restart, and the time between restarts.
 const FIRST_RESTART: Duration = Duration::from_secs(8);
-const RESTART_EVERY: Duration = Duration::from_secs(40);
+/// With `--unhealthy-app`: often enough for SessiondControllerRestartingOften.
+const RESTART_EVERY_UNHEALTHY: Duration = Duration::from_secs(40);
+/// A healthy controller restarts now and then (a deploy), well under the
+/// alert's three an hour.
+const RESTART_EVERY: Duration = Duration::from_secs(30 * 60);
 /// No faults in the last stretch of a `--duration` run, so the last ones can be
 /// repaired before the verdict: creating_timeout plus a few passes.
 pub const SETTLE: Duration = Duration::from_secs(15);
@@ -42,6 +46,24 @@ pub struct DemoOptions {
     pub seed: u64,
     pub duration: Option<Duration>,
     pub listen: SocketAddr,
+    /// The simulated application breaches its own SLOs too (see `App::new`).
+    pub unhealthy_app: bool,
+}
+
+/// The shipped alerts a Prometheus scraping the demo should show, and why.
+pub fn expected_alerts(unhealthy_app: bool) -> Vec<(&'static str, &'static str)> {
+    let mut alerts =
+        vec![("SessiondAppBugRepaired", "info: sessiond repaired the injected faults, each an application bug")];
+    if unhealthy_app {
+        alerts.extend([
+            ("SessiondAppReuseRatioLow", "warning: the application reuses about 85% of sessions"),
+            ("SessiondAppReuseRatioCritical", "critical: the same, below 90%"),
+            ("SessiondAppLookupSuccessLow", "warning: users of broken sessions keep retrying"),
+            ("SessiondControllerRestartingOften", "warning: a controller restarts every 40 seconds"),
+            ("SessiondRapidCreates", "warning: users get new sessions in quick succession"),
+        ]);
+    }
+    alerts
 }
 
 /// The private cluster, stopped and removed on drop.
@@ -176,7 +198,8 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> anyhow::Resu
     let (client, conn) =
         tokio_postgres::connect(&db_url, tokio_postgres::NoTls).await.context("connect the simulated application")?;
     tokio::spawn(conn);
-    let mut app = App::new(client, controllers.clone(), opts.sessions, opts.fault_rate, opts.seed);
+    let mut app = App::new(client, controllers.clone(), opts.sessions, opts.fault_rate, opts.seed, opts.unhealthy_app);
+    let restart_every = if opts.unhealthy_app { RESTART_EVERY_UNHEALTHY } else { RESTART_EVERY };
     app.populate().await.context("create the starting sessions")?;
 
     let listener = crate::http::bind(cfg.daemon.listen).await.context("pass another address with --listen")?;
@@ -184,7 +207,13 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> anyhow::Resu
     let shared = crate::http::Shared::new(&cfg, crate::web::WebConfig::plain())?;
     let server = tokio::spawn(crate::http::serve(listener, Arc::clone(&shared), shutdown.clone()));
 
-    println!("\nsessiond demo (seed {}): {} sessions, fault rate {}", opts.seed, opts.sessions, opts.fault_rate);
+    println!(
+        "\nsessiond demo (seed {}): {} sessions, fault rate {}, {} application",
+        opts.seed,
+        opts.sessions,
+        opts.fault_rate,
+        if opts.unhealthy_app { "an unhealthy" } else { "a healthy" }
+    );
     println!(
         "  database     {}{}",
         cfg.database.url,
@@ -198,6 +227,13 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> anyhow::Resu
     println!("  Prometheus   scrape {addr} as job \"sessiond\" and load alerts/sessiond.rules.yml, e.g.:");
     println!("               scrape_configs: [{{job_name: sessiond, static_configs: [{{targets: ['{addr}']}}]}}]");
     println!("  Grafana      import dashboards/sessiond.json and pick that Prometheus as its data source");
+    println!("  alerts       with those rules, expect only:");
+    for (name, why) in expected_alerts(opts.unhealthy_app) {
+        println!("                 {name} ({why})");
+    }
+    if !opts.unhealthy_app {
+        println!("               nothing pages; --unhealthy-app makes the application breach its own SLOs too");
+    }
     match opts.duration {
         Some(d) => println!("running for {}; Ctrl-C stops early\n", humantime::format_duration(d)),
         None => println!("Ctrl-C stops it\n"),
@@ -234,7 +270,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> anyhow::Resu
                         if let Err(e) = app.restart(which).await {
                             eprintln!("simulated application: {e}");
                         }
-                        next_restart += RESTART_EVERY;
+                        next_restart += restart_every;
                     }
                 }
                 _ = check.tick() => {
