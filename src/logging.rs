@@ -29,6 +29,14 @@ pub fn stderr_is_journal() -> bool {
     dev.parse::<u64>().ok() == Some(meta.dev()) && ino.parse::<u64>().ok() == Some(meta.ino())
 }
 
+/// Whether log lines go to a structured sink (JSON, or the journal), where a
+/// count is better as a field of its own than inside a sentence.
+static STRUCTURED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn structured() -> bool {
+    STRUCTURED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Installs the global subscriber at `info` (unless `SESSIOND_LOG` says otherwise).
 pub fn init(format: LogFormat) {
     init_with_default(format, "info");
@@ -40,10 +48,13 @@ pub fn init_with_default(format: LogFormat, default: &str) {
     if stderr_is_journal() {
         match tracing_journald::layer() {
             Ok(journal) => {
-                let _ = tracing_subscriber::registry()
+                let installed = tracing_subscriber::registry()
                     .with(filter(default))
                     .with(journal.with_syslog_identifier("sessiond".into()))
                     .try_init();
+                if installed.is_ok() {
+                    STRUCTURED.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 return;
             }
             Err(e) => {
@@ -58,6 +69,12 @@ pub fn init_with_default(format: LogFormat, default: &str) {
         LogFormat::Text => {
             builder.with_target(false).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init()
         }
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Json => {
+            let installed = builder.json().flatten_event(true).with_current_span(false).try_init();
+            if installed.is_ok() {
+                STRUCTURED.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            installed
+        }
     };
 }

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::{PassOutcome, PassReport, Role};
-use crate::reconcile::classify::Decision;
+use crate::reconcile::classify::{Decision, Kind};
 
 /// Logs one structured line for the pass. Per-session details stay at debug.
 pub fn log_summary(report: &PassReport) {
@@ -41,6 +41,40 @@ pub fn log_summary(report: &PassReport) {
             controllers = report.instances.len(),
             error = report.error.as_deref().unwrap_or(""),
             "pass failed"
+        );
+    } else if crate::logging::structured() {
+        // One field per count, so a log query can filter and sum them.
+        let found = report.findings_by_kind();
+        let n = |k: Kind| found.get(&k).copied().unwrap_or(0);
+        let outcomes = report.outcomes_by_kind();
+        let done = |o: &str| outcomes.iter().filter(|((_, out), _)| *out == o).map(|(_, n)| *n).sum::<u64>();
+        tracing::info!(
+            pass_id = %report.pass_id,
+            outcome = report.outcome.as_str(),
+            duration_ms = (report.duration_seconds * 1000.0) as u64,
+            controllers_up = up,
+            controllers = report.instances.len(),
+            rows,
+            findings = report.findings.len(),
+            orphaned = n(Kind::Orphaned),
+            zombie = n(Kind::Zombie),
+            unpersisted = n(Kind::Unpersisted),
+            duplicate = n(Kind::Duplicate),
+            stuck_creating = n(Kind::StuckCreating),
+            drift = n(Kind::Drift),
+            invalid_id = n(Kind::InvalidId),
+            invalid_entry = n(Kind::InvalidEntry),
+            invalid_row = n(Kind::InvalidRow),
+            unverifiable = n(Kind::Unverifiable),
+            repaired = done("repaired"),
+            repair_conflicts = done("conflict"),
+            repair_failures = done("failed"),
+            repairs_guarded = done("guarded"),
+            repairs_deferred = done("deferred"),
+            repairs_reported = done("reported"),
+            read_only = report.dry_run || report.mode == crate::config::Mode::Observe || report.paused.is_some(),
+            paused = report.paused.is_some(),
+            "pass complete"
         );
     } else {
         tracing::info!(
