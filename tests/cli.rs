@@ -89,6 +89,20 @@ fn check_config_prints_the_effective_config_with_secrets_redacted() {
         .output()
         .expect("run");
     assert!(text(&out.stdout).contains("10.1.2.3:6543/otherdb"), "{}", text(&out.stdout));
+
+    // ... and its password_file, which belongs to database.url's role: the
+    // schema owner's `DATABASE_URL=… sessiond migrate` does not read it.
+    let gone = body.replace(&pw.display().to_string(), "/nonexistent/db-password");
+    let path = write(dir.path(), "gone.toml", &gone);
+    let p = path.to_str().expect("utf-8");
+    let out = sessiond(&["check-config", "--config", p]).env_remove("DATABASE_URL").output().expect("run");
+    assert_eq!(out.status.code(), Some(78), "database.url's password_file is read: {}", text(&out.stderr));
+    let out = sessiond(&["check-config", "--config", p])
+        .env("DATABASE_URL", "postgres://owner:owner-pw@10.1.2.3:6543/otherdb")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains("owner-pw"), "{}", text(&out.stdout));
 }
 
 #[tokio::test]
@@ -320,6 +334,7 @@ async fn the_daemon_repairs_after_confirmations_keeps_running_on_a_bad_reload_an
 async fn json_logs_are_one_object_per_line() {
     let db = TestDb::migrated().await;
     let a = SimController::start("ctrl-a").await.expect("controller");
+    db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await; // an orphan
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write(dir.path(), "s.toml", &config_text(&db, &[&a], IMMEDIATE));
     let p = path.to_str().expect("utf-8").to_owned();
@@ -334,6 +349,11 @@ async fn json_logs_are_one_object_per_line() {
     let summary = lines.iter().find(|l| l["message"] == "pass complete").expect("a summary line");
     assert_eq!(summary["outcome"], "ok");
     assert!(summary["duration_ms"].is_u64());
+    // Counts are numbers of their own, not a string to parse again.
+    assert_eq!(summary["findings"], 1, "{summary}");
+    assert_eq!(summary["orphaned"], 1, "{summary}");
+    assert_eq!(summary["zombie"], 0, "{summary}");
+    assert_eq!(summary["repaired"], 1, "{summary}");
 }
 
 #[tokio::test]

@@ -523,8 +523,15 @@ fn policy(file: &Path, key: &str, value: Option<&str>) -> Result<Policy, ConfigE
 
 fn read_secret(file: &Path, key: &str, secret_path: &Path) -> Result<Secret, ConfigError> {
     let resolved = resolve_credential(secret_path);
-    let text = std::fs::read_to_string(&resolved)
-        .map_err(|e| ConfigError::at(file, key, format!("cannot read {}: {e}", resolved.display())))?;
+    let text = std::fs::read_to_string(&resolved).map_err(|e| {
+        let hint = if secret_path.is_relative() && std::env::var_os("CREDENTIALS_DIRECTORY").is_none() {
+            " (a relative path is looked up in $CREDENTIALS_DIRECTORY, which systemd sets for the service; \
+             outside systemd, set CREDENTIALS_DIRECTORY=/etc/sessiond/credentials or give an absolute path)"
+        } else {
+            ""
+        };
+        ConfigError::at(file, key, format!("cannot read {}: {e}{hint}", resolved.display()))
+    })?;
     let value = text.trim_end_matches(['\n', '\r']).to_owned();
     if value.is_empty() {
         return Err(ConfigError::at(file, key, format!("{} is empty", resolved.display())));
@@ -793,9 +800,12 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
     };
     let url_key = if overrides.database_url.is_some() { "DATABASE_URL" } else { "database.url" };
     let (url, url_password) = split_database_url(file, url_key, &url_text)?;
-    let password = match &raw_db.password_file {
-        Some(p) => Some(read_secret(file, "database.password_file", p)?),
-        None => url_password,
+    // DATABASE_URL is a whole identity (e.g. the schema owner's, for
+    // `migrate`): it brings its own password, if any, and password_file,
+    // which belongs to database.url's role, is not read.
+    let password = match (&raw_db.password_file, &overrides.database_url) {
+        (Some(p), None) => Some(read_secret(file, "database.password_file", p)?),
+        _ => url_password,
     };
     let (sslmode, url_ca) = url_tls(file, url_key, &url)?;
     let ca_file = raw_db.ca_file.map(|p| resolve_credential(&p)).or(url_ca);
@@ -809,7 +819,7 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
     let database = DatabaseConfig {
         url,
         password,
-        password_file: raw_db.password_file,
+        password_file: raw_db.password_file.filter(|_| overrides.database_url.is_none()),
         statement_timeout: duration_in(
             file,
             "database.statement_timeout",
