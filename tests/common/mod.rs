@@ -305,7 +305,12 @@ impl Daemon {
 
     /// As [`Daemon::start`], with extra `[daemon]` keys (e.g. `mode = "observe"`).
     pub async fn start_with(config: &str, daemon_extra: &str) -> Daemon {
-        let port = free_port();
+        Daemon::start_on(config, daemon_extra, free_port()).await
+    }
+
+    /// As [`Daemon::start_with`], on a given port: a restart at the same
+    /// address, as Prometheus sees one.
+    pub async fn start_on(config: &str, daemon_extra: &str, port: u16) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut text = String::new();
         let mut skipping = false;
