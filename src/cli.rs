@@ -617,7 +617,7 @@ async fn run_daemon(path: PathBuf, cfg: Config) -> ExitCode {
     // still be down; /readyz says so until a pass can read it.
     notifier.ready();
     notifier.status("started; first pass running");
-    let progress = crate::daemon::Progress::new();
+    let progress = crate::progress::Progress::new();
     progress.tick();
     let watchdog = crate::systemd::spawn_watchdog(notifier, progress.clone(), shutdown.clone());
 

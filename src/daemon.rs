@@ -10,7 +10,6 @@
 //! every stage of a pass; the systemd watchdog is fed from it.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
+use crate::progress::Progress;
 use crate::reconcile::{PassOutcome, PassReport, PassRequest, Reconciler};
 
 /// A run of failures stretches the time between passes to at most two
@@ -37,37 +37,6 @@ pub fn next_delay(interval: Duration, failures: u32) -> Duration {
     let factor = 1u32 << failures.min(10);
     let cap = interval.saturating_mul(2).max(BACKOFF_FLOOR);
     interval.saturating_mul(factor).min(cap).max(interval)
-}
-
-/// When the pass loop last showed it was making progress.
-#[derive(Clone, Debug)]
-pub struct Progress {
-    base: std::time::Instant,
-    last_ms: Arc<AtomicU64>,
-}
-
-impl Default for Progress {
-    fn default() -> Self {
-        Progress::new()
-    }
-}
-
-impl Progress {
-    pub fn new() -> Progress {
-        Progress { base: std::time::Instant::now(), last_ms: Arc::new(AtomicU64::new(0)) }
-    }
-
-    /// Records progress now.
-    pub fn tick(&self) {
-        let ms = self.base.elapsed().as_millis().min(u128::from(u64::MAX)) as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// How long since the last tick.
-    pub fn since_last(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.base.elapsed().saturating_sub(last)
-    }
 }
 
 /// Hooks the loop calls, so the exporter and the systemd integration can follow

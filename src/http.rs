@@ -21,7 +21,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::daemon::PassObserver;
 use crate::metrics::{Metrics, CONTENT_TYPE};
 use crate::reconcile::PassReport;
 use crate::web::WebConfig;
@@ -172,16 +171,6 @@ impl Shared {
             "not_ready_reason": ready.err(),
             "last_pass": last.as_ref().map(|p| p.status.clone()),
         })
-    }
-}
-
-/// The daemon loop reports passes and reloads here.
-impl PassObserver for Arc<Shared> {
-    fn pass_finished(&mut self, report: &PassReport) {
-        self.record(report);
-    }
-    fn config_reloaded(&mut self, config: &Arc<Config>) {
-        self.set_config(config);
     }
 }
 

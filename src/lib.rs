@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod mixin;
 pub mod model;
 pub mod pgcluster;
+pub mod progress;
 pub mod reconcile;
 pub mod simctl;
 pub mod store;

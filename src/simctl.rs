@@ -298,9 +298,6 @@ impl SimController {
     pub fn remove(&self, id: &str) -> bool {
         self.lock().sessions.remove(id).is_some()
     }
-    pub fn ids(&self) -> Vec<String> {
-        self.lock().sessions.keys().cloned().collect()
-    }
     pub fn holds(&self, id: &str) -> bool {
         self.lock().sessions.contains_key(id)
     }

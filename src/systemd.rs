@@ -14,7 +14,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::Progress;
+use crate::progress::Progress;
 
 /// Sends notify messages when running under systemd.
 #[derive(Clone, Copy, Debug)]

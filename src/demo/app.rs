@@ -330,11 +330,6 @@ impl App {
         Ok(())
     }
 
-    /// Live sessions across the simulated controllers.
-    pub fn live_sessions(&self) -> usize {
-        self.controllers.iter().map(SimController::len).sum()
-    }
-
     /// Compares what sessiond wrote to the audit trail since `since` with what
     /// was injected. Unrepaired faults younger than `settle` are in repair, not
     /// failures.

@@ -20,8 +20,9 @@ use anyhow::{bail, Context};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Overrides};
-use crate::daemon::{PassObserver, Progress, ReloadSource};
+use crate::daemon::{PassObserver, ReloadSource};
 use crate::pgcluster::PrivateCluster;
+use crate::progress::Progress;
 use crate::reconcile::{PassReport, Reconciler};
 use crate::simctl::SimController;
 use app::{App, Verdict};

@@ -56,7 +56,7 @@ pub struct ApplyContext<'a> {
     pub client: &'a ControllerClient,
     pub config: &'a Config,
     pub audit: &'a AuditContext,
-    pub progress: Option<&'a crate::daemon::Progress>,
+    pub progress: Option<&'a crate::progress::Progress>,
     /// Past this instant nothing more is applied.
     pub deadline: Instant,
     /// With several replicas: the lease, checked before every stop request,

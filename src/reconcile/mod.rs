@@ -277,7 +277,7 @@ pub struct Reconciler {
     boots: Option<BootRecords>,
     actor: String,
     /// Ticked at every stage of a pass, for the watchdog.
-    progress: Option<crate::daemon::Progress>,
+    progress: Option<crate::progress::Progress>,
     /// Round trips to the database, across reconnections.
     round_trips: Arc<AtomicU64>,
     /// The malformed parts each controller's document had last time, so each
@@ -369,7 +369,7 @@ impl Reconciler {
     }
 
     /// Reports progress through `progress` at every stage of a pass.
-    pub fn set_progress(&mut self, progress: crate::daemon::Progress) {
+    pub fn set_progress(&mut self, progress: crate::progress::Progress) {
         self.progress = Some(progress);
     }
 
