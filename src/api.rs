@@ -200,7 +200,7 @@ pub async fn session(shared: &Shared, raw: &str) -> Response<Full<Bytes>> {
             StatusCode::BAD_REQUEST,
             &serde_json::json!({
                 "error": "not a session id: it does not match sessions.id_pattern (or is too long, or has a control character)",
-                "reason": "invalid_format",
+                "reason": crate::model::LookupResult::InvalidFormat.reason(),
             }),
         );
     }

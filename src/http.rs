@@ -181,7 +181,7 @@ pub fn status_document(r: &PassReport) -> serde_json::Value {
     let mut repairs = serde_json::Map::new();
     for ((k, o), n) in r.outcomes_by_kind() {
         let entry = repairs.entry(k.as_str().to_owned()).or_insert_with(|| serde_json::json!({}));
-        entry[o] = n.into();
+        entry[o.as_str()] = n.into();
     }
     let guard: serde_json::Map<String, serde_json::Value> = r
         .guard_tripped

@@ -12,25 +12,18 @@ use std::sync::Mutex;
 use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::config::Config;
-use crate::model::AppCounters;
+use crate::model::{AppCounters, LookupResult, RepairResult};
 use crate::reconcile::classify::Kind;
 use crate::reconcile::{PassOutcome, PassReport, LIVE_ROW_STATES};
 
 /// The content type of `/metrics`: the text exposition format 0.0.4.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Repair outcomes, the values of `sessiond_repairs_total{outcome}`.
-pub const REPAIR_OUTCOMES: [&str; 6] = ["repaired", "conflict", "failed", "guarded", "reported", "deferred"];
-
 /// The optional parts of a controller's document, for payload errors.
 const PAYLOAD_PARTS: [&str; 3] = ["counters", "create_seconds", "generated_at"];
 
 /// The `controller` label of a finding that concerns no configured controller.
 pub const NO_CONTROLLER: &str = "none";
-
-/// Lookup results and reasons, as the application's API would answer.
-const LOOKUP_LABELS: [(&str, &str); 4] =
-    [("found", "exists"), ("not_found", "never_existed"), ("not_found", "deleted"), ("not_found", "invalid_format")];
 
 pub struct Metrics {
     registry: Registry,
@@ -314,9 +307,9 @@ impl Metrics {
         for kind in Kind::REPAIRABLE {
             m.repair_latency.with_label_values(&[kind.as_str()]);
         }
-        for (result, reason) in LOOKUP_LABELS {
+        for what in LookupResult::ALL {
             for age in ["young", "old"] {
-                m.probes.with_label_values(&[result, reason, age]);
+                m.probes.with_label_values(&[what.result(), what.reason(), age]);
             }
         }
         for source in ["controller", "database"] {
@@ -367,8 +360,8 @@ impl Metrics {
             self.discrepancies.with_label_values(&[kind.as_str(), controller]).set(0);
         }
         for kind in Kind::REPAIRABLE {
-            for outcome in REPAIR_OUTCOMES {
-                self.repairs.with_label_values(&[kind.as_str(), outcome, controller]);
+            for outcome in RepairResult::ALL {
+                self.repairs.with_label_values(&[kind.as_str(), outcome.as_str(), controller]);
             }
         }
     }
@@ -378,8 +371,8 @@ impl Metrics {
             let _ = self.discrepancies.remove_label_values(&[kind.as_str(), controller]);
         }
         for kind in Kind::REPAIRABLE {
-            for outcome in REPAIR_OUTCOMES {
-                let _ = self.repairs.remove_label_values(&[kind.as_str(), outcome, controller]);
+            for outcome in RepairResult::ALL {
+                let _ = self.repairs.remove_label_values(&[kind.as_str(), outcome.as_str(), controller]);
             }
         }
     }
@@ -389,8 +382,8 @@ impl Metrics {
     fn remove_app_series(&self, controller: &str) {
         let _ = self.app_created.remove_label_values(&[controller]);
         let _ = self.app_reused.remove_label_values(&[controller]);
-        for (result, reason) in LOOKUP_LABELS {
-            let _ = self.app_lookups.remove_label_values(&[controller, result, reason]);
+        for what in LookupResult::ALL {
+            let _ = self.app_lookups.remove_label_values(&[controller, what.result(), what.reason()]);
         }
         for outcome in ["succeeded", "failed"] {
             let _ = self.app_cleanups.remove_label_values(&[controller, outcome]);
@@ -489,21 +482,17 @@ impl Metrics {
         let ended = report.started_at + chrono::Duration::milliseconds((report.duration_seconds * 1000.0) as i64);
         self.record_findings(report, ended);
         let (all, young) = (&report.probes.all, &report.probes.young);
-        for ((result, reason), total, young) in [
-            (("found", "exists"), all.found, young.found),
-            (("not_found", "never_existed"), all.never_existed, young.never_existed),
-            (("not_found", "deleted"), all.deleted, young.deleted),
-            (("not_found", "invalid_format"), all.invalid_format, young.invalid_format),
-        ] {
-            self.probes.with_label_values(&[result, reason, "young"]).inc_by(young);
-            self.probes.with_label_values(&[result, reason, "old"]).inc_by(total.saturating_sub(young));
+        for what in LookupResult::ALL {
+            let (total, young) = (all.get(what), young.get(what));
+            self.probes.with_label_values(&[what.result(), what.reason(), "young"]).inc_by(young);
+            self.probes.with_label_values(&[what.result(), what.reason(), "old"]).inc_by(total.saturating_sub(young));
         }
         self.rapid_creates.inc_by(report.rapid_creates);
         self.paused.set(i64::from(report.paused.is_some()));
         self.audit_pruned.inc_by(report.audit_pruned);
         let outcomes = report.outcomes_by_kind();
         for kind in Kind::REPAIRABLE {
-            let n = outcomes.get(&(kind, "deferred")).copied().unwrap_or(0);
+            let n = outcomes.get(&(kind, RepairResult::Deferred)).copied().unwrap_or(0);
             self.deferred.with_label_values(&[kind.as_str()]).set(n as i64);
         }
         let oldest = report
@@ -531,9 +520,9 @@ impl Metrics {
             let controller = label(f.finding.instance.as_ref());
             *found.entry((f.finding.kind, controller)).or_default() += 1;
             if let Some(outcome) = f.repair_outcome() {
-                self.repairs.with_label_values(&[f.finding.kind.as_str(), outcome, controller]).inc();
+                self.repairs.with_label_values(&[f.finding.kind.as_str(), outcome.as_str(), controller]).inc();
             }
-            if let (Some("repaired"), Some(seen)) = (f.repair_outcome(), f.seen) {
+            if let (Some(RepairResult::Repaired), Some(seen)) = (f.repair_outcome(), f.seen) {
                 let waited = (ended - seen.first_seen).num_milliseconds().max(0) as f64 / 1000.0;
                 self.repair_latency.with_label_values(&[f.finding.kind.as_str()]).observe(waited);
             }
@@ -566,14 +555,8 @@ impl Metrics {
         };
         set(self.app_created.with_label_values(&[controller]), now.sessions_created);
         set(self.app_reused.with_label_values(&[controller]), now.sessions_reused);
-        let lookups = [
-            (("found", "exists"), now.lookups_found),
-            (("not_found", "never_existed"), now.lookups_never_existed),
-            (("not_found", "deleted"), now.lookups_deleted),
-            (("not_found", "invalid_format"), now.lookups_invalid_format),
-        ];
-        for ((result, reason), value) in lookups {
-            set(self.app_lookups.with_label_values(&[controller, result, reason]), value);
+        for what in LookupResult::ALL {
+            set(self.app_lookups.with_label_values(&[controller, what.result(), what.reason()]), now.lookups(what));
         }
         set(self.app_cleanups.with_label_values(&[controller, "succeeded"]), now.cleanups_succeeded);
         set(self.app_cleanups.with_label_values(&[controller, "failed"]), now.cleanups_failed);

@@ -158,6 +158,88 @@ pub enum InvalidEntryKind {
     InvalidEntry,
 }
 
+/// What became of a finding that has a repair: the `outcome` label of
+/// `sessiond_repairs_total`, the report's counts and the log's fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RepairResult {
+    Repaired,
+    /// The row changed since it was read; left alone.
+    Conflict,
+    Failed,
+    /// Held back by the mass-repair guard.
+    Guarded,
+    /// Policy, observe mode or a dry run: reported, not repaired.
+    Reported,
+    /// Left for a later pass (reconcile.max_repairs_per_pass).
+    Deferred,
+}
+
+impl RepairResult {
+    pub const ALL: [RepairResult; 6] = [
+        RepairResult::Repaired,
+        RepairResult::Conflict,
+        RepairResult::Failed,
+        RepairResult::Guarded,
+        RepairResult::Reported,
+        RepairResult::Deferred,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RepairResult::Repaired => "repaired",
+            RepairResult::Conflict => "conflict",
+            RepairResult::Failed => "failed",
+            RepairResult::Guarded => "guarded",
+            RepairResult::Reported => "reported",
+            RepairResult::Deferred => "deferred",
+        }
+    }
+}
+
+impl fmt::Display for RepairResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a lookup of a session id finds, as the application's API would
+/// answer: the `result` and `reason` labels of the lookup metrics, the
+/// counters a controller reports, and `sessiond_lookup`'s answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LookupResult {
+    Found,
+    /// A well-formed id with no row and no trace in the audit trail.
+    NeverExisted,
+    /// The row was deleted.
+    Deleted,
+    /// Not a session id at all.
+    InvalidFormat,
+}
+
+impl LookupResult {
+    pub const ALL: [LookupResult; 4] =
+        [LookupResult::Found, LookupResult::NeverExisted, LookupResult::Deleted, LookupResult::InvalidFormat];
+
+    /// `found` or `not_found`.
+    pub fn result(self) -> &'static str {
+        match self {
+            LookupResult::Found => "found",
+            _ => "not_found",
+        }
+    }
+
+    /// Why: `exists`, `never_existed`, `deleted` or `invalid_format`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            LookupResult::Found => "exists",
+            LookupResult::NeverExisted => "never_existed",
+            LookupResult::Deleted => "deleted",
+            LookupResult::InvalidFormat => "invalid_format",
+        }
+    }
+}
+
 /// The application's own cumulative counters, as the controller reports them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct AppCounters {
@@ -171,6 +253,18 @@ pub struct AppCounters {
     pub cleanups_failed: u64,
     /// How long creating a session took, as the controller measures it.
     pub create_seconds: Option<CreateHistogram>,
+}
+
+impl AppCounters {
+    /// The lookups the application answered, by what they found.
+    pub fn lookups(&self, what: LookupResult) -> u64 {
+        match what {
+            LookupResult::Found => self.lookups_found,
+            LookupResult::NeverExisted => self.lookups_never_existed,
+            LookupResult::Deleted => self.lookups_deleted,
+            LookupResult::InvalidFormat => self.lookups_invalid_format,
+        }
+    }
 }
 
 /// A cumulative histogram of session creation times, since the controller's

@@ -18,20 +18,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+
+use crate::model::LookupResult;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-/// What a lookup by the application found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Lookup {
-    Found,
-    InvalidFormat,
-    NeverExisted,
-    Deleted,
-}
 
 /// How the simulated controller misbehaves on `GET`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -251,14 +244,14 @@ impl SimController {
         self.lock().counters.sessions_reused += 1;
     }
     /// Counts a lookup the application answered, as the contract's counters do.
-    pub fn count_lookup(&self, outcome: Lookup) {
+    pub fn count_lookup(&self, outcome: LookupResult) {
         let mut s = self.lock();
         let c = &mut s.counters;
         match outcome {
-            Lookup::Found => c.lookups_found += 1,
-            Lookup::InvalidFormat => c.lookups_invalid_format += 1,
-            Lookup::NeverExisted => c.lookups_never_existed += 1,
-            Lookup::Deleted => c.lookups_deleted += 1,
+            LookupResult::Found => c.lookups_found += 1,
+            LookupResult::InvalidFormat => c.lookups_invalid_format += 1,
+            LookupResult::NeverExisted => c.lookups_never_existed += 1,
+            LookupResult::Deleted => c.lookups_deleted += 1,
         }
     }
     /// Counts a cleanup the application ran.

@@ -182,7 +182,12 @@ async fn child_pass(config: &std::path::Path, dry_run: bool) -> anyhow::Result<P
     if report.outcome != sessiond::reconcile::PassOutcome::Ok {
         bail!("the pass was {:?}: {:?}", report.outcome, report.error);
     }
-    let repaired = report.outcomes_by_kind().iter().filter(|((_, o), _)| *o == "repaired").map(|(_, n)| *n).sum();
+    let repaired = report
+        .outcomes_by_kind()
+        .iter()
+        .filter(|((_, o), _)| *o == sessiond::model::RepairResult::Repaired)
+        .map(|(_, n)| *n)
+        .sum();
     Ok(PassFigures {
         seconds,
         outcome: report.outcome.as_str().into(),

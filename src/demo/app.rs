@@ -22,8 +22,9 @@ use std::time::Instant;
 use chrono::Utc;
 use tokio_postgres::Client;
 
+use crate::model::LookupResult;
 use crate::reconcile::classify::Kind;
-use crate::simctl::{Lookup, SimController};
+use crate::simctl::SimController;
 
 /// A fault the application injected, and whether sessiond has repaired it.
 #[derive(Clone, Debug)]
@@ -174,7 +175,7 @@ impl App {
         if fault == Some(true) {
             // The controller took the session; the row insert failed.
             ctrl.add(&id, &owner, "running", Some(Utc::now()));
-            ctrl.count_lookup(Lookup::Found);
+            ctrl.count_lookup(LookupResult::Found);
             self.park(user, Kind::Unpersisted, id);
             return Ok(());
         }
@@ -198,7 +199,7 @@ impl App {
         self.db
             .execute("UPDATE sessions SET state = 'active', updated_at = now() WHERE session_id = $1", &[&id])
             .await?;
-        ctrl.count_lookup(Lookup::Found);
+        ctrl.count_lookup(LookupResult::Found);
         self.users[user] = UserState::Live(id);
         Ok(())
     }
@@ -247,9 +248,9 @@ impl App {
                 // A healthy application's user waits for the repair instead.
                 if self.unhealthy {
                     ctrl.count_lookup(if self.rng.u8(..10) == 0 {
-                        Lookup::InvalidFormat
+                        LookupResult::InvalidFormat
                     } else {
-                        Lookup::NeverExisted
+                        LookupResult::NeverExisted
                     });
                 }
             }
@@ -261,7 +262,7 @@ impl App {
             UserState::Live(id) => {
                 if self.rng.u8(..100) < if self.unhealthy { 85 } else { 98 } {
                     ctrl.reuse();
-                    ctrl.count_lookup(Lookup::Found);
+                    ctrl.count_lookup(LookupResult::Found);
                 } else {
                     self.stop(user, id, inject).await?;
                 }

@@ -133,7 +133,7 @@ impl PassObserver for Printer {
         let repaired: Vec<String> = r
             .outcomes_by_kind()
             .iter()
-            .filter(|((_, o), _)| *o != "reported")
+            .filter(|((_, o), _)| *o != crate::model::RepairResult::Reported)
             .map(|((k, o), n)| format!("{}.{o}={n}", k.as_str()))
             .collect();
         let (mut created, mut reused) = (0u64, 0u64);

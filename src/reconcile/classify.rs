@@ -30,8 +30,8 @@ use serde::Serialize;
 
 use crate::config::{Policy, ReconcileConfig};
 use crate::model::{
-    BootRecords, ControllerList, DbSnapshot, GoneRow, InstanceSnapshot, InvalidEntryKind, LiveSession, RowState,
-    SessionId, SessionRow, StopOutcome,
+    BootRecords, ControllerList, DbSnapshot, GoneRow, InstanceSnapshot, InvalidEntryKind, LiveSession, LookupResult,
+    RowState, SessionId, SessionRow, StopOutcome,
 };
 use crate::reconcile::boots::Trust;
 
@@ -295,13 +295,15 @@ pub struct ProbeCounts {
     pub invalid_format: u64,
 }
 
-/// What a lookup found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProbeResult {
-    Found,
-    NeverExisted,
-    Deleted,
-    InvalidFormat,
+impl ProbeCounts {
+    pub fn get(&self, what: LookupResult) -> u64 {
+        match what {
+            LookupResult::Found => self.found,
+            LookupResult::NeverExisted => self.never_existed,
+            LookupResult::Deleted => self.deleted,
+            LookupResult::InvalidFormat => self.invalid_format,
+        }
+    }
 }
 
 /// The application's lookups, replayed: every live controller session looked up
@@ -317,12 +319,12 @@ pub struct Probes {
 }
 
 impl Probes {
-    fn count(&mut self, result: ProbeResult, young: bool) {
+    fn count(&mut self, result: LookupResult, young: bool) {
         let add = |c: &mut ProbeCounts| match result {
-            ProbeResult::Found => c.found += 1,
-            ProbeResult::NeverExisted => c.never_existed += 1,
-            ProbeResult::Deleted => c.deleted += 1,
-            ProbeResult::InvalidFormat => c.invalid_format += 1,
+            LookupResult::Found => c.found += 1,
+            LookupResult::NeverExisted => c.never_existed += 1,
+            LookupResult::Deleted => c.deleted += 1,
+            LookupResult::InvalidFormat => c.invalid_format += 1,
         };
         add(&mut self.all);
         if young {
@@ -562,7 +564,7 @@ fn listings<'a>(
             };
             if kind == Kind::InvalidId {
                 // An unusable entry has no age: it counts as old.
-                out.probes.count(ProbeResult::InvalidFormat, false);
+                out.probes.count(LookupResult::InvalidFormat, false);
             }
             let subject = bad.raw_id.clone().unwrap_or_else(|| "<missing>".into());
             candidates.push(note(kind, &subject, Some(&inst.name), bad.problem.clone()));
@@ -740,12 +742,12 @@ fn sessions(
                 _ => false,
             };
             match rows_by_id.get(live.id.as_str()) {
-                Some(row) if row.state.is_live() => out.probes.count(ProbeResult::Found, young),
+                Some(row) if row.state.is_live() => out.probes.count(LookupResult::Found, young),
                 Some(row) => {
                     if row.state == RowState::Deleted {
-                        out.probes.count(ProbeResult::Deleted, young);
+                        out.probes.count(LookupResult::Deleted, young);
                     } else {
-                        out.probes.count(ProbeResult::Found, young);
+                        out.probes.count(LookupResult::Found, young);
                     }
                     // A row stopped just before the list was taken may be a
                     // stop the controller has not carried out yet: its age counts.
@@ -759,13 +761,13 @@ fn sessions(
                 }
                 // A row exists, with a state the vocabulary does not know: it is
                 // reported as such, and nothing is inserted over it.
-                None if invalid.contains(live.id.as_str()) => out.probes.count(ProbeResult::Found, young),
+                None if invalid.contains(live.id.as_str()) => out.probes.count(LookupResult::Found, young),
                 // No row, but the audit trail says there was one: it was
                 // deleted. Re-inserting it would resurrect a session someone
                 // ended; it is a zombie to stop.
                 None if gone.contains_key(live.id.as_str()) => {
                     let g = gone[live.id.as_str()];
-                    out.probes.count(ProbeResult::Deleted, young);
+                    out.probes.count(LookupResult::Deleted, young);
                     candidates.push(zombie(
                         inst,
                         live,
@@ -783,7 +785,7 @@ fn sessions(
                     ));
                 }
                 None => {
-                    out.probes.count(ProbeResult::NeverExisted, young);
+                    out.probes.count(LookupResult::NeverExisted, young);
                     let age = live_age(input, inst, list, live);
                     candidates.push(Candidate {
                         finding: Finding {

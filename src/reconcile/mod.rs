@@ -29,7 +29,7 @@ use serde::Serialize;
 
 use crate::config::{Config, Mode};
 use crate::controller::ControllerClient;
-use crate::model::{BootRecords, InstanceSnapshot, RowState};
+use crate::model::{BootRecords, InstanceSnapshot, RepairResult, RowState};
 use crate::store::{AuditContext, Outcome, Store, StoreError};
 use classify::{Decision, Finding, Kind, Memory, PassOptions, Probes};
 
@@ -98,18 +98,17 @@ pub struct FindingResult {
 impl FindingResult {
     /// A repair is due and has not happened yet: it waits (for grace or
     /// confirmations), is guarded or deferred, or failed.
-    /// What became of its repair, in the vocabulary of
-    /// `sessiond_repairs_total{outcome}`; `None` while it waits, or for a
-    /// finding that has no repair.
-    pub fn repair_outcome(&self) -> Option<&'static str> {
+    /// What became of its repair; `None` while it waits, or for a finding
+    /// that has no repair.
+    pub fn repair_outcome(&self) -> Option<RepairResult> {
         Some(match (&self.finding.decision, self.outcome) {
-            (Decision::Repair, Some(Outcome::Repaired)) => "repaired",
-            (Decision::Repair, Some(Outcome::Conflict)) => "conflict",
-            (Decision::Repair, Some(Outcome::Failed)) => "failed",
-            (Decision::Repair, Some(Outcome::Deferred)) => "deferred",
-            (Decision::Guarded, _) => "guarded",
-            (Decision::Deferred { .. }, _) => "deferred",
-            (Decision::Report { .. }, _) => "reported",
+            (Decision::Repair, Some(Outcome::Repaired)) => RepairResult::Repaired,
+            (Decision::Repair, Some(Outcome::Conflict)) => RepairResult::Conflict,
+            (Decision::Repair, Some(Outcome::Failed)) => RepairResult::Failed,
+            (Decision::Repair, Some(Outcome::Deferred)) => RepairResult::Deferred,
+            (Decision::Guarded, _) => RepairResult::Guarded,
+            (Decision::Deferred { .. }, _) => RepairResult::Deferred,
+            (Decision::Report { .. }, _) => RepairResult::Reported,
             _ => return None,
         })
     }
@@ -222,9 +221,8 @@ impl PassReport {
         m
     }
 
-    /// Repair outcomes per kind, in the metric's vocabulary: repaired, conflict,
-    /// failed, guarded, reported.
-    pub fn outcomes_by_kind(&self) -> BTreeMap<(Kind, &'static str), u64> {
+    /// What became of the findings that have a repair, per kind.
+    pub fn outcomes_by_kind(&self) -> BTreeMap<(Kind, RepairResult), u64> {
         let mut m = BTreeMap::new();
         for f in &self.findings {
             if let Some(label) = f.repair_outcome() {

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use super::{PassOutcome, PassReport, Role};
+use crate::model::RepairResult;
 use crate::reconcile::classify::{Decision, Kind};
 
 /// Logs one structured line for the pass. Per-session details stay at debug.
@@ -47,7 +48,7 @@ pub fn log_summary(report: &PassReport) {
         let found = report.findings_by_kind();
         let n = |k: Kind| found.get(&k).copied().unwrap_or(0);
         let outcomes = report.outcomes_by_kind();
-        let done = |o: &str| outcomes.iter().filter(|((_, out), _)| *out == o).map(|(_, n)| *n).sum::<u64>();
+        let done = |o: RepairResult| outcomes.iter().filter(|((_, out), _)| *out == o).map(|(_, n)| *n).sum::<u64>();
         tracing::info!(
             pass_id = %report.pass_id,
             outcome = report.outcome.as_str(),
@@ -66,12 +67,12 @@ pub fn log_summary(report: &PassReport) {
             invalid_entry = n(Kind::InvalidEntry),
             invalid_row = n(Kind::InvalidRow),
             unverifiable = n(Kind::Unverifiable),
-            repaired = done("repaired"),
-            repair_conflicts = done("conflict"),
-            repair_failures = done("failed"),
-            repairs_guarded = done("guarded"),
-            repairs_deferred = done("deferred"),
-            repairs_reported = done("reported"),
+            repaired = done(RepairResult::Repaired),
+            repair_conflicts = done(RepairResult::Conflict),
+            repair_failures = done(RepairResult::Failed),
+            repairs_guarded = done(RepairResult::Guarded),
+            repairs_deferred = done(RepairResult::Deferred),
+            repairs_reported = done(RepairResult::Reported),
             read_only = report.dry_run || report.mode == crate::config::Mode::Observe || report.paused.is_some(),
             paused = report.paused.is_some(),
             "pass complete"
@@ -112,7 +113,8 @@ pub fn status_line(report: &PassReport) -> String {
     }
     let up = report.instances.iter().filter(|i| i.reachable).count();
     let findings = kv(report.findings_by_kind().iter().map(|(k, n)| (k.as_str().to_owned(), *n)));
-    let repaired: u64 = report.outcomes_by_kind().iter().filter(|((_, o), _)| *o == "repaired").map(|(_, n)| *n).sum();
+    let repaired: u64 =
+        report.outcomes_by_kind().iter().filter(|((_, o), _)| *o == RepairResult::Repaired).map(|(_, n)| *n).sum();
     let mut line = format!(
         "last pass {} in {:.2}s: {up}/{} controllers up, database {}, findings: {findings}, repaired {repaired}",
         report.outcome.as_str(),
