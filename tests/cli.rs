@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
 use common::{ago, config_text, run, sessiond, sid, text, write, TestDb, IMMEDIATE};
 use sessiond::simctl::SimController;
@@ -262,11 +262,6 @@ async fn two_once_processes_at_once_repair_each_finding_once_with_one_audit_row(
     assert_eq!(conflicts, 16, "the loser of every race saw a conflict");
 }
 
-fn signal(child: &std::process::Child, sig: &str) {
-    let ok = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().expect("kill");
-    assert!(ok.success(), "kill -{sig}");
-}
-
 #[tokio::test]
 async fn the_daemon_repairs_after_confirmations_keeps_running_on_a_bad_reload_and_exits_0_on_sigterm() {
     let db = TestDb::migrated().await;
@@ -297,7 +292,7 @@ async fn the_daemon_repairs_after_confirmations_keeps_running_on_a_bad_reload_an
 
     // A broken config on SIGHUP is rejected; the daemon keeps working with the old one.
     std::fs::write(&path, "[daemon\nthis is not toml").expect("break the config");
-    signal(child.child(), "HUP");
+    common::signal(child.child().id(), "HUP");
     db.insert(&sid(2), "u2", "ctrl-a", "active", ago(600)).await;
     let mut repaired_after_reload = false;
     for _ in 0..100 {
@@ -309,20 +304,8 @@ async fn the_daemon_repairs_after_confirmations_keeps_running_on_a_bad_reload_an
     }
     assert!(repaired_after_reload, "still reconciling after a rejected reload");
 
-    signal(child.child(), "TERM");
-    let mut child = child.take();
-    let out = tokio::task::spawn_blocking(move || {
-        for _ in 0..100 {
-            if let Ok(Some(_)) = child.try_wait() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        child.wait_with_output().expect("wait")
-    })
-    .await
-    .expect("join");
+    common::signal(child.child().id(), "TERM");
+    let out = common::wait_exit(child.take(), std::time::Duration::from_secs(10)).await;
     let log = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "exit 0 on SIGTERM:\n{log}");
     assert!(log.contains("config reload rejected"), "{log}");

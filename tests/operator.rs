@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ago, config, config_text, sid, Daemon, TestDb, IMMEDIATE};
+use common::{ago, config, config_text, eventually, sid, Daemon, TestDb, IMMEDIATE};
 use sessiond::reconcile::{PassRequest, Reconciler};
 use sessiond::simctl::SimController;
 
@@ -168,16 +168,6 @@ async fn admin_trail(db: &TestDb) -> Vec<(String, String)> {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect()
-}
-
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..100 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("never: {what}");
 }
 
 #[tokio::test]

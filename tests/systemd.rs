@@ -5,7 +5,7 @@ mod common;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,10 +90,6 @@ fn spawn(config: &Path, notify: &NotifySocket, watchdog_usec: u64) -> Guarded {
     ))
 }
 
-fn signal(child: &Child, sig: &str) {
-    common::signal(child.id(), sig);
-}
-
 fn daemon_config(db: &TestDb, a: &SimController, port: u16) -> String {
     config_text(db, &[a], "grace = \"0s\"\nconfirmations = 1")
         .replace("interval = \"1s\"", &format!("interval = \"300ms\"\nlisten = \"127.0.0.1:{port}\""))
@@ -125,14 +121,14 @@ async fn the_daemon_speaks_the_notify_protocol_through_its_whole_life() {
     // A valid reload: RELOADING=1 with the monotonic time, then READY=1.
     std::fs::write(&path, good.replace("interval = \"300ms\"", "interval = \"400ms\"")).expect("rewrite");
     let t2 = Instant::now();
-    signal(child.child(), "HUP");
+    common::signal(child.child().id(), "HUP");
     let reloading = notify.wait_for(t2, &["RELOADING=1", "MONOTONIC_USEC="]).await;
     notify.wait_for(reloading, &["READY=1"]).await;
 
     // An invalid reload: rejected, READY again, the old config keeps running.
     std::fs::write(&path, "[daemon\nbroken").expect("break the config");
     let t3 = Instant::now();
-    signal(child.child(), "HUP");
+    common::signal(child.child().id(), "HUP");
     let reloading = notify.wait_for(t3, &["RELOADING=1"]).await;
     notify.wait_for(reloading, &["READY=1"]).await;
     notify.wait_for(reloading, &["STATUS=config reload rejected"]).await;
@@ -161,22 +157,10 @@ async fn the_daemon_speaks_the_notify_protocol_through_its_whole_life() {
 
     // SIGTERM: STOPPING=1 at once, then a clean exit.
     let t7 = Instant::now();
-    signal(child.child(), "TERM");
+    common::signal(child.child().id(), "TERM");
     notify.wait_for(t7, &["STOPPING=1"]).await;
-    let mut child = child.take();
-    let status = tokio::task::spawn_blocking(move || {
-        for _ in 0..100 {
-            if let Ok(Some(s)) = child.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        None
-    })
-    .await
-    .expect("join");
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "exit 0 after SIGTERM");
+    let out = common::wait_exit(child.take(), Duration::from_secs(10)).await;
+    assert_eq!(out.status.code(), Some(0), "exit 0 after SIGTERM");
 }
 
 #[tokio::test]

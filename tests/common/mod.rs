@@ -444,6 +444,36 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Polls `check` every 100 ms for up to 10 s; fails naming `what` if it
+/// never holds.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never: {what}");
+}
+
+/// Waits up to `timeout` for `child` to exit, then kills it; returns its
+/// output, with the status it exited with (or the kill's).
+pub async fn wait_exit(mut child: std::process::Child, timeout: Duration) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait_with_output().expect("wait for the child")
+    })
+    .await
+    .expect("join")
+}
+
 /// Sends a signal (`STOP`, `CONT`, `KILL`, `TERM`, …) to a process.
 pub fn signal(pid: u32, sig: &str) {
     let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("kill");
