@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::{ago, free_port, sessiond, signal, text, write, Bouncer, Guarded, TestDb};
+use common::{ago, sessiond, signal, text, write, Bouncer, Guarded, TestDb};
 use sessiond::simctl::SimController;
 
 const LEASE: Duration = Duration::from_secs(3);
@@ -28,11 +28,10 @@ struct Replica {
 }
 
 impl Replica {
-    fn start(config: &str) -> Replica {
-        let port = free_port();
+    async fn start(config: &str) -> Replica {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = format!(
-            "[daemon]\ninterval = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n\n{config}",
+            "[daemon]\ninterval = \"{}\"\nlisten = \"127.0.0.1:0\"\n\n{config}",
             humantime::format_duration(INTERVAL)
         );
         let path = write(dir.path(), "sessiond.toml", &text);
@@ -45,7 +44,9 @@ impl Replica {
             .spawn()
             .expect("spawn sessiond run");
         let pid = child.id();
-        Replica { process: Guarded(Some(child)), pid, port, dir }
+        let process = Guarded(Some(child));
+        let port = common::listen_port_from_log(&dir.path().join("stderr.log")).await;
+        Replica { process, pid, port, dir }
     }
 
     /// The actor its audit rows and stop requests carry contains this.
@@ -268,7 +269,10 @@ async fn chaos(db: &TestDb, url: &str) {
         healthy.push(id);
     }
     let config = ha_config(url, &a);
-    let mut replicas: Vec<Replica> = (0..3).map(|_| Replica::start(&config)).collect();
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(Replica::start(&config).await);
+    }
     let all = [0, 1, 2];
     let (mut leader, mut term) = wait_leader(&replicas, &all, Duration::from_secs(20)).await;
     let mut terms = vec![term];
@@ -328,7 +332,7 @@ async fn chaos(db: &TestDb, url: &str) {
         assert!(next_term > term, "a takeover is a new term: {term} → {next_term}");
         failovers.push(failover);
         // systemd starts the killed replica again.
-        replicas[leader] = Replica::start(&config);
+        replicas[leader] = Replica::start(&config).await;
         (leader, term) = (next, next_term);
         terms.push(term);
 
@@ -493,7 +497,10 @@ async fn followers_fetch_nothing_repair_nothing_and_are_ready() {
     let db = TestDb::migrated().await;
     let a = SimController::start("ctrl-a").await.expect("controller");
     let config = ha_config(&db.url, &a);
-    let replicas: Vec<Replica> = (0..3).map(|_| Replica::start(&config)).collect();
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(Replica::start(&config).await);
+    }
     let (leader, term) = wait_leader(&replicas, &[0, 1, 2], Duration::from_secs(20)).await;
     tokio::time::sleep(INTERVAL * 3).await;
     for (i, r) in replicas.iter().enumerate() {
@@ -653,7 +660,7 @@ async fn ha_cannot_change_on_reload_and_the_running_config_stays() {
     let db = TestDb::migrated().await;
     let a = SimController::start("ctrl-a").await.expect("controller");
     let config = ha_config(&db.url, &a);
-    let replicas = vec![Replica::start(&config)];
+    let replicas = vec![Replica::start(&config).await];
     let (_, term) = wait_leader(&replicas, &[0], Duration::from_secs(20)).await;
     let path = replicas[0].dir.path().join("sessiond.toml");
     let text = std::fs::read_to_string(&path).expect("read the config");

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{ago, config_text, free_port, sid, tool, Guarded, TestDb};
+use common::{ago, config_text, sid, tool, Guarded, TestDb};
 use sessiond::simctl::{Fault, SimController};
 
 /// Datagrams received on a notify socket, with when they arrived.
@@ -82,17 +82,18 @@ fn spawn(config: &Path, notify: &NotifySocket, watchdog_usec: u64) -> Guarded {
             .arg(config)
             .env("NOTIFY_SOCKET", &notify.path)
             .env("WATCHDOG_USEC", watchdog_usec.to_string())
-            .env("SESSIOND_LOG", "warn")
+            // Warnings, and the start-up line that says where it listens.
+            .env("SESSIOND_LOG", "warn,sessiond::cli=info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(config.with_extension("log")).expect("a log file"))
             .spawn()
             .expect("spawn sessiond run"),
     ))
 }
 
-fn daemon_config(db: &TestDb, a: &SimController, port: u16) -> String {
+fn daemon_config(db: &TestDb, a: &SimController) -> String {
     config_text(db, &[a], "grace = \"0s\"\nconfirmations = 1")
-        .replace("interval = \"1s\"", &format!("interval = \"300ms\"\nlisten = \"127.0.0.1:{port}\""))
+        .replace("interval = \"1s\"", "interval = \"300ms\"\nlisten = \"127.0.0.1:0\"")
         .replace("timeout = \"2s\"", "timeout = \"3s\"")
 }
 
@@ -104,7 +105,7 @@ async fn the_daemon_speaks_the_notify_protocol_through_its_whole_life() {
     db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("sessiond.toml");
-    let good = daemon_config(&db, &a, free_port());
+    let good = daemon_config(&db, &a);
     std::fs::write(&path, &good).expect("write config");
     let notify = NotifySocket::bind();
     let t0 = Instant::now();
@@ -166,9 +167,8 @@ async fn the_daemon_speaks_the_notify_protocol_through_its_whole_life() {
 #[tokio::test]
 async fn the_daemon_is_ready_without_its_database_and_says_it_is_not() {
     let a = SimController::start("ctrl-a").await.expect("controller");
-    let port = free_port();
     let text = format!(
-        "[daemon]\ninterval = \"300ms\"\nlisten = \"127.0.0.1:{port}\"\n\n\
+        "[daemon]\ninterval = \"300ms\"\nlisten = \"127.0.0.1:0\"\n\n\
          [database]\nurl = \"postgres://postgres@127.0.0.1:9/nowhere\"\nstatement_timeout = \"1s\"\n\n\
          [[controller]]\nname = \"ctrl-a\"\nurl = \"{}\"\n",
         a.url()
@@ -181,6 +181,7 @@ async fn the_daemon_is_ready_without_its_database_and_says_it_is_not() {
     let child = spawn(&path, &notify, 0);
     notify.wait_for(t0, &["READY=1"]).await;
     notify.wait_for(t0, &["STATUS=last pass failed", "database DOWN"]).await;
+    let port = common::listen_port_from_log(&path.with_extension("log")).await;
     let resp = common::http().get(format!("http://127.0.0.1:{port}/readyz")).send().await.expect("readyz");
     assert_eq!(resp.status().as_u16(), 503);
     assert!(notify.all().iter().all(|(_, m)| !m.contains("WATCHDOG=1")), "WATCHDOG_USEC=0 means no watchdog");
@@ -272,7 +273,7 @@ async fn a_long_batch_of_slow_stops_keeps_feeding_the_watchdog() {
     a.set_stop_delay(Duration::from_millis(500));
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("sessiond.toml");
-    std::fs::write(&path, daemon_config(&db, &a, free_port())).expect("write config");
+    std::fs::write(&path, daemon_config(&db, &a)).expect("write config");
     let notify = NotifySocket::bind();
     let t0 = Instant::now();
     let child = spawn(&path, &notify, 1_000_000);

@@ -305,11 +305,12 @@ impl Daemon {
 
     /// As [`Daemon::start`], with extra `[daemon]` keys (e.g. `mode = "observe"`).
     pub async fn start_with(config: &str, daemon_extra: &str) -> Daemon {
-        Daemon::start_on(config, daemon_extra, free_port()).await
+        Daemon::start_on(config, daemon_extra, 0).await
     }
 
-    /// As [`Daemon::start_with`], on a given port: a restart at the same
-    /// address, as Prometheus sees one.
+    /// As [`Daemon::start_with`], on a given port (0: any free one, read back
+    /// from the daemon's start-up line); a given port makes a restart at the
+    /// same address, as Prometheus sees one.
     pub async fn start_on(config: &str, daemon_extra: &str, port: u16) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut text = String::new();
@@ -326,13 +327,34 @@ impl Daemon {
         let text = format!("[daemon]\ninterval = \"500ms\"\nlisten = \"127.0.0.1:{port}\"\n{daemon_extra}\n\n{text}");
         let path = dir.path().join("sessiond.toml");
         std::fs::write(&path, text).expect("write the config");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sessiond"))
             .args(["run", "--config"])
             .arg(&path)
-            .env("SESSIOND_LOG", "warn")
+            // Warnings, and the start-up line that says where it listens.
+            .env("SESSIOND_LOG", "warn,sessiond::cli=info")
             .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn sessiond run");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = listen_addr(&line) {
+                    let _ = tx.send(addr);
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        });
+        let bound =
+            tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20))).await.expect("join").ok();
+        let Some(bound) = bound else {
+            let _ = child.kill();
+            panic!("sessiond run never said where it listens (config {})", path.display());
+        };
+        let port = bound.port();
         let d = Daemon { child, port, dir };
         if daemon_extra.contains("web_config_file") {
             return d; // TLS or auth: the caller knows how to talk to it
@@ -442,6 +464,32 @@ pub fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
 
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// The address in a `sessiond run` start-up line (`serving /metrics …
+/// listen=ADDR`), if `line` is one.
+pub fn listen_addr(line: &str) -> Option<std::net::SocketAddr> {
+    if !line.contains("serving /metrics") {
+        return None;
+    }
+    line.split_whitespace().find_map(|w| w.strip_prefix("listen=")).and_then(|a| a.parse().ok())
+}
+
+/// The port a `sessiond run` that logs at info to `log` listens on, once it
+/// has said so (a config with `listen = "127.0.0.1:0"` binds any free port).
+pub async fn listen_port_from_log(log: &std::path::Path) -> u16 {
+    for _ in 0..400 {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(addr) = text.lines().find_map(listen_addr) {
+            return addr.port();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "sessiond never said where it listens; its log {}:\n{}",
+        log.display(),
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }
 
 /// Polls `check` every 100 ms for up to 10 s; fails naming `what` if it
