@@ -542,9 +542,9 @@ impl crate::daemon::PassObserver for Hooks {
     fn wake(&self) -> Option<Arc<tokio::sync::Notify>> {
         Some(Arc::clone(&self.shared.pass_now))
     }
-    fn before_pass(&mut self, reconciler: &mut Reconciler) {
+    fn before_pass(&mut self, release_guard: &mut dyn FnMut(&str)) {
         for controller in self.shared.take_releases() {
-            reconciler.release_guard(&controller);
+            release_guard(&controller);
         }
     }
 }

@@ -51,8 +51,42 @@ pub trait PassObserver: Send {
     fn wake(&self) -> Option<Arc<tokio::sync::Notify>> {
         None
     }
-    /// Just before each pass: hands over what operators asked of it.
-    fn before_pass(&mut self, _reconciler: &mut Reconciler) {}
+    /// Just before each pass: hands over what operators asked of it, e.g.
+    /// `release_guard(controller)`.
+    fn before_pass(&mut self, _release_guard: &mut dyn FnMut(&str)) {}
+}
+
+/// What the loop runs: a [`Reconciler`], or in tests a stand-in, so the
+/// loop's own rules (backoff, reload, shutdown) can be tested on paused time.
+pub trait Passes: Send {
+    fn pass(&mut self, req: PassRequest) -> impl std::future::Future<Output = PassReport> + Send;
+    fn config(&self) -> &Arc<Config>;
+    /// A reloaded config, from the next pass on.
+    fn set_config(&mut self, config: Arc<Config>);
+    fn lease(&self) -> Option<&crate::lease::Lease>;
+    fn set_progress(&mut self, progress: Progress);
+    fn release_guard(&mut self, controller: &str);
+}
+
+impl Passes for Reconciler {
+    fn pass(&mut self, req: PassRequest) -> impl std::future::Future<Output = PassReport> + Send {
+        Reconciler::pass(self, req)
+    }
+    fn config(&self) -> &Arc<Config> {
+        Reconciler::config(self)
+    }
+    fn set_config(&mut self, config: Arc<Config>) {
+        Reconciler::set_config(self, config)
+    }
+    fn lease(&self) -> Option<&crate::lease::Lease> {
+        Reconciler::lease(self)
+    }
+    fn set_progress(&mut self, progress: Progress) {
+        Reconciler::set_progress(self, progress)
+    }
+    fn release_guard(&mut self, controller: &str) {
+        Reconciler::release_guard(self, controller)
+    }
 }
 
 /// Where reloads come from: the config file path and the environment overrides.
@@ -72,8 +106,8 @@ pub enum RunEnd {
 }
 
 /// Runs passes until `shutdown` is cancelled. `reload` fires on SIGHUP.
-pub async fn run(
-    mut reconciler: Reconciler,
+pub async fn run<P: Passes>(
+    mut reconciler: P,
     shutdown: CancellationToken,
     mut reload: tokio::sync::mpsc::Receiver<()>,
     source: ReloadSource,
@@ -87,7 +121,7 @@ pub async fn run(
     loop {
         let started = Instant::now();
         progress.tick();
-        observer.before_pass(&mut reconciler);
+        observer.before_pass(&mut |c: &str| reconciler.release_guard(c));
         let report = reconciler.pass(PassRequest::daemon()).await;
         progress.tick();
         failures = if report.outcome == PassOutcome::Failed { failures.saturating_add(1) } else { 0 };

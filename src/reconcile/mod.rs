@@ -212,6 +212,35 @@ pub struct Stages {
 }
 
 impl PassReport {
+    /// A report of a pass that starts at `started_at` and has found nothing yet.
+    pub fn new(role: Role, mode: Mode, started_at: DateTime<Utc>) -> PassReport {
+        PassReport {
+            pass_id: uuid::Uuid::new_v4().to_string(),
+            role,
+            started_at,
+            duration_seconds: 0.0,
+            outcome: PassOutcome::Ok,
+            error: None,
+            config_error: None,
+            mode,
+            dry_run: false,
+            forced: false,
+            database_up: false,
+            instances: Vec::new(),
+            rows_by_state: BTreeMap::new(),
+            findings: Vec::new(),
+            guard_tripped: BTreeMap::new(),
+            probes: Probes::default(),
+            db_round_trips: 0,
+            rapid_creates: 0,
+            stages: Stages::default(),
+            paused: None,
+            released: Vec::new(),
+            audit_pruned: 0,
+            entries: Arc::default(),
+        }
+    }
+
     /// Findings per kind.
     pub fn findings_by_kind(&self) -> BTreeMap<Kind, u64> {
         let mut m = BTreeMap::new();
@@ -423,31 +452,9 @@ impl Reconciler {
         let started_at = Utc::now();
         let cfg = Arc::clone(&self.config);
         let (role, fence) = self.take_role();
-        let mut report = PassReport {
-            pass_id: uuid::Uuid::new_v4().to_string(),
-            role,
-            started_at,
-            duration_seconds: 0.0,
-            outcome: PassOutcome::Ok,
-            error: None,
-            config_error: None,
-            mode: cfg.daemon.mode,
-            dry_run,
-            forced: force,
-            database_up: false,
-            instances: Vec::new(),
-            rows_by_state: BTreeMap::new(),
-            findings: Vec::new(),
-            guard_tripped: BTreeMap::new(),
-            probes: Probes::default(),
-            db_round_trips: 0,
-            rapid_creates: 0,
-            stages: Stages::default(),
-            paused: None,
-            released: Vec::new(),
-            audit_pruned: 0,
-            entries: Arc::default(),
-        };
+        let mut report = PassReport::new(role, cfg.daemon.mode, started_at);
+        report.dry_run = dry_run;
+        report.forced = force;
 
         if report.role.is_follower() {
             // Another replica leads: fetch nothing, read nothing, repair nothing.
