@@ -156,6 +156,28 @@ impl Role {
     }
 }
 
+/// What the read stage of a pass hands to classification.
+struct Read {
+    instances: Vec<InstanceSnapshot>,
+    db: crate::model::DbSnapshot,
+    shape: classify::TableShape,
+    writable: BTreeSet<RowState>,
+    /// Observe mode, a dry run or a pause: decide, change nothing.
+    read_only: bool,
+    /// Controllers whose guard an operator released for this pass.
+    released: BTreeSet<String>,
+}
+
+/// What the classify stage hands to the apply stage.
+struct Classified {
+    findings: Vec<Finding>,
+    /// Stop intents a gone process left unsettled, and what became of them.
+    settle: Vec<classify::SettleIntent>,
+    boots: BootRecords,
+    /// The boot records differ from the stored ones.
+    boots_changed: bool,
+}
+
 /// Everything a pass found and did; rendered by `once`, logged by `run`, exported
 /// as metrics.
 #[derive(Clone, Debug, Serialize)]
@@ -517,6 +539,7 @@ impl Reconciler {
         report
     }
 
+    /// The pass after the controllers were fetched: read, classify, apply.
     async fn read_and_classify(
         &mut self,
         cfg: &Arc<Config>,
@@ -526,20 +549,48 @@ impl Reconciler {
         deadline: Instant,
         fence: Option<crate::store::Fence>,
     ) -> Result<(), StoreError> {
-        let PassRequest { force, require_confirmations, .. } = req;
         let round_trips_before = self.round_trips.load(Ordering::Relaxed);
+        let read = self.read(cfg, instances, report, req, fence.clone()).await?;
+        let read_only = read.read_only;
+        let classified = self.classify_read(cfg, read, report, req).await;
+        if read_only {
+            self.boots = Some(classified.boots);
+            report.findings = classified
+                .findings
+                .into_iter()
+                .map(|finding| FindingResult { finding, outcome: None, error: None, seen: None })
+                .collect();
+            annotate(&mut report.findings, &self.memory);
+            report.db_round_trips = self.round_trips.load(Ordering::Relaxed) - round_trips_before;
+            return Ok(());
+        }
+        self.apply_classified(cfg, classified, report, deadline, fence).await?;
+        report.db_round_trips = self.round_trips.load(Ordering::Relaxed) - round_trips_before;
+        self.prune_audit(cfg, report).await;
+        Ok(())
+    }
+
+    /// Stage 1, read: connects if needed, notes a pause, and reads the rows
+    /// of the live sessions and of every live row (one snapshot).
+    async fn read(
+        &mut self,
+        cfg: &Arc<Config>,
+        mut instances: Vec<InstanceSnapshot>,
+        report: &mut PassReport,
+        req: PassRequest,
+        fence: Option<crate::store::Fence>,
+    ) -> Result<Read, StoreError> {
         if self.store.as_ref().is_none_or(Store::is_closed) {
             self.store = Some(connect(cfg, &self.round_trips).await?);
         }
         let Some(store) = self.store.as_mut() else { unreachable!("the store was connected just above") };
-        store.set_fence(fence.clone());
+        store.set_fence(fence);
         // Paused by an operator: look, change nothing. Every write checks the
         // pause again, so one set during the pass stops it before its next batch.
         report.paused = store.pause_state().await?;
         let read_only = req.dry_run || cfg.daemon.mode == Mode::Observe || report.paused.is_some();
         let released = std::mem::take(&mut self.released);
         report.released = released.iter().cloned().collect();
-        let mut instances = instances;
         let table = store.table()?;
         normalize_ids(&mut instances, table.id.kind);
         let shape = classify::TableShape { owner: table.owner.is_some(), instance: table.instance.is_some() };
@@ -570,14 +621,25 @@ impl Reconciler {
             }
         }
         report.stages.read = read_started.elapsed().as_secs_f64();
-        if let Some(p) = &self.progress {
-            p.tick();
-        }
+        self.tick();
         report.database_up = true;
         for row in &db.rows {
             *report.rows_by_state.entry(row.state.as_str()).or_default() += 1;
         }
+        Ok(Read { instances, db, shape, writable, read_only, released })
+    }
 
+    /// Stage 2, classify: which controller lists to trust (boot ids), then
+    /// the pure classifier, on the blocking pool. Touches no database.
+    async fn classify_read(
+        &mut self,
+        cfg: &Arc<Config>,
+        read: Read,
+        report: &mut PassReport,
+        req: PassRequest,
+    ) -> Classified {
+        let PassRequest { force, require_confirmations, .. } = req;
+        let Read { instances, db, shape, writable, read_only, released } = read;
         let now = Utc::now();
         let previous_boots = self.boots.clone().unwrap_or_default();
         let passes = if require_confirmations { cfg.reconcile.confirmations } else { 1 };
@@ -638,9 +700,7 @@ impl Reconciler {
             // The classifier is total; a panic there is a bug, not an input problem.
             std::panic::resume_unwind(e.into_panic())
         });
-        if let Some(p) = &self.progress {
-            p.tick();
-        }
+        self.tick();
         report.stages.classify = classify_started.elapsed().as_secs_f64();
         self.memory = classification.memory;
         report.entries = Arc::new(entries);
@@ -655,20 +715,24 @@ impl Reconciler {
             }
         }
 
-        if read_only {
-            self.boots = Some(boots);
-            report.findings = classification
-                .findings
-                .into_iter()
-                .map(|finding| FindingResult { finding, outcome: None, error: None, seen: None })
-                .collect();
-            annotate(&mut report.findings, &self.memory);
-            report.db_round_trips = self.round_trips.load(Ordering::Relaxed) - round_trips_before;
-            return Ok(());
-        }
-        let changed = boots.len() != previous_boots.len()
+        let boots_changed = boots.len() != previous_boots.len()
             || boots.iter().any(|(k, v)| previous_boots.get(k).is_none_or(|p| !p.same_persisted(v)));
-        if changed {
+        Classified { findings: classification.findings, settle: classification.settle, boots, boots_changed }
+    }
+
+    /// Stage 3, apply: saves changed boot records, then makes the repairs
+    /// the classification decided, within the plan's deadline and the lease.
+    async fn apply_classified(
+        &mut self,
+        cfg: &Arc<Config>,
+        classified: Classified,
+        report: &mut PassReport,
+        deadline: Instant,
+        fence: Option<crate::store::Fence>,
+    ) -> Result<(), StoreError> {
+        let Classified { findings, settle, boots, boots_changed } = classified;
+        if boots_changed {
+            let Some(store) = self.store.as_mut() else { unreachable!("the read stage connected the store") };
             store.save_boots(&boots).await?;
         }
         self.boots = Some(boots);
@@ -688,9 +752,8 @@ impl Reconciler {
             lease: self.lease.as_ref().filter(|_| fence.is_some()),
             fence,
         };
-        let applied = apply::apply(ctx, classification.findings, &classification.settle).await;
+        let applied = apply::apply(ctx, findings, &settle).await;
         report.stages.apply = apply_started.elapsed().as_secs_f64();
-        report.db_round_trips = self.round_trips.load(Ordering::Relaxed) - round_trips_before;
         if applied.any_failed || applied.expired {
             report.outcome = PassOutcome::Partial;
         }
@@ -702,7 +765,6 @@ impl Reconciler {
         }
         report.findings = applied.results;
         annotate(&mut report.findings, &self.memory);
-        self.prune_audit(cfg, report).await;
         Ok(())
     }
 
