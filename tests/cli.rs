@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Output, Stdio};
 
-use common::{ago, config_text, run, sessiond, sid, text, write, TestDb, IMMEDIATE};
+use common::{ago, config_text, run, sessiond, sid, text, write, TestConfig, TestDb, IMMEDIATE};
 use sessiond::simctl::SimController;
 
 const MINIMAL: &str = "[database]\nurl = \"postgres://app@127.0.0.1:5432/app\"\n\n[[controller]]\nname = \"a\"\nurl = \"http://127.0.0.1:8080/internal/sessions\"\n";
@@ -268,8 +268,12 @@ async fn the_daemon_repairs_after_confirmations_keeps_running_on_a_bad_reload_an
     let a = SimController::start("ctrl-a").await.expect("controller");
     db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let good = config_text(&db, &[&a], "grace = \"0s\"\nconfirmations = 2")
-        .replace("interval = \"1s\"", "interval = \"300ms\"\nlisten = \"127.0.0.1:0\"");
+    let good = TestConfig::new(&db)
+        .controllers(&[&a])
+        .reconcile_toml("grace = \"0s\"\nconfirmations = 2")
+        .daemon("interval", "300ms")
+        .daemon("listen", "127.0.0.1:0")
+        .toml();
     let path = write(dir.path(), "s.toml", &good);
     let child = common::Guarded(Some(
         sessiond(&["run", "--config", path.to_str().expect("utf-8")])
@@ -346,7 +350,8 @@ async fn logs_carry_no_colour_codes_off_a_terminal_and_json_fields_are_as_the_co
     let b = SimController::start("ctrl-b").await.expect("controller");
     b.shutdown(); // a warning to log
     let dir = tempfile::tempdir().expect("tempdir");
-    let text_cfg = config_text(&db, &[&a, &b], IMMEDIATE).replace("[daemon]\n", "[daemon]\nlisten = \"127.0.0.1:0\"\n");
+    let text_cfg =
+        TestConfig::new(&db).controllers(&[&a, &b]).reconcile_toml(IMMEDIATE).daemon("listen", "127.0.0.1:0").toml();
     let path = write(dir.path(), "s.toml", &text_cfg);
     let p = path.to_str().expect("utf-8");
     let out = common::run_async(&["once", "--config", p]).await;

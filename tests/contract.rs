@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ago, config_text, sid, TestCa, TestDb, IMMEDIATE};
+use common::{ago, config_text, sid, TestCa, TestConfig, TestDb, IMMEDIATE};
 use sessiond::reconcile::{PassOutcome, PassRequest, Reconciler};
 use sessiond::simctl::SimController;
 
@@ -25,8 +25,11 @@ async fn an_https_controller_is_read_with_its_own_ca_and_a_certificate_that_does
     db.insert(&sid(2), "u2", "ctrl-a", "active", ago(600)).await; // an orphan
     assert!(a.url().starts_with("https://"));
     let with_ca = |ca_file: &std::path::Path| {
-        config_text(&db, &[&a], IMMEDIATE)
-            .replace("timeout = \"2s\"", &format!("timeout = \"2s\"\nca_file = \"{}\"", ca_file.display()))
+        TestConfig::new(&db)
+            .controllers(&[&a])
+            .reconcile_toml(IMMEDIATE)
+            .controller("ca_file", ca_file.display().to_string())
+            .toml()
     };
 
     let rep = once(&with_ca(&ca.cert)).await;

@@ -285,8 +285,11 @@ async fn a_bearer_token_from_token_file_is_sent_to_the_controller() {
     let dir = tempfile::tempdir().expect("tempdir");
     let token = dir.path().join("token");
     std::fs::write(&token, "s3cret-token\n").expect("write the token");
-    let text = common::config_text(&db, &[&a], IMMEDIATE)
-        .replace("timeout = \"2s\"", &format!("timeout = \"2s\"\ntoken_file = \"{}\"", token.display()));
+    let text = common::TestConfig::new(&db)
+        .controllers(&[&a])
+        .reconcile_toml(IMMEDIATE)
+        .controller("token_file", token.display().to_string())
+        .toml();
     let cfg = sessiond::config::Config::from_toml(std::path::Path::new("t.toml"), &text, &Default::default())
         .expect("valid config");
     assert!(!format!("{cfg:?}").contains("s3cret"), "the token never shows in Debug output");

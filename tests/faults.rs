@@ -5,13 +5,18 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{ago, config, config_text, outcomes, sid, TestDb, IMMEDIATE};
+use common::{ago, config, outcomes, sid, TestDb, IMMEDIATE};
 use sessiond::config::{Config, Overrides};
 use sessiond::reconcile::{PassOutcome, PassRequest, Reconciler};
 use sessiond::simctl::{Fault, SimController};
 
-fn cfg_with(db: &TestDb, a: &SimController, controller_extra: &str) -> Arc<Config> {
-    let text = config_text(db, &[a], IMMEDIATE).replace("timeout = \"2s\"", controller_extra);
+fn cfg_with(db: &TestDb, a: &SimController, timeout: &str, max_body_bytes: i64) -> Arc<Config> {
+    let text = common::TestConfig::new(db)
+        .controllers(&[a])
+        .reconcile_toml(IMMEDIATE)
+        .controller("timeout", timeout)
+        .controller("max_body_bytes", max_body_bytes)
+        .toml();
     Arc::new(Config::from_toml(std::path::Path::new("t.toml"), &text, &Overrides::default()).expect("valid config"))
 }
 
@@ -27,7 +32,7 @@ async fn a_controller_that_answers_badly_is_unreachable_never_empty() {
     for i in 0..3 {
         db.insert(&sid(i), &format!("u{i}"), "ctrl-a", "active", ago(600)).await;
     }
-    let cfg = cfg_with(&db, &a, "timeout = \"500ms\"\nmax_body_bytes = 1048576");
+    let cfg = cfg_with(&db, &a, "500ms", 1048576);
     let cases = [
         (Fault::Status(500), "HTTP 500"),
         (Fault::Hang, "timed out"),

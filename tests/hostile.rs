@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ago, config_text, run, sessiond, sid, signal, text, write, Daemon, TestDb, IMMEDIATE};
+use common::{ago, config_text, run, sessiond, sid, signal, text, write, Daemon, TestConfig, TestDb, IMMEDIATE};
 use sessiond::simctl::{Fault, SimController};
 
 /// Writes `config` and runs `sessiond once --json` on it, off the test's
@@ -223,9 +223,12 @@ async fn each_stopped_and_audited_once(db: &TestDb, a: &SimController, ids: &[St
 
 /// Config for the stop tests: short timeouts, so abandoned intents expire soon.
 fn stop_config(db: &TestDb, a: &SimController) -> String {
-    config_text(db, &[a], IMMEDIATE)
-        .replace("statement_timeout = \"5s\"", "statement_timeout = \"1s\"")
-        .replace("timeout = \"2s\"", "timeout = \"1s\"")
+    TestConfig::new(db)
+        .controllers(&[a])
+        .reconcile_toml(IMMEDIATE)
+        .database("statement_timeout", "1s")
+        .controller("timeout", "1s")
+        .toml()
 }
 
 #[tokio::test]
@@ -517,9 +520,12 @@ async fn after_a_database_outage_the_first_pass_comes_within_15_seconds() {
     let db = TestDb { name: "postgres".into(), url: url.clone() };
     db.migrate().await;
     let a = SimController::start("ctrl-a").await.expect("controller");
-    let cfg = config_text(&db, &[&a], IMMEDIATE)
-        .replace("statement_timeout = \"5s\"", "statement_timeout = \"1s\"")
-        .replace("interval = \"1s\"", "");
+    let cfg = TestConfig::new(&db)
+        .controllers(&[&a])
+        .reconcile_toml(IMMEDIATE)
+        .database("statement_timeout", "1s")
+        .unset_daemon("interval")
+        .toml();
     std::mem::forget(db); // the cluster goes away with its directory
     let d = Daemon::start(&cfg).await;
     d.wait_ready().await;
@@ -622,7 +628,7 @@ async fn a_pass_stalled_past_its_plans_deadline_sends_nothing_more_and_defers_th
     let ids = zombies(&db, &a, 30).await;
     a.set_stop_delay(Duration::from_secs(2));
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config_text(&db, &[&a], IMMEDIATE).replace("timeout = \"2s\"", "timeout = \"3s\"");
+    let cfg = TestConfig::new(&db).controllers(&[&a]).reconcile_toml(IMMEDIATE).controller("timeout", "3s").toml();
     let path = write(dir.path(), "sessiond.toml", &cfg);
     let p = path.to_str().expect("utf-8").to_owned();
     let child = common::Guarded(Some(

@@ -271,10 +271,13 @@ async fn admin_endpoints_are_off_by_default_and_need_credentials_when_on() {
     let open = common::write(
         dir.path(),
         "open.toml",
-        &format!(
-            "[daemon]\nlisten = \"0.0.0.0:9999\"\nadmin = true\n\n{}",
-            config_text(&db, &[&a], IMMEDIATE).replace("[daemon]\ninterval = \"1s\"\n", "")
-        ),
+        &common::TestConfig::new(&db)
+            .controllers(&[&a])
+            .reconcile_toml(IMMEDIATE)
+            .unset_daemon("interval")
+            .daemon("listen", "0.0.0.0:9999")
+            .daemon("admin", true)
+            .toml(),
     );
     let out = common::run_async(&["check-config", "--config", open.to_str().expect("utf-8")]).await;
     assert_eq!(out.status.code(), Some(78), "{}", common::text(&out.stderr));

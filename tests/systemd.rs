@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{ago, config_text, sid, tool, Guarded, TestDb};
+use common::{ago, sid, tool, Guarded, TestDb};
 use sessiond::simctl::{Fault, SimController};
 
 /// Datagrams received on a notify socket, with when they arrived.
@@ -92,9 +92,13 @@ fn spawn(config: &Path, notify: &NotifySocket, watchdog_usec: u64) -> Guarded {
 }
 
 fn daemon_config(db: &TestDb, a: &SimController) -> String {
-    config_text(db, &[a], "grace = \"0s\"\nconfirmations = 1")
-        .replace("interval = \"1s\"", "interval = \"300ms\"\nlisten = \"127.0.0.1:0\"")
-        .replace("timeout = \"2s\"", "timeout = \"3s\"")
+    common::TestConfig::new(db)
+        .controllers(&[a])
+        .reconcile_toml("grace = \"0s\"\nconfirmations = 1")
+        .daemon("interval", "300ms")
+        .daemon("listen", "127.0.0.1:0")
+        .controller("timeout", "3s")
+        .toml()
 }
 
 #[tokio::test]

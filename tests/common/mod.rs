@@ -264,13 +264,90 @@ pub fn ago(seconds: i64) -> DateTime<Utc> {
 /// A config for these controllers and this database. `extra` is TOML appended
 /// under `[reconcile]` (e.g. `"grace = \"0s\""`).
 pub fn config_text(db: &TestDb, ctrls: &[&SimController], reconcile: &str) -> String {
-    let mut s =
-        format!("[daemon]\ninterval = \"1s\"\n\n[database]\nurl = \"{}\"\nstatement_timeout = \"5s\"\n\n", db.url);
-    for c in ctrls {
-        s.push_str(&c.controller_toml("2s"));
+    TestConfig::new(db).controllers(ctrls).reconcile_toml(reconcile).toml()
+}
+
+/// A sessiond config for the tests, built as TOML values rather than by
+/// editing text: `[daemon]` (interval 1 s), `[database]` (this database,
+/// statement_timeout 5 s), a `[[controller]]` per simulated controller
+/// (timeout 2 s) and `[reconcile]`.
+pub struct TestConfig {
+    daemon: toml::Table,
+    database: toml::Table,
+    controllers: Vec<toml::Table>,
+    reconcile: toml::Table,
+}
+
+impl TestConfig {
+    pub fn new(db: &TestDb) -> TestConfig {
+        let mut daemon = toml::Table::new();
+        daemon.insert("interval".into(), "1s".into());
+        let mut database = toml::Table::new();
+        database.insert("url".into(), db.url.clone().into());
+        database.insert("statement_timeout".into(), "5s".into());
+        TestConfig { daemon, database, controllers: Vec::new(), reconcile: toml::Table::new() }
     }
-    s.push_str(&format!("[reconcile]\n{reconcile}\n"));
-    s
+
+    pub fn controllers(mut self, ctrls: &[&SimController]) -> TestConfig {
+        for c in ctrls {
+            let mut t = toml::Table::new();
+            t.insert("name".into(), c.instance().into());
+            t.insert("url".into(), c.url().into());
+            t.insert("stop_url".into(), c.stop_url().into());
+            t.insert("timeout".into(), "2s".into());
+            self.controllers.push(t);
+        }
+        self
+    }
+
+    pub fn daemon(mut self, key: &str, value: impl Into<toml::Value>) -> TestConfig {
+        self.daemon.insert(key.into(), value.into());
+        self
+    }
+
+    /// Removes `key` from `[daemon]`: its default applies.
+    pub fn unset_daemon(mut self, key: &str) -> TestConfig {
+        self.daemon.remove(key);
+        self
+    }
+
+    pub fn database(mut self, key: &str, value: impl Into<toml::Value>) -> TestConfig {
+        self.database.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets `key` on every controller.
+    pub fn controller(mut self, key: &str, value: impl Into<toml::Value>) -> TestConfig {
+        let value = value.into();
+        for c in &mut self.controllers {
+            c.insert(key.into(), value.clone());
+        }
+        self
+    }
+
+    pub fn reconcile(mut self, key: &str, value: impl Into<toml::Value>) -> TestConfig {
+        self.reconcile.insert(key.into(), value.into());
+        self
+    }
+
+    /// Keys for `[reconcile]` written as TOML (e.g. [`IMMEDIATE`]).
+    pub fn reconcile_toml(mut self, text: &str) -> TestConfig {
+        let extra: toml::Table = text.parse().unwrap_or_else(|e| panic!("bad [reconcile] TOML {text:?}: {e}"));
+        self.reconcile.extend(extra);
+        self
+    }
+
+    pub fn toml(&self) -> String {
+        let mut doc = toml::Table::new();
+        doc.insert("daemon".into(), self.daemon.clone().into());
+        doc.insert("database".into(), self.database.clone().into());
+        if !self.controllers.is_empty() {
+            let controllers = self.controllers.iter().cloned().map(Into::into).collect();
+            doc.insert("controller".into(), toml::Value::Array(controllers));
+        }
+        doc.insert("reconcile".into(), self.reconcile.clone().into());
+        toml::to_string(&doc).unwrap_or_else(|e| panic!("render the test config: {e}"))
+    }
 }
 
 pub fn config(db: &TestDb, ctrls: &[&SimController], reconcile: &str) -> Arc<Config> {
