@@ -71,9 +71,10 @@ impl MixinOptions {
             self.selector.trim(),
             self.runbook_url
         );
-        // Both placeholders sit inside double-quoted YAML strings or bare
-        // PromQL; YAML needs the double quotes of the selector escaped only
-        // in the former, which the template avoids.
+        // The selector appears only in PromQL, in plain or block YAML
+        // scalars, where its double quotes need no escaping; the runbook URL
+        // sits in double-quoted strings, and `validate` refuses `"` and `\`
+        // in it. Whatever else would break the YAML fails the parse below.
         let body = self.fill(RULES_TEMPLATE, |s| s.to_owned())?;
         let text = format!("{header}{body}");
         serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text).context("the generated rules are not YAML")?;
