@@ -186,8 +186,18 @@ fn firing<'a>(alerts: &'a [(String, String, serde_json::Value)], name: &str) -> 
     alerts.iter().filter(|(n, s, _)| n == name && s == "firing").map(|(_, _, l)| l).collect()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_healthy_demo_scraped_every_minute_raises_only_the_alerts_its_banner_announces() {
+/// The three take minutes of `for:` each, so they run at once: the test
+/// takes as long as the longest (the controller outage, about 7 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_shipped_alerts_at_a_one_minute_scrape_stay_quiet_on_the_healthy_demo_and_fire_on_real_outages() {
+    tokio::join!(
+        the_healthy_demo_raises_only_the_alerts_its_banner_announces(),
+        a_controller_outage_and_a_guard_trip_fire_their_alerts_and_nothing_else(),
+        a_database_outage_fires_database_unreachable(),
+    );
+}
+
+async fn the_healthy_demo_raises_only_the_alerts_its_banner_announces() {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_sessiond"))
         .args(["demo", "--duration", "330s", "--listen", "127.0.0.1:0"])
@@ -275,7 +285,6 @@ async fn the_healthy_demo_scraped_every_minute_raises_only_the_alerts_its_banner
     assert!(status.success(), "the demo's verdict:\n{}", lines.join("\n"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn a_controller_outage_and_a_guard_trip_fire_their_alerts_and_nothing_else() {
     let db = TestDb::migrated().await;
     let a = SimController::start("ctrl-a").await.expect("controller");
@@ -322,7 +331,6 @@ async fn a_controller_outage_and_a_guard_trip_fire_their_alerts_and_nothing_else
     assert_eq!(db.state(&sid(0)).await.as_deref(), Some("active"), "the guard held the mass repair back");
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn a_database_outage_fires_database_unreachable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cluster = sessiond::pgcluster::PrivateCluster::new(&dir.path().join("pg"), free_port())
