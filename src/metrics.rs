@@ -519,10 +519,9 @@ impl Metrics {
         for f in &report.findings {
             let controller = label(f.finding.instance.as_ref());
             *found.entry((f.finding.kind, controller)).or_default() += 1;
-            if let Some(outcome) = f.repair_outcome() {
-                self.repairs.with_label_values(&[f.finding.kind.as_str(), outcome.as_str(), controller]).inc();
-            }
-            if let (Some(RepairResult::Repaired), Some(seen)) = (f.repair_outcome(), f.seen) {
+            let Some(outcome) = f.repair_outcome() else { continue };
+            self.repairs.with_label_values(&[f.finding.kind.as_str(), outcome.as_str(), controller]).inc();
+            if let (RepairResult::Repaired, Some(seen)) = (outcome, f.seen) {
                 let waited = (ended - seen.first_seen).num_milliseconds().max(0) as f64 / 1000.0;
                 self.repair_latency.with_label_values(&[f.finding.kind.as_str()]).observe(waited);
             }

@@ -17,8 +17,6 @@ pub fn log_summary(report: &PassReport) {
         }
         return;
     }
-    let findings = kv(report.findings_by_kind().iter().map(|(k, n)| (k.as_str().to_owned(), *n)));
-    let repairs = kv(report.outcomes_by_kind().iter().map(|((k, o), n)| (format!("{}.{o}", k.as_str()), *n)));
     let up = report.instances.iter().filter(|i| i.reachable).count();
     for f in &report.findings {
         tracing::debug!(
@@ -43,16 +41,20 @@ pub fn log_summary(report: &PassReport) {
             error = report.error.as_deref().unwrap_or(""),
             "pass failed"
         );
-    } else if crate::logging::structured() {
+        return;
+    }
+    let found = report.findings_by_kind();
+    let outcomes = report.outcomes_by_kind();
+    let duration_ms = (report.duration_seconds * 1000.0) as u64;
+    let read_only = report.dry_run || report.mode == crate::config::Mode::Observe || report.paused.is_some();
+    if crate::logging::structured() {
         // One field per count, so a log query can filter and sum them.
-        let found = report.findings_by_kind();
         let n = |k: Kind| found.get(&k).copied().unwrap_or(0);
-        let outcomes = report.outcomes_by_kind();
         let done = |o: RepairResult| outcomes.iter().filter(|((_, out), _)| *out == o).map(|(_, n)| *n).sum::<u64>();
         tracing::info!(
             pass_id = %report.pass_id,
             outcome = report.outcome.as_str(),
-            duration_ms = (report.duration_seconds * 1000.0) as u64,
+            duration_ms,
             controllers_up = up,
             controllers = report.instances.len(),
             rows,
@@ -73,21 +75,23 @@ pub fn log_summary(report: &PassReport) {
             repairs_guarded = done(RepairResult::Guarded),
             repairs_deferred = done(RepairResult::Deferred),
             repairs_reported = done(RepairResult::Reported),
-            read_only = report.dry_run || report.mode == crate::config::Mode::Observe || report.paused.is_some(),
+            read_only,
             paused = report.paused.is_some(),
             "pass complete"
         );
     } else {
+        let findings = kv(found.iter().map(|(k, n)| (k.as_str().to_owned(), *n)));
+        let repairs = kv(outcomes.iter().map(|((k, o), n)| (format!("{}.{o}", k.as_str()), *n)));
         tracing::info!(
             pass_id = %report.pass_id,
             outcome = report.outcome.as_str(),
-            duration_ms = (report.duration_seconds * 1000.0) as u64,
+            duration_ms,
             controllers_up = up,
             controllers = report.instances.len(),
             rows,
             findings = %findings,
             repairs = %repairs,
-            read_only = report.dry_run || report.mode == crate::config::Mode::Observe || report.paused.is_some(),
+            read_only,
             paused = report.paused.is_some(),
             "pass complete"
         );
