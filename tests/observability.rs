@@ -353,32 +353,31 @@ async fn a_rejected_reload_shows_in_a_metric_until_one_is_applied() {
     let metric = |body: &str, name: &str| {
         body.lines().find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_owned)).unwrap_or_default()
     };
+    // The scrape once `name` reads `value`, or the last one after 5 s.
+    let scrape_until = async |name: &str, value: &str| {
+        let mut seen = String::new();
+        for _ in 0..50 {
+            seen = d.get("/metrics").await.map(|r| r.2).unwrap_or_default();
+            if metric(&seen, name) == value {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        seen
+    };
     let (_, _, before) = d.get("/metrics").await.expect("scrape");
     let applied_at: f64 =
         metric(&before, "sessiond_config_last_reload_success_timestamp_seconds").parse().expect("a time");
 
     std::fs::write(&path, good.replace("[reconcile]", "[reconcile]\nbogus = 1")).expect("a bad config");
     common::signal(d.child.id(), "HUP");
-    let mut seen = String::new();
-    for _ in 0..50 {
-        seen = d.get("/metrics").await.map(|r| r.2).unwrap_or_default();
-        if metric(&seen, "sessiond_config_last_reload_successful") == "0" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let seen = scrape_until("sessiond_config_last_reload_successful", "0").await;
     assert_eq!(metric(&seen, "sessiond_config_last_reload_successful"), "0", "{seen}");
 
     tokio::time::sleep(Duration::from_millis(20)).await;
     std::fs::write(&path, &good).expect("the good config again");
     common::signal(d.child.id(), "HUP");
-    for _ in 0..50 {
-        seen = d.get("/metrics").await.map(|r| r.2).unwrap_or_default();
-        if metric(&seen, "sessiond_config_last_reload_successful") == "1" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let seen = scrape_until("sessiond_config_last_reload_successful", "1").await;
     assert_eq!(metric(&seen, "sessiond_config_last_reload_successful"), "1", "{seen}");
     let reloaded_at: f64 =
         metric(&seen, "sessiond_config_last_reload_success_timestamp_seconds").parse().expect("a time");

@@ -280,10 +280,15 @@ pub struct TestConfig {
 
 impl TestConfig {
     pub fn new(db: &TestDb) -> TestConfig {
+        TestConfig::for_url(&db.url)
+    }
+
+    /// For a database that is not a [`TestDb`] (a private cluster, say).
+    pub fn for_url(url: &str) -> TestConfig {
         let mut daemon = toml::Table::new();
         daemon.insert("interval".into(), "1s".into());
         let mut database = toml::Table::new();
-        database.insert("url".into(), db.url.clone().into());
+        database.insert("url".into(), url.into());
         database.insert("statement_timeout".into(), "5s".into());
         TestConfig { daemon, database, controllers: Vec::new(), reconcile: toml::Table::new() }
     }
