@@ -337,11 +337,183 @@ pub struct SessionRow {
     pub version: String,
 }
 
+/// A row of [`Rows`], borrowed: the fields of a [`SessionRow`], with its
+/// strings in the snapshot's arena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowRef<'a> {
+    pub id: &'a str,
+    pub owner_id: Option<&'a str>,
+    pub controller_instance: Option<&'a str>,
+    pub state: RowState,
+    pub created_at: DateTime<Utc>,
+    pub changed_at: DateTime<Utc>,
+    pub version: &'a str,
+}
+
+impl RowRef<'_> {
+    pub fn to_owned_row(&self) -> SessionRow {
+        SessionRow {
+            id: SessionId::from_row(self.id.to_owned()),
+            owner_id: self.owner_id.map(str::to_owned),
+            controller_instance: self.controller_instance.map(str::to_owned),
+            state: self.state,
+            created_at: self.created_at,
+            changed_at: self.changed_at,
+            version: self.version.to_owned(),
+        }
+    }
+}
+
+/// A string field that is NULL.
+const NULL_LEN: u32 = u32::MAX;
+
+/// Where a row's fields are: its strings, one after another in the arena
+/// (id, owner, instance, version), and the rest by value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RowMeta {
+    start: usize,
+    id_len: u32,
+    owner_len: u32,
+    instance_len: u32,
+    version_len: u32,
+    created_at: DateTime<Utc>,
+    changed_at: DateTime<Utc>,
+    state: RowState,
+}
+
+/// The rows of a snapshot, as columns: every string in one arena, and a
+/// fixed-size record per row. A million rows are two allocations, not four
+/// million, and dropping them is two frees.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rows {
+    text: String,
+    meta: Vec<RowMeta>,
+}
+
+/// A string of a row is longer than a row may hold (4 GiB).
+#[derive(Debug, thiserror::Error)]
+#[error("a value of row {id:.64} is longer than 4 GiB")]
+pub struct RowTooLong {
+    pub id: String,
+}
+
+impl Rows {
+    /// Room for `rows` more rows with `bytes` more bytes of strings.
+    pub fn reserve(&mut self, rows: usize, bytes: usize) {
+        self.meta.reserve(rows);
+        self.text.reserve(bytes);
+    }
+
+    pub fn len(&self) -> usize {
+        self.meta.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+    }
+
+    /// Appends a row.
+    pub fn push_parts(&mut self, row: RowRef<'_>) -> Result<(), RowTooLong> {
+        let len = |s: &str| u32::try_from(s.len()).ok().filter(|n| *n != NULL_LEN);
+        let opt_len = |s: Option<&str>| s.map_or(Some(NULL_LEN), len);
+        let (Some(id_len), Some(owner_len), Some(instance_len), Some(version_len)) =
+            (len(row.id), opt_len(row.owner_id), opt_len(row.controller_instance), len(row.version))
+        else {
+            return Err(RowTooLong { id: row.id.chars().take(64).collect() });
+        };
+        let start = self.text.len();
+        self.text.push_str(row.id);
+        self.text.push_str(row.owner_id.unwrap_or_default());
+        self.text.push_str(row.controller_instance.unwrap_or_default());
+        self.text.push_str(row.version);
+        self.meta.push(RowMeta {
+            start,
+            id_len,
+            owner_len,
+            instance_len,
+            version_len,
+            created_at: row.created_at,
+            changed_at: row.changed_at,
+            state: row.state,
+        });
+        Ok(())
+    }
+
+    /// Appends an owned row (tests, and the few rows read one by one).
+    pub fn push(&mut self, row: SessionRow) {
+        let r = RowRef {
+            id: row.id.as_str(),
+            owner_id: row.owner_id.as_deref(),
+            controller_instance: row.controller_instance.as_deref(),
+            state: row.state,
+            created_at: row.created_at,
+            changed_at: row.changed_at,
+            version: &row.version,
+        };
+        if let Err(e) = self.push_parts(r) {
+            // An owned row's strings are in memory already: 4 GiB each is not a
+            // row anyone builds by hand.
+            panic!("{e}");
+        }
+    }
+
+    pub fn get(&self, i: usize) -> Option<RowRef<'_>> {
+        let m = self.meta.get(i)?;
+        let mut at = m.start;
+        let mut take = |n: u32| {
+            if n == NULL_LEN {
+                return None;
+            }
+            let s = self.text.get(at..at + n as usize);
+            at += n as usize;
+            s
+        };
+        let id = take(m.id_len).unwrap_or_default();
+        let owner_id = take(m.owner_len);
+        let controller_instance = take(m.instance_len);
+        let version = take(m.version_len).unwrap_or_default();
+        Some(RowRef {
+            id,
+            owner_id,
+            controller_instance,
+            state: m.state,
+            created_at: m.created_at,
+            changed_at: m.changed_at,
+            version,
+        })
+    }
+
+    /// The id of row `i`, without the rest of the row.
+    pub fn id(&self, i: usize) -> Option<&str> {
+        let m = self.meta.get(i)?;
+        self.text.get(m.start..m.start + m.id_len as usize)
+    }
+
+    /// The state of row `i`, without touching its strings.
+    pub fn state(&self, i: usize) -> Option<RowState> {
+        self.meta.get(i).map(|m| m.state)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = RowRef<'_>> + '_ {
+        (0..self.meta.len()).filter_map(|i| self.get(i))
+    }
+}
+
+impl FromIterator<SessionRow> for Rows {
+    fn from_iter<I: IntoIterator<Item = SessionRow>>(iter: I) -> Rows {
+        let mut rows = Rows::default();
+        for row in iter {
+            rows.push(row);
+        }
+        rows
+    }
+}
+
 /// The database side of a pass: every live row, and the row of every session a
 /// controller holds (whatever its state).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DbSnapshot {
-    pub rows: Vec<SessionRow>,
+    pub rows: Rows,
     /// Rows whose state the vocabulary does not know: findings, never repaired.
     pub invalid_rows: Vec<InvalidRow>,
     /// When the read began, by sessiond's clock. Row times are on the same clock.

@@ -221,7 +221,7 @@ impl Fleet {
             config: &self.cfg,
             instances: &instances,
             db: &DbSnapshot {
-                rows: self.rows.clone(),
+                rows: self.rows.iter().cloned().collect(),
                 invalid_rows: vec![],
                 read_at: self.now,
                 open_intents: vec![],
@@ -351,7 +351,7 @@ fn one_process_that_really_restarts_has_its_lost_sessions_ended_once_confirmed()
             config: &fleet.cfg,
             instances: &instances,
             db: &DbSnapshot {
-                rows: fleet.rows.clone(),
+                rows: fleet.rows.iter().cloned().collect(),
                 invalid_rows: vec![],
                 read_at: fleet.now,
                 open_intents: vec![],

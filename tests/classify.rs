@@ -158,7 +158,7 @@ impl World {
             config: &self.cfg,
             instances: &self.instances,
             db: &DbSnapshot {
-                rows: self.rows.clone(),
+                rows: self.rows.iter().cloned().collect(),
                 invalid_rows: self.invalid_rows.clone(),
                 read_at: self.now,
                 open_intents: self.intents.clone(),

@@ -136,7 +136,7 @@ fn run(w: &World, memory: &Memory) -> Classification {
         config: &w.cfg,
         instances: &snapshots(w),
         db: &DbSnapshot {
-            rows: w.rows.clone(),
+            rows: w.rows.iter().cloned().collect(),
             invalid_rows: vec![],
             read_at: w.now,
             open_intents: vec![],

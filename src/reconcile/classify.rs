@@ -31,7 +31,7 @@ use serde::Serialize;
 use crate::config::{Policy, ReconcileConfig};
 use crate::model::{
     BootRecords, ControllerList, DbSnapshot, GoneRow, InstanceSnapshot, InvalidEntryKind, LiveSession, LookupResult,
-    RowState, SessionId, SessionRow, StopOutcome,
+    RowRef, RowState, Rows, SessionId, StopOutcome,
 };
 use crate::reconcile::boots::Trust;
 
@@ -399,9 +399,11 @@ fn to_chrono(d: std::time::Duration) -> ChronoDuration {
     ChronoDuration::from_std(d).unwrap_or(ChronoDuration::MAX)
 }
 
-/// Where a live session was seen.
+/// Where a listed id was seen: its first listing, in the order of the
+/// configured instances.
 struct Held<'a> {
-    instance: &'a str,
+    id: &'a str,
+    source: &'a InstanceSnapshot,
     /// `None` when the entry itself was unusable (unknown state, no owner, …).
     session: Option<&'a LiveSession>,
     /// Listed more than once: held, but never acted on.
@@ -409,6 +411,10 @@ struct Held<'a> {
 }
 
 impl<'a> Held<'a> {
+    fn instance(&self) -> &'a str {
+        &self.source.name
+    }
+
     /// The listing, if it is the only one and usable.
     fn usable(&self) -> Option<&'a LiveSession> {
         if self.ambiguous {
@@ -417,6 +423,67 @@ impl<'a> Held<'a> {
             self.session
         }
     }
+}
+
+/// Every id the usable lists hold, one entry per id, sorted by id: one side of
+/// the join. No hash map: the rows are matched to it by one merge.
+struct Listings<'a> {
+    entries: Vec<Held<'a>>,
+}
+
+impl<'a> Listings<'a> {
+    /// For the few lookups outside the merge (stop intents, duplicate groups).
+    fn get(&self, id: &str) -> Option<&Held<'a>> {
+        self.entries.binary_search_by(|h| h.id.cmp(id)).ok().map(|i| &self.entries[i])
+    }
+}
+
+/// No entry on the other side of the join.
+const UNMATCHED: usize = usize::MAX;
+
+/// The rows and the listings matched on id, by one merge of the two sorted
+/// runs.
+struct Join {
+    /// For each row (by index in `db.rows`), its id's listing entry.
+    listing_of_row: Vec<usize>,
+    /// For each listing entry, its id's row.
+    row_of_listing: Vec<usize>,
+}
+
+impl Join {
+    fn new(listings: &Listings<'_>, rows: &Rows) -> Join {
+        let mut join = Join {
+            listing_of_row: vec![UNMATCHED; rows.len()],
+            row_of_listing: vec![UNMATCHED; listings.entries.len()],
+        };
+        let entries = &listings.entries;
+        let mut k = 0;
+        for r in by_id(rows) {
+            let Some(id) = rows.id(r) else { continue };
+            while k < entries.len() && entries[k].id < id {
+                k += 1;
+            }
+            if k < entries.len() && entries[k].id == id {
+                join.listing_of_row[r] = k;
+                join.row_of_listing[k] = r;
+            }
+        }
+        join
+    }
+
+    fn listing<'l, 'a>(&self, listings: &'l Listings<'a>, row: usize) -> Option<&'l Held<'a>> {
+        listings.entries.get(self.listing_of_row[row])
+    }
+}
+
+/// The indices of `rows` in id order (then input order, for equal ids). The
+/// store reads rows in id order, so this is normally one check over them.
+fn by_id(rows: &Rows) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    if !order.windows(2).all(|w| rows.id(w[0]) <= rows.id(w[1])) {
+        order.sort_unstable_by(|&a, &b| rows.id(a).cmp(&rows.id(b)).then(a.cmp(&b)));
+    }
+    order
 }
 
 /// Why an orphan is not surprising: the guard does not count explained orphans.
@@ -528,35 +595,25 @@ fn listings<'a>(
     reach: &Reach<'a>,
     out: &mut Classification,
     candidates: &mut Vec<Candidate>,
-) -> FxHashMap<&'a str, Held<'a>> {
+) -> Listings<'a> {
     let lists = || input.instances.iter().filter(|i| reach.reachable.contains_key(i.name.as_str()));
-    let live_count: usize = lists().filter_map(|i| i.result.as_ref().ok()).map(|l| l.sessions.len()).sum();
-    let mut held: FxHashMap<&str, Held<'_>> = FxHashMap::default();
-    held.reserve(live_count);
-    let mut ambiguous: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    let describe = |inst: &str, session: Option<&LiveSession>| match session {
-        Some(s) => format!("{inst} ({})", s.state.as_str()),
-        None => format!("{inst} (unusable entry)"),
-    };
+    let count: usize = lists().filter_map(|i| i.result.as_ref().ok()).map(|l| l.sessions.len() + l.invalid.len()).sum();
+    // Every listing, in the order of the instances, then sorted by id: a
+    // stable sort keeps an id's listings in instance order.
+    let mut entries: Vec<Held<'_>> = Vec::with_capacity(count);
     for inst in lists() {
         let Ok(list) = &inst.result else { continue };
-        let entries = list
-            .sessions
-            .iter()
-            .map(|s| (s.id.as_str(), Some(s)))
-            .chain(list.invalid.iter().filter_map(|bad| bad.raw_id.as_deref().map(|raw| (raw, None))));
-        for (id, session) in entries {
-            match held.get_mut(id) {
-                Some(first) => {
-                    let seen = ambiguous.entry(id).or_insert_with(|| vec![describe(first.instance, first.session)]);
-                    seen.push(describe(&inst.name, session));
-                    first.ambiguous = true;
-                }
-                None => {
-                    held.insert(id, Held { instance: &inst.name, session, ambiguous: false });
-                }
-            }
+        let sessions = list.sessions.iter().map(|s| (s.id.as_str(), Some(s)));
+        let invalid = list.invalid.iter().filter_map(|bad| bad.raw_id.as_deref().map(|raw| (raw, None)));
+        for (id, session) in sessions.chain(invalid) {
+            entries.push(Held { id, source: inst, session, ambiguous: false });
         }
+    }
+    if !entries.windows(2).all(|w| w[0].id < w[1].id) {
+        entries.sort_by(|a, b| a.id.cmp(b.id));
+    }
+    for inst in lists() {
+        let Ok(list) = &inst.result else { continue };
         for bad in &list.invalid {
             let kind = match bad.kind {
                 InvalidEntryKind::InvalidId => Kind::InvalidId,
@@ -570,20 +627,26 @@ fn listings<'a>(
             candidates.push(note(kind, &subject, Some(&inst.name), bad.problem.clone()));
         }
     }
-    for (id, entries) in &ambiguous {
-        let first = held.get(id).map(|h| h.instance);
+    // An id listed more than once keeps its first listing, marked ambiguous.
+    let describe = |h: &Held<'_>| match h.session {
+        Some(s) => format!("{} ({})", h.instance(), s.state.as_str()),
+        None => format!("{} (unusable entry)", h.instance()),
+    };
+    for run in entries.chunk_by(|a, b| a.id == b.id).filter(|run| run.len() > 1) {
+        let seen: Vec<String> = run.iter().map(describe).collect();
         candidates.push(note(
             Kind::InvalidEntry,
-            id,
-            first,
-            format!(
-                "listed {} times: by {}; nothing is done until one listing remains",
-                entries.len(),
-                entries.join(", ")
-            ),
+            run[0].id,
+            Some(run[0].instance()),
+            format!("listed {} times: by {}; nothing is done until one listing remains", seen.len(), seen.join(", ")),
         ));
     }
-    held
+    entries.dedup_by(|later, first| {
+        let same = later.id == first.id;
+        first.ambiguous |= same;
+        same
+    });
+    Listings { entries }
 }
 
 /// Stage 3: every live row against the lists. Returns the rows a finding here
@@ -592,21 +655,22 @@ fn listings<'a>(
 fn rows<'a>(
     input: &Input<'a>,
     reach: &Reach<'a>,
-    held: &FxHashMap<&'a str, Held<'a>>,
+    held: &Listings<'a>,
+    join: &Join,
     candidates: &mut Vec<Candidate>,
-) -> (BTreeSet<&'a str>, FxHashMap<&'a str, usize>) {
+) -> (Vec<bool>, FxHashMap<&'a str, usize>) {
     let cfg = input.config;
     let grace = to_chrono(cfg.grace);
-    let mut handled: BTreeSet<&str> = BTreeSet::new();
+    let mut handled = vec![false; input.db.rows.len()];
     let mut live_per_instance: FxHashMap<&str, usize> = FxHashMap::default();
-    for row in input.db.rows.iter().filter(|r| r.state.is_live()) {
-        let instance = row.controller_instance.as_deref();
+    for (i, row) in input.db.rows.iter().enumerate().filter(|(_, r)| r.state.is_live()) {
+        let instance = row.controller_instance;
         *live_per_instance.entry(instance.unwrap_or(FLEET)).or_default() += 1;
-        if let Some(h) = held.get(row.id.as_str()) {
+        if let Some(h) = join.listing(held, i) {
             if let Some(live) = h.usable() {
-                let fetched_at = reach.reachable.get(h.instance).map_or(input.db.read_at, |s| s.fetched_at);
-                if let Some(mut c) = drift(row, live, h.instance, fetched_at, input.shape) {
-                    if let Some(claimed_by) = instance.filter(|c| *c != h.instance) {
+                let fetched_at = h.source.fetched_at;
+                if let Some(mut c) = drift(row, live, h.instance(), fetched_at, input.shape) {
+                    if let Some(claimed_by) = instance.filter(|c| *c != h.instance()) {
                         if !reach.reachable.contains_key(claimed_by) {
                             // The instance the row names may hold the session too.
                             c.finding.decision = Decision::Wait {
@@ -630,7 +694,7 @@ fn rows<'a>(
                         Some(err) => format!("instance {name} is unreachable: {err}"),
                         None => format!("instance {name} is not configured"),
                     };
-                    candidates.push(note(Kind::Unverifiable, row.id.as_str(), Some(name), why));
+                    candidates.push(note(Kind::Unverifiable, row.id, Some(name), why));
                     continue;
                 }
                 (snapshot.map_or(input.db.read_at, |s| s.fetched_at), reach.unproven(input, name), is_dead)
@@ -638,7 +702,7 @@ fn rows<'a>(
             None => {
                 if let Some(why) = reach.fleet_gap(input) {
                     let why = format!("the table has no instance column, and {why}");
-                    candidates.push(note(Kind::Unverifiable, row.id.as_str(), None, why));
+                    candidates.push(note(Kind::Unverifiable, row.id, None, why));
                     continue;
                 }
                 (reach.earliest, reach.fleet_unproven(input), false)
@@ -647,7 +711,7 @@ fn rows<'a>(
         let wait = |hold: Option<Hold>| hold.map_or(Decision::Note, |reason| Decision::Wait { reason });
         if row.state == RowState::Creating {
             if reference - row.created_at >= to_chrono(cfg.creating_timeout) {
-                handled.insert(row.id.as_str());
+                handled[i] = true;
                 candidates.push(Candidate {
                     finding: Finding {
                         kind: Kind::StuckCreating,
@@ -680,7 +744,7 @@ fn rows<'a>(
                 _ => Explained::No,
             }
         };
-        handled.insert(row.id.as_str());
+        handled[i] = true;
         let whose = instance.map_or_else(|| "every controller's list".to_owned(), |i| format!("{i}'s list"));
         let detail = match explained {
             Explained::InstanceDead => format!(
@@ -721,27 +785,26 @@ fn rows<'a>(
 /// unpersisted sessions, and the lookups the application's API would answer.
 fn sessions(
     input: &Input<'_>,
-    reach: &Reach<'_>,
-    held: &FxHashMap<&str, Held<'_>>,
+    held: &Listings<'_>,
+    join: &Join,
     out: &mut Classification,
     candidates: &mut Vec<Candidate>,
 ) {
-    let rows_by_id: FxHashMap<&str, &SessionRow> = input.db.rows.iter().map(|r| (r.id.as_str(), r)).collect();
+    // Invalid and gone rows are few: the ids the live rows do not cover.
     let invalid: FxHashSet<&str> = input.db.invalid_rows.iter().map(|r| r.id.as_str()).collect();
     let gone: FxHashMap<&str, &GoneRow> = input.db.gone.iter().map(|g| (g.id.as_str(), g)).collect();
-    for inst in input.instances.iter().filter(|i| reach.reachable.contains_key(i.name.as_str())) {
+    for (k, h) in held.entries.iter().enumerate() {
+        // Listed more than once: reported above, never acted on.
+        let Some(live) = h.usable() else { continue };
+        let inst = h.source;
         let Ok(list) = &inst.result else { continue };
-        for live in &list.sessions {
-            match held.get(live.id.as_str()).and_then(Held::usable) {
-                Some(only) if std::ptr::eq(only, live) => {}
-                _ => continue, // listed more than once: reported above, never acted on
-            }
+        {
             let young = match (list.generated_at, live.started_at) {
                 (Some(generated), Some(started)) => generated - started < to_chrono(input.config.grace),
                 // A session whose age the controller does not tell counts as old.
                 _ => false,
             };
-            match rows_by_id.get(live.id.as_str()) {
+            match input.db.rows.get(join.row_of_listing[k]) {
                 Some(row) if row.state.is_live() => out.probes.count(LookupResult::Found, young),
                 Some(row) => {
                     if row.state == RowState::Deleted {
@@ -755,7 +818,7 @@ fn sessions(
                         inst,
                         live,
                         format!("live on {} but the row is {}", inst.name, row.state),
-                        (row.version.clone(), row.state),
+                        (row.version.to_owned(), row.state),
                         row.changed_at,
                     ));
                 }
@@ -819,7 +882,7 @@ fn sessions(
 fn intents<'a>(
     input: &Input<'a>,
     reach: &Reach<'_>,
-    held: &FxHashMap<&str, Held<'_>>,
+    held: &Listings<'_>,
     out: &mut Classification,
 ) -> FxHashSet<&'a str> {
     let mut in_flight: FxHashSet<&str> = FxHashSet::default();
@@ -831,7 +894,7 @@ fn intents<'a>(
         if !reach.reachable.contains_key(intent.controller.as_str()) {
             continue; // settled once its controller answers again
         }
-        let still_held = held.get(intent.session_id.as_str()).is_some_and(|h| h.instance == intent.controller);
+        let still_held = held.get(intent.session_id.as_str()).is_some_and(|h| h.instance() == intent.controller);
         let (outcome, detail) = if still_held {
             in_flight.insert(intent.session_id.as_str());
             (
@@ -943,10 +1006,11 @@ pub fn classify(input: &Input<'_>) -> Classification {
     let mut candidates: Vec<Candidate> = Vec::new();
     let reach = reachability(input, &mut out);
     let held = listings(input, &reach, &mut out, &mut candidates);
-    let (handled, live_per_instance) = rows(input, &reach, &held, &mut candidates);
-    sessions(input, &reach, &held, &mut out, &mut candidates);
+    let join = Join::new(&held, &input.db.rows);
+    let (handled, live_per_instance) = rows(input, &reach, &held, &join, &mut candidates);
+    sessions(input, &held, &join, &mut out, &mut candidates);
     if input.shape.owner {
-        duplicates(input, &reach, &held, &handled, &mut candidates);
+        duplicates(input, &reach, &held, &join, &handled, &mut candidates);
     }
     let in_flight = intents(input, &reach, &held, &mut out);
     decide(input, &in_flight, &mut candidates, &mut out);
@@ -958,10 +1022,10 @@ pub fn classify(input: &Input<'_>) -> Classification {
 }
 
 /// Ends a row (to `stopped` or `failed`), compare-and-set on its version.
-fn end_row(row: &SessionRow, to: RowState, reason: &'static str) -> Repair {
+fn end_row(row: RowRef<'_>, to: RowState, reason: &'static str) -> Repair {
     Repair::UpdateRow {
-        id: row.id.clone(),
-        version: row.version.clone(),
+        id: SessionId::from_row(row.id.to_owned()),
+        version: row.version.to_owned(),
         from: row.state,
         to,
         owner_id: None,
@@ -989,7 +1053,7 @@ fn note(kind: Kind, subject: &str, instance: Option<&str>, detail: String) -> Ca
 /// A live row and its live session disagree on state, owner or instance (the
 /// last two only when the table has those columns).
 fn drift(
-    row: &SessionRow,
+    row: RowRef<'_>,
     live: &LiveSession,
     instance: &str,
     fetched_at: DateTime<Utc>,
@@ -1000,13 +1064,13 @@ fn drift(
     if row.state != want_state {
         diffs.push(format!("state {} vs {}", row.state, live.state.as_str()));
     }
-    let owner_differs = shape.owner && row.owner_id.as_deref() != Some(live.owner_id.as_str());
+    let owner_differs = shape.owner && row.owner_id != Some(live.owner_id.as_str());
     if owner_differs {
         diffs.push("owner differs".to_owned());
     }
-    let instance_differs = shape.instance && row.controller_instance.as_deref() != Some(instance);
+    let instance_differs = shape.instance && row.controller_instance != Some(instance);
     if instance_differs {
-        diffs.push(format!("instance {} vs {}", row.controller_instance.as_deref().unwrap_or("none"), instance));
+        diffs.push(format!("instance {} vs {}", row.controller_instance.unwrap_or("none"), instance));
     }
     if diffs.is_empty() {
         return None;
@@ -1019,8 +1083,8 @@ fn drift(
             detail: diffs.join(", "),
             decision: Decision::Note,
             repair: Some(Repair::UpdateRow {
-                id: row.id.clone(),
-                version: row.version.clone(),
+                id: SessionId::from_row(row.id.to_owned()),
+                version: row.version.to_owned(),
                 from: row.state,
                 to: want_state,
                 owner_id: owner_differs.then(|| live.owner_id.clone()),
@@ -1038,24 +1102,28 @@ fn drift(
 fn duplicates(
     input: &Input<'_>,
     reach: &Reach<'_>,
-    held: &FxHashMap<&str, Held<'_>>,
-    handled: &BTreeSet<&str>,
+    held: &Listings<'_>,
+    join: &Join,
+    handled: &[bool],
     candidates: &mut Vec<Candidate>,
 ) {
     // Live rows that stay live after this pass, by the owner they will have once
     // drift is repaired, sorted so that an owner's rows are adjacent.
-    let mut by_owner: Vec<(&str, &SessionRow)> = input
+    // Each entry is the owner and the row's index: the row is read again only
+    // for the owners with more than one.
+    let mut by_owner: Vec<(&str, usize)> = input
         .db
         .rows
         .iter()
-        .filter(|r| r.state.is_live() && !handled.contains(r.id.as_str()))
-        .filter_map(|r| {
-            let listed = held.get(r.id.as_str()).and_then(Held::usable).map(|s| s.owner_id.as_str());
-            listed.or(r.owner_id.as_deref()).map(|owner| (owner, r))
+        .enumerate()
+        .filter(|(i, r)| r.state.is_live() && !handled[*i])
+        .filter_map(|(i, r)| {
+            let listed = join.listing(held, i).and_then(Held::usable).map(|s| s.owner_id.as_str());
+            listed.or(r.owner_id).map(|owner| (owner, i))
         })
         .collect();
     by_owner.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    unpersisted_duplicates(&by_owner, candidates);
+    unpersisted_duplicates(&input.db.rows, &by_owner, candidates);
     rows_of_one_owner(input, &by_owner, held, reach, candidates);
 }
 
@@ -1064,7 +1132,7 @@ fn duplicates(
 /// one-live-session-per-owner index would refuse it on every pass. It is a
 /// duplicate held by the controller, reported for an operator to resolve, and
 /// the newest session of a row-less owner is the one inserted.
-fn unpersisted_duplicates(by_owner: &[(&str, &SessionRow)], candidates: &mut [Candidate]) {
+fn unpersisted_duplicates(all: &Rows, by_owner: &[(&str, usize)], candidates: &mut [Candidate]) {
     let mut newest: HashMap<String, (Option<DateTime<Utc>>, String)> = HashMap::new();
     for c in candidates.iter() {
         if let (Kind::Unpersisted, Some(Repair::InsertRow { owner_id, .. })) = (c.finding.kind, &c.finding.repair) {
@@ -1078,7 +1146,7 @@ fn unpersisted_duplicates(by_owner: &[(&str, &SessionRow)], candidates: &mut [Ca
         return;
     }
     let row_of =
-        |owner: &str| by_owner.binary_search_by(|(o, _)| (*o).cmp(owner)).ok().map(|i| by_owner[i].1.id.as_str());
+        |owner: &str| by_owner.binary_search_by(|(o, _)| (*o).cmp(owner)).ok().and_then(|i| all.id(by_owner[i].1));
     for c in candidates.iter_mut() {
         let Some(Repair::InsertRow { owner_id, .. }) = &c.finding.repair else { continue };
         let detail = if let Some(row) = row_of(owner_id) {
@@ -1103,33 +1171,35 @@ fn unpersisted_duplicates(by_owner: &[(&str, &SessionRow)], candidates: &mut [Ca
 /// row on an unreachable instance waits: we cannot know what that instance holds.
 fn rows_of_one_owner(
     input: &Input<'_>,
-    by_owner: &[(&str, &SessionRow)],
-    held: &FxHashMap<&str, Held<'_>>,
+    by_owner: &[(&str, usize)],
+    held: &Listings<'_>,
     reach: &Reach<'_>,
     candidates: &mut Vec<Candidate>,
 ) {
     let mut superseded: FxHashSet<String> = FxHashSet::default();
     for group in by_owner.chunk_by(|a, b| a.0 == b.0).filter(|g| g.len() > 1) {
-        let rows: Vec<&SessionRow> = group.iter().map(|(_, r)| *r).collect();
+        let rows: Vec<RowRef<'_>> = group.iter().filter_map(|(_, i)| input.db.rows.get(*i)).collect();
         let verifiable = rows.iter().all(|r| {
-            held.contains_key(r.id.as_str())
-                || match r.controller_instance.as_deref() {
+            held.get(r.id).is_some()
+                || match r.controller_instance {
                     Some(i) => reach.reachable.contains_key(i) || reach.dead.contains(i),
                     None => reach.fleet_gap(input).is_none(),
                 }
         });
-        let newest = |rs: &mut dyn Iterator<Item = &&SessionRow>| -> Option<SessionId> {
-            rs.max_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id))).map(|r| r.id.clone())
+        let newest = |held_only: bool| {
+            rows.iter()
+                .filter(|r| !held_only || held.get(r.id).is_some())
+                .max_by(|a, b| (a.created_at, a.id).cmp(&(b.created_at, b.id)))
+                .map(|r| r.id)
         };
-        let held_newest = newest(&mut rows.iter().filter(|r| held.contains_key(r.id.as_str())));
-        let keep = held_newest.or_else(|| newest(&mut rows.iter()));
-        let ambiguous = rows.iter().any(|r| held.get(r.id.as_str()).is_some_and(|h| h.ambiguous));
-        for row in rows.iter().filter(|r| Some(&r.id) != keep.as_ref()) {
+        let keep = newest(true).or_else(|| newest(false));
+        let ambiguous = rows.iter().any(|r| held.get(r.id).is_some_and(|h| h.ambiguous));
+        for &row in rows.iter().filter(|r| Some(r.id) != keep) {
             // Ending a row nobody holds rests on its absence from the lists.
-            let absent_unproven = if held.contains_key(row.id.as_str()) {
+            let absent_unproven = if held.get(row.id).is_some() {
                 None
             } else {
-                match row.controller_instance.as_deref() {
+                match row.controller_instance {
                     Some(i) => reach.unproven(input, i),
                     None => reach.fleet_unproven(input),
                 }
@@ -1145,13 +1215,13 @@ fn rows_of_one_owner(
             };
             // Stopping a row supersedes making it follow the controller.
             superseded.insert(row.id.to_string());
-            let holder = held.get(row.id.as_str()).map(|h| h.instance);
+            let holder = held.get(row.id).map(|h| h.instance());
             let repair = match holder {
                 // The controller runs it: stop it there, and end its row.
                 Some(instance) => Repair::StopLive {
-                    id: row.id.clone(),
+                    id: SessionId::from_row(row.id.to_owned()),
                     controller_instance: instance.to_owned(),
-                    row_version: row.version.clone(),
+                    row_version: row.version.to_owned(),
                     row_state: row.state,
                     end_row: true,
                 },
@@ -1161,12 +1231,8 @@ fn rows_of_one_owner(
                 finding: Finding {
                     kind: Kind::Duplicate,
                     subject: row.id.to_string(),
-                    instance: row.controller_instance.clone(),
-                    detail: format!(
-                        "{} live rows for one owner; keeping {}",
-                        rows.len(),
-                        keep.as_ref().map_or("none", |k| k.as_str())
-                    ),
+                    instance: row.controller_instance.map(str::to_owned),
+                    detail: format!("{} live rows for one owner; keeping {}", rows.len(), keep.unwrap_or("none")),
                     decision,
                     repair: Some(repair),
                 },

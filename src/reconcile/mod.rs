@@ -623,7 +623,7 @@ impl Reconciler {
         report.stages.read = read_started.elapsed().as_secs_f64();
         self.tick();
         report.database_up = true;
-        for row in &db.rows {
+        for row in db.rows.iter() {
             *report.rows_by_state.entry(row.state.as_str()).or_default() += 1;
         }
         Ok(Read { instances, db, shape, writable, read_only, released })

@@ -291,9 +291,18 @@ impl Table {
         }
     }
 
-    /// Every live row. `$1`: the live state values.
-    pub fn live_rows_sql(&self) -> String {
-        format!("SELECT {} FROM {} t WHERE {}", self.select_list(), self.table, self.live("$1"))
+    /// Every live row, as `COPY … (FORMAT binary)`: the select list's fields
+    /// in the binary wire format, with no per-row protocol message to decode.
+    /// `COPY` takes no parameters, so the live values are written as escaped
+    /// literals (they come from the config, never from a controller).
+    pub fn live_rows_copy_sql(&self, live_values: &[&str]) -> String {
+        let values: Vec<String> = live_values.iter().map(|v| literal(v)).collect();
+        format!(
+            "COPY (SELECT {} FROM {} t WHERE {}) TO STDOUT (FORMAT binary)",
+            self.select_list(),
+            self.table,
+            self.live(&format!("ARRAY[{}]", values.join(", ")))
+        )
     }
 
     /// The rows of these ids that are not live. `$1`: ids, `$2`: the live values.
@@ -568,4 +577,10 @@ impl Table {
             audit = self.audit,
         )
     }
+}
+
+/// A string as an SQL literal that reads the same whatever
+/// `standard_conforming_strings` is: an `E''` string with `\` and `'` doubled.
+fn literal(s: &str) -> String {
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }

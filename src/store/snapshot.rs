@@ -8,7 +8,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::mapping::Kind;
 use super::{q, Store, StoreError, Tx};
-use crate::model::{DbSnapshot, GoneRow, InvalidRow, OpenIntent, RowState, SessionId, SessionRow};
+use crate::model::{DbSnapshot, GoneRow, InvalidRow, OpenIntent, RowRef, RowState, Rows, SessionId};
 
 impl Store {
     /// Reads every live row, and the row (in whatever state) of every id in
@@ -27,9 +27,9 @@ impl Store {
     ) -> Result<DbSnapshot, StoreError> {
         const WHAT: &str = "read the sessions";
         let table = self.table()?;
-        let live_sql = table.live_rows_sql();
-        let by_id_sql = table.rows_by_id_sql();
         let vocabulary = table.vocabulary.clone();
+        let live_sql = table.live_rows_copy_sql(&vocabulary.live_values());
+        let by_id_sql = table.rows_by_id_sql();
         let id_kind = table.id.kind;
         let live_values: Vec<String> = vocabulary.live_values().into_iter().map(str::to_owned).collect();
         let intents_sql = format!(
@@ -58,17 +58,22 @@ impl Store {
             let offset = db_now - (sent + (Utc::now() - sent) / 2);
 
             // Sized for the usual case (about one live row per live session), so
-            // the vector is not reallocated, and briefly held twice, while it fills.
-            let mut rows = Vec::with_capacity(live_ids.len() + live_ids.len() / 16 + 16);
+            // the columns are not reallocated, and briefly held twice, while they fill.
+            let mut rows = Rows::default();
+            let expected = live_ids.len() + live_ids.len() / 16 + 16;
+            rows.reserve(expected, expected * 48);
             let mut invalid = Vec::new();
-            let params: [(&(dyn ToSql + Sync), Type); 1] = [(&live_values, Type::TEXT_ARRAY)];
-            let stream = tx.query_typed_raw(&live_sql, params).await.map_err(q(WHAT))?;
+            let stream = tx.copy_out(live_sql.as_str()).await.map_err(q(WHAT))?;
             pin_mut!(stream);
-            while let Some(r) = stream.try_next().await.map_err(q(WHAT))? {
-                convert(&r, &vocabulary, offset, &mut rows, &mut invalid)?;
+            let mut copy = BinaryCopy::default();
+            while let Some(chunk) = stream.try_next().await.map_err(q(WHAT))? {
+                copy.feed(&chunk, |t| push_tuple(t, &vocabulary, offset, &mut rows, &mut invalid))?;
             }
-            let mut have: Vec<&str> = rows.iter().map(|r: &SessionRow| r.id.as_str()).collect();
-            have.sort_unstable();
+            copy.finish()?;
+            let mut have: Vec<&str> = rows.iter().map(|r| r.id).collect();
+            if !have.is_sorted() {
+                have.sort_unstable();
+            }
             // Ids the id column's type cannot hold have no row.
             let missing: Vec<&str> = live_ids
                 .iter()
@@ -106,7 +111,7 @@ impl Store {
             let mut gone = Vec::new();
             if !missing.is_empty() {
                 let mut found: Vec<&str> =
-                    rows.iter().map(|r| r.id.as_str()).chain(invalid.iter().map(|r| r.id.as_str())).collect();
+                    rows.iter().map(|r| r.id).chain(invalid.iter().map(|r| r.id.as_str())).collect();
                 found.sort_unstable();
                 let absent: Vec<&str> = missing.iter().copied().filter(|id| found.binary_search(id).is_err()).collect();
                 if !absent.is_empty() {
@@ -169,29 +174,239 @@ fn convert(
     r: &tokio_postgres::Row,
     vocabulary: &crate::config::Vocabulary,
     offset: chrono::Duration,
-    rows: &mut Vec<SessionRow>,
+    rows: &mut Rows,
     invalid: &mut Vec<InvalidRow>,
 ) -> Result<(), StoreError> {
-    const WHAT: &str = "read the sessions";
-    let id: String = r.try_get(0).map_err(q(WHAT))?;
-    let value: Option<String> = r.try_get(1).map_err(q(WHAT))?;
-    let deleted: bool = r.try_get(7).map_err(q(WHAT))?;
-    let instance: Option<String> = r.try_get(6).map_err(q(WHAT))?;
-    let state = if deleted { Some(RowState::Deleted) } else { value.as_deref().and_then(|v| vocabulary.read(v)) };
-    let Some(state) = state else {
-        invalid.push(InvalidRow { id: SessionId::from_row(id), value, controller_instance: instance });
-        return Ok(());
-    };
+    let id: &str = r.try_get(0).map_err(q(WHAT))?;
     let created_at: DateTime<Utc> = r.try_get(2).map_err(q(WHAT))?;
     let changed_at: Option<DateTime<Utc>> = r.try_get(3).map_err(q(WHAT))?;
-    rows.push(SessionRow {
-        id: SessionId::from_row(id),
-        owner_id: r.try_get(5).map_err(q(WHAT))?,
-        controller_instance: instance,
-        state,
-        created_at: created_at - offset,
-        changed_at: changed_at.unwrap_or(created_at) - offset,
+    let fields = Fields {
+        id,
+        state: r.try_get(1).map_err(q(WHAT))?,
+        created_at,
+        changed_at,
         version: r.try_get(4).map_err(q(WHAT))?,
-    });
-    Ok(())
+        owner_id: r.try_get(5).map_err(q(WHAT))?,
+        instance: r.try_get(6).map_err(q(WHAT))?,
+        deleted: r.try_get(7).map_err(q(WHAT))?,
+    };
+    fields.push(vocabulary, offset, rows, invalid)
+}
+
+const WHAT: &str = "read the sessions";
+
+/// The fields of one row, borrowed from wherever they were decoded.
+struct Fields<'a> {
+    id: &'a str,
+    state: Option<&'a str>,
+    created_at: DateTime<Utc>,
+    changed_at: Option<DateTime<Utc>>,
+    version: &'a str,
+    owner_id: Option<&'a str>,
+    instance: Option<&'a str>,
+    deleted: bool,
+}
+
+impl Fields<'_> {
+    fn push(
+        self,
+        vocabulary: &crate::config::Vocabulary,
+        offset: chrono::Duration,
+        rows: &mut Rows,
+        invalid: &mut Vec<InvalidRow>,
+    ) -> Result<(), StoreError> {
+        let state = if self.deleted { Some(RowState::Deleted) } else { self.state.and_then(|v| vocabulary.read(v)) };
+        let Some(state) = state else {
+            invalid.push(InvalidRow {
+                id: SessionId::from_row(self.id.to_owned()),
+                value: self.state.map(str::to_owned),
+                controller_instance: self.instance.map(str::to_owned),
+            });
+            return Ok(());
+        };
+        rows.push_parts(RowRef {
+            id: self.id,
+            owner_id: self.owner_id,
+            controller_instance: self.instance,
+            state,
+            created_at: self.created_at - offset,
+            changed_at: self.changed_at.unwrap_or(self.created_at) - offset,
+            version: self.version,
+        })
+        .map_err(|e| StoreError::Corrupt { what: WHAT, detail: e.to_string() })
+    }
+}
+
+/// The select list's eight fields, from one tuple of a binary `COPY`.
+fn push_tuple(
+    t: &[Option<&[u8]>],
+    vocabulary: &crate::config::Vocabulary,
+    offset: chrono::Duration,
+    rows: &mut Rows,
+    invalid: &mut Vec<InvalidRow>,
+) -> Result<(), StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt { what: WHAT, detail };
+    let &[id, state, created_at, changed_at, version, owner_id, instance, deleted] = t else {
+        return Err(corrupt(format!("a row has {} fields, not the 8 selected", t.len())));
+    };
+    let id = text("id", id)?.ok_or_else(|| corrupt("a row has a NULL id".into()))?;
+    let instant = |name: &str, v: Option<&[u8]>| -> Result<Option<DateTime<Utc>>, StoreError> {
+        let Some(b) = v else { return Ok(None) };
+        let micros = <[u8; 8]>::try_from(b)
+            .map(i64::from_be_bytes)
+            .map_err(|_| corrupt(format!("the {name} of row {id} is not a timestamptz")))?;
+        postgres_epoch()
+            .checked_add_signed(chrono::Duration::microseconds(micros))
+            .filter(|_| micros != i64::MAX && micros != i64::MIN)
+            .map(Some)
+            .ok_or_else(|| corrupt(format!("the {name} of row {id} is infinite or out of range")))
+    };
+    let fields = Fields {
+        id,
+        state: text("state", state)?,
+        created_at: instant("creation time", created_at)?
+            .ok_or_else(|| corrupt(format!("row {id} has no creation time")))?,
+        changed_at: instant("change time", changed_at)?,
+        version: text("xmin", version)?.unwrap_or_default(),
+        owner_id: text("owner", owner_id)?,
+        instance: text("instance", instance)?,
+        deleted: matches!(deleted, Some([1])),
+    };
+    fields.push(vocabulary, offset, rows, invalid)
+}
+
+/// A text field, which must be UTF-8 (the connection's encoding).
+fn text<'b>(name: &str, v: Option<&'b [u8]>) -> Result<Option<&'b str>, StoreError> {
+    v.map(|b| {
+        std::str::from_utf8(b)
+            .map_err(|_| StoreError::Corrupt { what: WHAT, detail: format!("the {name} of a row is not UTF-8") })
+    })
+    .transpose()
+}
+
+/// 2000-01-01 00:00:00 UTC, where PostgreSQL's binary timestamps count from.
+fn postgres_epoch() -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp(946_684_800, 0).unwrap_or_default()
+}
+
+/// A reader of `COPY … TO STDOUT (FORMAT binary)` as its chunks arrive:
+/// the signature and header, then tuples (a field count, then each field's
+/// length, `-1` for NULL, and bytes), then a `-1` trailer. A tuple split
+/// across chunks waits in `pending`; the others are read in place.
+#[derive(Default)]
+struct BinaryCopy {
+    pending: Vec<u8>,
+    header_read: bool,
+    ended: bool,
+}
+
+const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+
+impl BinaryCopy {
+    fn feed(
+        &mut self,
+        chunk: &[u8],
+        mut each: impl FnMut(&[Option<&[u8]>]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut pending = std::mem::take(&mut self.pending);
+        let data: &[u8] = if pending.is_empty() {
+            chunk
+        } else {
+            pending.extend_from_slice(chunk);
+            &pending
+        };
+        let mut fields: Vec<Option<&[u8]>> = Vec::with_capacity(8);
+        let mut at = 0;
+        loop {
+            let rest = &data[at..];
+            if !self.header_read {
+                let Some(n) = header_len(rest)? else { break };
+                self.header_read = true;
+                at += n;
+                continue;
+            }
+            if self.ended {
+                if !rest.is_empty() {
+                    return Err(StoreError::Corrupt { what: WHAT, detail: "data after the end of COPY".into() });
+                }
+                break;
+            }
+            fields.clear();
+            match tuple(rest, &mut fields)? {
+                None => break,
+                Some(Tuple::End) => {
+                    self.ended = true;
+                    at += 2;
+                }
+                Some(Tuple::Row(n)) => {
+                    each(&fields)?;
+                    at += n;
+                }
+            }
+        }
+        let left = data[at..].to_vec();
+        drop(fields);
+        pending.clear();
+        pending.extend_from_slice(&left);
+        self.pending = pending;
+        Ok(())
+    }
+
+    /// Every tuple was complete, and the trailer came.
+    fn finish(&self) -> Result<(), StoreError> {
+        if self.ended && self.pending.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::Corrupt { what: WHAT, detail: "COPY ended in the middle of a row".into() })
+        }
+    }
+}
+
+/// The length of the signature and header, once all of it is there.
+fn header_len(b: &[u8]) -> Result<Option<usize>, StoreError> {
+    if b.len() < SIGNATURE.len() + 8 {
+        return Ok(None);
+    }
+    if &b[..SIGNATURE.len()] != SIGNATURE {
+        return Err(StoreError::Corrupt { what: WHAT, detail: "COPY did not start with the binary signature".into() });
+    }
+    let ext = be_i32(&b[SIGNATURE.len() + 4..]).unwrap_or(0);
+    let ext = usize::try_from(ext)
+        .map_err(|_| StoreError::Corrupt { what: WHAT, detail: "a negative COPY header extension".into() })?;
+    let n = SIGNATURE.len() + 8 + ext;
+    Ok((b.len() >= n).then_some(n))
+}
+
+enum Tuple {
+    /// A tuple of this many bytes; its fields are in the vector.
+    Row(usize),
+    End,
+}
+
+/// One tuple at the start of `b`, or `None` until all of it is there.
+fn tuple<'b>(b: &'b [u8], fields: &mut Vec<Option<&'b [u8]>>) -> Result<Option<Tuple>, StoreError> {
+    let Some(count) = b.get(..2).map(|c| i16::from_be_bytes([c[0], c[1]])) else { return Ok(None) };
+    if count == -1 {
+        return Ok(Some(Tuple::End));
+    }
+    let count = usize::try_from(count)
+        .map_err(|_| StoreError::Corrupt { what: WHAT, detail: format!("a COPY tuple of {count} fields") })?;
+    let mut at = 2;
+    for _ in 0..count {
+        let Some(len) = be_i32(&b[at..]) else { return Ok(None) };
+        at += 4;
+        if len < 0 {
+            fields.push(None);
+            continue;
+        }
+        let end = at + len as usize;
+        let Some(value) = b.get(at..end) else { return Ok(None) };
+        fields.push(Some(value));
+        at = end;
+    }
+    Ok(Some(Tuple::Row(at)))
+}
+
+fn be_i32(b: &[u8]) -> Option<i32> {
+    b.get(..4).map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]))
 }
