@@ -253,6 +253,43 @@ async fn the_reference_table_in_a_schema_of_its_own_works_unchanged() {
     adopt(&REFERENCE).await;
 }
 
+/// The live rows are read by `COPY`, which takes no parameters: the live
+/// values are written into it as literals, and must read exactly as configured.
+#[tokio::test]
+async fn a_live_value_with_a_quote_and_a_backslash_is_read_as_written() {
+    let db = TestDb::empty().await;
+    db.client().await.batch_execute(DATA_COLLECTION.ddl).await.expect("the table");
+    let a = SimController::start("ctrl-a").await.expect("controller");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let odd = r"it's \ on";
+    let config = DATA_COLLECTION
+        .config(&db, &a)
+        .replace(r#"active = ["running", "active"]"#, r#"active = ["running", "it's \\ on"]"#);
+    assert!(config.contains(r#""it's \\ on""#), "{config}");
+    let path = write(dir.path(), "sessiond.toml", &config);
+    let p = path.to_str().expect("utf-8");
+    assert_eq!(run_async(&["migrate", "--config", p]).await.status.code(), Some(0));
+    let f = &DATA_COLLECTION;
+    f.row(&db, 0, odd, 600.0).await; // live, listed
+    a.add(&(f.id)(0), &(f.owner)(0), "running", Some(ago(600)));
+    f.row(&db, 1, odd, 600.0).await; // live, not listed: an orphan
+    f.row(&db, 2, "running", 600.0).await; // live, listed
+    a.add(&(f.id)(2), &(f.owner)(2), "running", Some(ago(600)));
+
+    let once = run_async(&["once", "--dry-run", "--json", "--config", p]).await;
+    let report: serde_json::Value = serde_json::from_slice(&once.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", text(&once.stdout), text(&once.stderr)));
+    assert_eq!(once.status.code(), Some(0), "{report}");
+    let kinds: Vec<(String, String)> = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|f| (f["kind"].as_str().unwrap_or("").to_owned(), f["subject"].as_str().unwrap_or("").to_owned()))
+        .collect();
+    assert_eq!(kinds, [("orphaned".to_owned(), (f.id)(1))], "{report}");
+    assert_eq!(report["rows_by_state"]["active"], 3, "{report}");
+}
+
 #[tokio::test]
 async fn a_row_with_a_status_in_no_list_is_an_invalid_row_and_the_pass_goes_on() {
     let db = TestDb::empty().await;

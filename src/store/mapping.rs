@@ -584,3 +584,12 @@ impl Table {
 fn literal(s: &str) -> String {
     format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
+
+#[cfg(test)]
+mod literal_tests {
+    #[test]
+    fn literals_escape_quotes_and_backslashes() {
+        assert_eq!(super::literal("active"), "E'active'");
+        assert_eq!(super::literal(r"it's \o/"), r"E'it''s \\o/'");
+    }
+}

@@ -410,3 +410,77 @@ fn tuple<'b>(b: &'b [u8], fields: &mut Vec<Option<&'b [u8]>>) -> Result<Option<T
 fn be_i32(b: &[u8]) -> Option<i32> {
     b.get(..4).map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A binary COPY stream of `rows`, each a list of fields (`None` is NULL).
+    fn stream(rows: &[Vec<Option<&[u8]>>]) -> Vec<u8> {
+        let mut b = SIGNATURE.to_vec();
+        b.extend_from_slice(&0i32.to_be_bytes()); // flags
+        b.extend_from_slice(&4i32.to_be_bytes()); // a header extension of 4 bytes
+        b.extend_from_slice(b"skip");
+        for row in rows {
+            b.extend_from_slice(&(row.len() as i16).to_be_bytes());
+            for f in row {
+                match f {
+                    Some(v) => {
+                        b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                        b.extend_from_slice(v);
+                    }
+                    None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+                }
+            }
+        }
+        b.extend_from_slice(&(-1i16).to_be_bytes());
+        b
+    }
+
+    fn read_all(chunks: &[&[u8]]) -> Result<Vec<Vec<Option<Vec<u8>>>>, StoreError> {
+        let mut copy = BinaryCopy::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            copy.feed(c, |t| {
+                out.push(t.iter().map(|f| f.map(<[u8]>::to_vec)).collect());
+                Ok(())
+            })?;
+        }
+        copy.finish()?;
+        Ok(out)
+    }
+
+    #[test]
+    fn tuples_split_anywhere_across_chunks_read_the_same() {
+        let rows =
+            vec![vec![Some(&b"a"[..]), None, Some(&b""[..])], vec![Some(&b"longer value"[..]), Some(&b"x"[..]), None]];
+        let whole = stream(&rows);
+        let want = read_all(&[&whole]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(want.len(), 2);
+        assert_eq!(want[0], vec![Some(b"a".to_vec()), None, Some(Vec::new())]);
+        for i in 0..=whole.len() {
+            for j in i..=whole.len() {
+                let got =
+                    read_all(&[&whole[..i], &whole[i..j], &whole[j..]]).unwrap_or_else(|e| panic!("{i}/{j}: {e}"));
+                assert_eq!(got, want, "split at {i} and {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_truncated_or_foreign_stream_is_an_error_not_fewer_rows() {
+        let whole = stream(&[vec![Some(&b"abc"[..])]]);
+        for cut in 0..whole.len() {
+            let err = read_all(&[&whole[..cut]]).err().map(|e| e.to_string());
+            assert!(err.is_some_and(|e| e.contains("read the sessions")), "cut at {cut} read as complete");
+        }
+        let mut foreign = whole.clone();
+        foreign[0] = b'X';
+        let err = read_all(&[&foreign]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("binary signature"), "{err}");
+        let mut trailing = whole;
+        trailing.push(0);
+        let err = read_all(&[&trailing]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("after the end"), "{err}");
+    }
+}
