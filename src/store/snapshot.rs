@@ -70,15 +70,24 @@ impl Store {
                 copy.feed(&chunk, |t| push_tuple(t, &vocabulary, offset, &mut rows, &mut invalid))?;
             }
             copy.finish()?;
+            // The live ids without a live row: one merge of the two sorted
+            // runs (the rows come in heap order, normally close to id order,
+            // and the lists one sorted run per controller).
             let mut have: Vec<&str> = rows.iter().map(|r| r.id).collect();
             if !have.is_sorted() {
                 have.sort_unstable();
             }
+            let mut wanted: Vec<&str> = live_ids.to_vec();
+            if !wanted.is_sorted() {
+                wanted.sort();
+            }
+            let mut held = have.iter().peekable();
+            let without_row = wanted.into_iter().filter(|id| {
+                while held.next_if(|h| *h < id).is_some() {}
+                held.peek() != Some(&id)
+            });
             // Ids the id column's type cannot hold have no row.
-            let missing: Vec<&str> = live_ids
-                .iter()
-                .copied()
-                .filter(|id| have.binary_search(id).is_err())
+            let missing: Vec<&str> = without_row
                 .filter(|id| match id_kind {
                     Kind::Uuid => uuid::Uuid::parse_str(id).is_ok(),
                     Kind::Int => id.parse::<i64>().is_ok(),
