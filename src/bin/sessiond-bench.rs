@@ -51,6 +51,10 @@ struct Cli {
     /// Point queries the naive reconciler runs before its time is extrapolated.
     #[arg(long, default_value_t = 20_000)]
     naive_sample: usize,
+    /// Read-only passes per size, each paired with a floor measured just
+    /// before it; the ratio reported is their median.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(Subcommand)]
@@ -313,18 +317,80 @@ struct MinSession<'a> {
 struct Figures {
     n: usize,
     load_s: f64,
-    copy_s: f64,
-    fetch_s: f64,
+    /// The floor measured just before the full pass.
+    floor: Floor,
     full: PassFigures,
-    read: PassFigures,
+    /// The read-only passes, each with the floor measured just before it.
+    reads: Vec<(Floor, PassFigures)>,
     naive_s: f64,
     naive_sample: usize,
 }
 
 impl Figures {
     fn floor_s(&self) -> f64 {
+        self.floor.seconds()
+    }
+
+    /// The median read-only round, by its ratio to its own floor.
+    fn read(&self) -> (f64, &PassFigures) {
+        let mut rounds: Vec<(f64, &PassFigures)> =
+            self.reads.iter().map(|(floor, pass)| (pass.seconds / floor.seconds(), pass)).collect();
+        rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+        rounds[rounds.len() / 2]
+    }
+}
+
+/// The least any reconciler spends to see both sides.
+#[derive(Clone, Copy)]
+struct Floor {
+    copy_s: f64,
+    fetch_s: f64,
+}
+
+impl Floor {
+    fn seconds(&self) -> f64 {
         self.copy_s + self.fetch_s
     }
+}
+
+/// Streams the live rows out with `COPY`, then fetches the four lists and
+/// parses them with a minimal borrowed reader.
+async fn floor(client: &tokio_postgres::Client, addrs: &[SocketAddr], n: usize) -> anyhow::Result<Floor> {
+    let t = Instant::now();
+    let stream = client
+        .copy_out(
+            "COPY (SELECT session_id, owner_id, controller_instance, state, created_at, updated_at
+                     FROM sessions WHERE state IN ('creating', 'active', 'paused')) TO STDOUT",
+        )
+        .await?;
+    futures_util::pin_mut!(stream);
+    let mut copied = 0usize;
+    while let Some(chunk) = stream.next().await {
+        copied += chunk?.len();
+    }
+    let copy_s = t.elapsed().as_secs_f64();
+
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    let fetches = addrs.iter().map(|a| {
+        let http = http.clone();
+        async move {
+            let body = http.get(format!("http://{a}/internal/sessions")).send().await?.bytes().await?;
+            let list: MinList<'_> = serde_json::from_slice(&body)?;
+            // Touch what a reconciler needs from each entry.
+            let usable = list
+                .sessions
+                .iter()
+                .filter(|s| !s.session_id.is_empty() && !s.owner_id.is_empty() && !s.state.is_empty())
+                .count();
+            Ok::<_, anyhow::Error>(usable)
+        }
+    });
+    let counts = futures_util::future::join_all(fetches).await;
+    let fetch_s = t.elapsed().as_secs_f64();
+    let listed: usize = counts.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().sum();
+    println!("N={n} floor_copy_s={copy_s:.3} bytes={copied} floor_fetch_s={fetch_s:.3} live_sessions={listed}");
+    Ok(Floor { copy_s, fetch_s })
 }
 
 fn run_child(config: &std::path::Path, dry_run: bool) -> anyhow::Result<PassFigures> {
@@ -341,17 +407,23 @@ fn run_child(config: &std::path::Path, dry_run: bool) -> anyhow::Result<PassFigu
     serde_json::from_slice(&out.stdout).context("read the child's figures")
 }
 
-async fn measure(base_url: &str, n: usize, naive_sample: usize) -> anyhow::Result<Figures> {
+async fn measure(base_url: &str, n: usize, naive_sample: usize, rounds: usize) -> anyhow::Result<Figures> {
     let name = format!("sessiond_bench_{}", uuid::Uuid::new_v4().simple());
     let (admin, conn) = tokio_postgres::connect(base_url, NoTls).await.context("connect to the bench server")?;
     tokio::spawn(conn);
     admin.batch_execute(&format!("CREATE DATABASE {name}")).await?;
-    let result = measure_in(base_url, &name, n, naive_sample).await;
+    let result = measure_in(base_url, &name, n, naive_sample, rounds).await;
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
     result
 }
 
-async fn measure_in(base_url: &str, name: &str, n: usize, naive_sample: usize) -> anyhow::Result<Figures> {
+async fn measure_in(
+    base_url: &str,
+    name: &str,
+    n: usize,
+    naive_sample: usize,
+    rounds: usize,
+) -> anyhow::Result<Figures> {
     let mut url = reqwest::Url::parse(base_url)?;
     url.set_path(&format!("/{name}"));
     let db_url = url.to_string();
@@ -375,43 +447,8 @@ async fn measure_in(base_url: &str, name: &str, n: usize, naive_sample: usize) -
         addrs.push(serve_static(body, Arc::clone(&stops)).await?);
     }
 
-    // Floor, database side: stream the live rows out.
-    let t = Instant::now();
-    let stream = client
-        .copy_out(
-            "COPY (SELECT session_id, owner_id, controller_instance, state, created_at, updated_at
-                     FROM sessions WHERE state IN ('creating', 'active', 'paused')) TO STDOUT",
-        )
-        .await?;
-    futures_util::pin_mut!(stream);
-    let mut copied = 0usize;
-    while let Some(chunk) = stream.next().await {
-        copied += chunk?.len();
-    }
-    let copy_s = t.elapsed().as_secs_f64();
-    println!("N={n} floor_copy_s={copy_s:.3} bytes={copied}");
-
-    // Floor, controller side: fetch and parse the lists with a minimal reader.
-    let http = reqwest::Client::new();
-    let t = Instant::now();
-    let fetches = addrs.iter().map(|a| {
-        let http = http.clone();
-        async move {
-            let body = http.get(format!("http://{a}/internal/sessions")).send().await?.bytes().await?;
-            let list: MinList<'_> = serde_json::from_slice(&body)?;
-            // Touch what a reconciler needs from each entry.
-            let usable = list
-                .sessions
-                .iter()
-                .filter(|s| !s.session_id.is_empty() && !s.owner_id.is_empty() && !s.state.is_empty())
-                .count();
-            Ok::<_, anyhow::Error>(usable)
-        }
-    });
-    let counts = futures_util::future::join_all(fetches).await;
-    let fetch_s = t.elapsed().as_secs_f64();
-    let listed: usize = counts.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().sum();
-    println!("N={n} floor_fetch_s={fetch_s:.3} live_sessions={listed}");
+    let first = floor(&client, &addrs, n).await?;
+    let listed = (0..n).filter(|i| category(*i) != 0).count();
 
     // Naive: a query per live controller session, sampled and extrapolated.
     let stmt = client.prepare("SELECT state, xmin::text FROM sessions WHERE session_id = $1").await?;
@@ -421,7 +458,7 @@ async fn measure_in(base_url: &str, name: &str, n: usize, naive_sample: usize) -
         let _ = client.query_opt(&stmt, &[id]).await?;
     }
     let per_query = t.elapsed().as_secs_f64() / sample.len().max(1) as f64;
-    let naive_s = fetch_s + copy_s + per_query * listed as f64;
+    let naive_s = first.seconds() + per_query * listed as f64;
     println!(
         "N={n} naive_s={naive_s:.2} (extrapolated: {} point queries at {:.1} us each, measured on {})",
         listed,
@@ -446,15 +483,28 @@ async fn measure_in(base_url: &str, name: &str, n: usize, naive_sample: usize) -
     }
     std::fs::write(&path, text)?;
 
-    let read = tokio::task::spawn_blocking({
-        let path = path.clone();
-        move || run_child(&path, true)
-    })
-    .await??;
-    println!(
-        "N={n} sessiond_read_only_s={:.3} round_trips={} findings={} stages: fetch={:.3} read={:.3} classify={:.3}",
-        read.seconds, read.round_trips, read.findings, read.stages[0], read.stages[1], read.stages[2]
-    );
+    let mut reads = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let before = floor(&client, &addrs, n).await?;
+        let read = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || run_child(&path, true)
+        })
+        .await??;
+        println!(
+            "N={n} sessiond_read_only_s={:.3} read_only_ratio={:.2} round_trips={} findings={} stages: fetch={:.3} read={:.3} classify={:.3} bytes_per_session={:.0}",
+            read.seconds,
+            read.seconds / before.seconds(),
+            read.round_trips,
+            read.findings,
+            read.stages[0],
+            read.stages[1],
+            read.stages[2],
+            read.peak_rss.saturating_sub(read.rss_before) as f64 / n as f64
+        );
+        reads.push((before, read));
+    }
+    let read = &reads[reads.len() / 2].1;
     let [fp50, fp99, fmax] = read.api_findings_ms;
     let [sp50, sp99, smax] = read.api_session_ms;
     println!(
@@ -464,6 +514,7 @@ async fn measure_in(base_url: &str, name: &str, n: usize, naive_sample: usize) -
     );
     let [ip50, ip99, _] = read.api_session_idle_ms;
     println!("N={n} api_latency_ms_idle session p50={ip50:.2} p99={ip99:.2}");
+    let before_full = floor(&client, &addrs, n).await?;
     let full = tokio::task::spawn_blocking({
         let path = path.clone();
         move || run_child(&path, false)
@@ -485,7 +536,7 @@ async fn measure_in(base_url: &str, name: &str, n: usize, naive_sample: usize) -
     if full.repaired != expected {
         bail!("expected {expected} repairs (1% each of orphans, zombies, unpersisted), got {}", full.repaired);
     }
-    Ok(Figures { n, load_s, copy_s, fetch_s, full, read, naive_s, naive_sample: sample.len() })
+    Ok(Figures { n, load_s, floor: before_full, full, reads, naive_s, naive_sample: sample.len() })
 }
 
 fn print(f: &Figures) {
@@ -502,10 +553,10 @@ fn print(f: &Figures) {
         f.full.seconds,
         f.floor_s(),
         f.full.seconds / f.floor_s(),
-        f.read.seconds / f.floor_s(),
+        f.read().0,
         f.naive_s / f.floor_s(),
         f.full.round_trips,
-        f.read.round_trips,
+        f.read().1.round_trips,
         f.full.scrape_p99_ms,
         f.naive_sample,
         f.load_s,
@@ -537,7 +588,7 @@ fn main() -> ExitCode {
     }
     let mut all = Vec::new();
     for &n in &cli.sessions {
-        match rt.block_on(measure(&cli.database_url, n, cli.naive_sample)) {
+        match rt.block_on(measure(&cli.database_url, n, cli.naive_sample, cli.rounds)) {
             Ok(f) => {
                 print(&f);
                 all.push(f);
