@@ -45,11 +45,11 @@ fn entries_where(instances: &[InstanceSnapshot], keep: impl Fn(&str) -> bool) ->
     let mut out: BTreeMap<String, Vec<LiveEntry>> = BTreeMap::new();
     for inst in instances {
         let Ok(list) = &inst.result else { continue };
-        for s in list.sessions.iter().filter(|s| keep(s.id.as_str())) {
-            out.entry(s.id.as_str().to_owned()).or_default().push(LiveEntry {
+        for s in list.sessions.iter().filter(|s| keep(s.id)) {
+            out.entry(s.id.to_owned()).or_default().push(LiveEntry {
                 controller: inst.name.clone(),
                 state: s.state.as_str(),
-                owner_id: s.owner_id.clone(),
+                owner_id: s.owner_id.to_owned(),
                 started_at: s.started_at,
             });
         }

@@ -140,6 +140,110 @@ pub struct LiveSession {
     pub started_at: Option<DateTime<Utc>>,
 }
 
+/// A session of [`LiveSessions`], borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveRef<'a> {
+    /// It matched `sessions.id_pattern` when it was listed.
+    pub id: &'a str,
+    pub owner_id: &'a str,
+    pub state: LiveState,
+    pub started_at: Option<DateTime<Utc>>,
+}
+
+impl LiveRef<'_> {
+    /// The id, owned; it was validated when the list was read.
+    pub fn session_id(&self) -> SessionId {
+        SessionId(self.id.to_owned())
+    }
+}
+
+/// Where a live session's fields are: its id then its owner in the arena, the
+/// rest by value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LiveMeta {
+    start: usize,
+    id_len: u32,
+    owner_len: u32,
+    started_at: Option<DateTime<Utc>>,
+    state: LiveState,
+}
+
+/// The well-formed sessions of a controller's list, as columns: every string
+/// in one arena and a fixed-size record per session, so a list of a million
+/// is two allocations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LiveSessions {
+    text: String,
+    meta: Vec<LiveMeta>,
+}
+
+impl LiveSessions {
+    pub fn with_capacity(sessions: usize, bytes: usize) -> LiveSessions {
+        LiveSessions { text: String::with_capacity(bytes), meta: Vec::with_capacity(sessions) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.meta.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+    }
+
+    /// Appends a session whose id matched `sessions.id_pattern`, and whose id
+    /// and owner the parser bounded (255 and 1024 bytes).
+    pub(crate) fn push_checked(
+        &mut self,
+        id: &str,
+        owner_id: &str,
+        state: LiveState,
+        started_at: Option<DateTime<Utc>>,
+    ) {
+        let start = self.text.len();
+        self.text.push_str(id);
+        self.text.push_str(owner_id);
+        let len = |s: &str| u32::try_from(s.len()).unwrap_or(u32::MAX);
+        self.meta.push(LiveMeta { start, id_len: len(id), owner_len: len(owner_id), started_at, state });
+    }
+
+    /// Appends an owned session (tests, and lists rebuilt after a change of id).
+    pub fn push(&mut self, s: LiveSession) {
+        self.push_checked(s.id.as_str(), &s.owner_id, s.state, s.started_at);
+    }
+
+    pub fn get(&self, i: usize) -> Option<LiveRef<'_>> {
+        let m = self.meta.get(i)?;
+        let id_end = m.start + m.id_len as usize;
+        Some(LiveRef {
+            id: self.text.get(m.start..id_end)?,
+            owner_id: self.text.get(id_end..id_end + m.owner_len as usize)?,
+            state: m.state,
+            started_at: m.started_at,
+        })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = LiveRef<'_>> + '_ {
+        (0..self.meta.len()).filter_map(|i| self.get(i))
+    }
+
+    /// Sets a session's start time (tests of a controller that omits it).
+    pub fn set_started_at(&mut self, i: usize, started_at: Option<DateTime<Utc>>) {
+        if let Some(m) = self.meta.get_mut(i) {
+            m.started_at = started_at;
+        }
+    }
+}
+
+impl FromIterator<LiveSession> for LiveSessions {
+    fn from_iter<I: IntoIterator<Item = LiveSession>>(iter: I) -> LiveSessions {
+        let mut out = LiveSessions::default();
+        for s in iter {
+            out.push(s);
+        }
+        out
+    }
+}
+
 /// An entry of a controller's list that could not be used. Its raw id still counts
 /// as "held by the controller", so the row it names is never taken for an orphan.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -285,7 +389,7 @@ pub struct ControllerList {
     pub boot_id: String,
     /// When the controller made the document, by its own clock.
     pub generated_at: Option<DateTime<Utc>>,
-    pub sessions: Vec<LiveSession>,
+    pub sessions: LiveSessions,
     pub invalid: Vec<InvalidEntry>,
     pub counters: Option<AppCounters>,
     /// Optional parts of the document that were present but malformed.

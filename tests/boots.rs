@@ -26,7 +26,7 @@ fn answers(ids: &[&str]) -> InstanceSnapshot {
         result: Ok(ControllerList {
             boot_id: ids[0].into(),
             generated_at: Some(t0()),
-            sessions: vec![],
+            sessions: Default::default(),
             invalid: vec![],
             counters: None,
             problems: vec![],
@@ -338,7 +338,7 @@ fn one_process_that_really_restarts_has_its_lost_sessions_ended_once_confirmed()
             result: Ok(ControllerList {
                 boot_id: boot.clone(),
                 generated_at: Some(fleet.now),
-                sessions: vec![],
+                sessions: Default::default(),
                 invalid: vec![],
                 counters: None,
                 problems: vec![],

@@ -88,7 +88,7 @@ impl World {
             result: Ok(ControllerList {
                 boot_id: "boot-1".into(),
                 generated_at: Some(fetched_at),
-                sessions: vec![],
+                sessions: Default::default(),
                 invalid: vec![],
                 counters: None,
                 problems: vec![],
@@ -368,7 +368,7 @@ fn live_session_without_a_row_is_unpersisted_and_inserted_in_the_live_state() {
 fn unpersisted_session_without_started_at_ages_from_first_sight() {
     let mut w = World::new();
     w.live("a", "s1", "o1", LiveState::Active, 0);
-    w.list("a").sessions[0].started_at = None;
+    w.list("a").sessions.set_started_at(0, None);
     let first = check(&w, "unpersisted s1 wait");
     w.memory = first.memory;
     w.later(31);

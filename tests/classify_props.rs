@@ -112,7 +112,7 @@ fn snapshots(w: &World) -> Vec<InstanceSnapshot> {
                 Ok(ControllerList {
                     boot_id: "boot".into(),
                     generated_at: Some(w.now - Duration::seconds(1)),
-                    sessions: w.lists[i].clone(),
+                    sessions: w.lists[i].iter().cloned().collect(),
                     invalid: vec![],
                     counters: None,
                     problems: vec![],

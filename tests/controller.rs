@@ -20,10 +20,13 @@ fn escaped_strings_are_unescaped_and_nulls_are_absent_values() {
     let list = parse(doc).expect("a valid document");
     assert_eq!(list.boot_id, "b\"1");
     assert_eq!(list.sessions.len(), 2);
-    assert_eq!(list.sessions[0].owner_id, "usér");
-    assert_eq!(list.sessions[0].started_at, None);
-    assert_eq!(list.sessions[1].state, LiveState::Paused);
-    assert_eq!(list.sessions[1].started_at.map(|t| t.to_rfc3339()), Some("2026-11-21T08:59:58.250+00:00".into()));
+    assert_eq!(list.sessions.get(0).expect("a session").owner_id, "usér");
+    assert_eq!(list.sessions.get(0).expect("a session").started_at, None);
+    assert_eq!(list.sessions.get(1).expect("a session").state, LiveState::Paused);
+    assert_eq!(
+        list.sessions.get(1).expect("a session").started_at.map(|t| t.to_rfc3339()),
+        Some("2026-11-21T08:59:58.250+00:00".into())
+    );
     assert!(list.counters.is_none());
 }
 

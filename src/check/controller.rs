@@ -64,7 +64,7 @@ pub async fn check(cfg: &Config, c: &ControllerConfig) -> Vec<CheckLine> {
     let list = &lists[0];
     let by_state = {
         let mut m = std::collections::BTreeMap::new();
-        for s in &list.sessions {
+        for s in list.sessions.iter() {
             *m.entry(s.state.as_str()).or_insert(0u64) += 1;
         }
         m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")

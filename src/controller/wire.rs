@@ -5,14 +5,16 @@
 //! its own: one malformed entry then costs only itself, and a large list is never
 //! held twice as a tree of generic JSON values.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use regex::Regex;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::model::{
-    AppCounters, ControllerList, CreateHistogram, InvalidEntry, InvalidEntryKind, LiveSession, LiveState,
-    PayloadProblem, SessionId,
+    AppCounters, ControllerList, CreateHistogram, InvalidEntry, InvalidEntryKind, LiveSessions, LiveState,
+    PayloadProblem,
 };
 
 #[derive(Deserialize)]
@@ -129,14 +131,19 @@ pub(super) enum ParseProblem {
 
 /// A JSON string value, unescaped; `None` for anything else (null included).
 fn string(v: Option<&RawValue>) -> Option<String> {
+    borrowed(v).map(Cow::into_owned)
+}
+
+/// A JSON string value, borrowed from the body unless it has escapes.
+fn borrowed(v: Option<&RawValue>) -> Option<Cow<'_, str>> {
     let raw = v?.get();
     if !raw.starts_with('"') {
         return None;
     }
     match serde_json::from_str::<&str>(raw) {
-        Ok(s) => Some(s.to_owned()),
+        Ok(s) => Some(Cow::Borrowed(s)),
         // Escapes need an owned string.
-        Err(_) => serde_json::from_str::<String>(raw).ok(),
+        Err(_) => serde_json::from_str::<String>(raw).ok().map(Cow::Owned),
     }
 }
 
@@ -221,15 +228,15 @@ pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Res
     let mut list = ControllerList {
         boot_id,
         generated_at,
-        sessions: Vec::with_capacity(sessions.len()),
+        // About 80 bytes of id and owner a session in a large list.
+        sessions: LiveSessions::with_capacity(sessions.len(), sessions.len() * 48),
         invalid: Vec::new(),
         counters,
         problems,
     };
     for value in sessions {
-        match convert_session(value, id_pattern) {
-            Ok(s) => list.sessions.push(s),
-            Err(e) => list.invalid.push(e),
+        if let Err(e) = convert_session(value, id_pattern, &mut list.sessions) {
+            list.invalid.push(e);
         }
     }
     Ok(list)
@@ -271,13 +278,14 @@ fn printable(s: &str) -> String {
     out
 }
 
-fn convert_session(value: &RawValue, id_pattern: &Regex) -> Result<LiveSession, InvalidEntry> {
+/// One entry of the list, appended to `sessions` if it is usable.
+fn convert_session(value: &RawValue, id_pattern: &Regex, sessions: &mut LiveSessions) -> Result<(), InvalidEntry> {
     let wire: WireSession<'_> = serde_json::from_str(value.get()).map_err(|e| InvalidEntry {
         raw_id: None,
         kind: InvalidEntryKind::InvalidId,
         problem: format!("entry is not an object: {e}"),
     })?;
-    let Some(raw_id) = string(wire.session_id) else {
+    let Some(raw_id) = borrowed(wire.session_id) else {
         return Err(InvalidEntry {
             raw_id: None,
             kind: InvalidEntryKind::InvalidId,
@@ -291,24 +299,27 @@ fn convert_session(value: &RawValue, id_pattern: &Regex) -> Result<LiveSession, 
             problem: format!("session_id {problem}"),
         });
     }
-    let Some(id) = SessionId::parse(&raw_id, id_pattern) else {
+    if !id_pattern.is_match(&raw_id) {
         return Err(InvalidEntry {
             // Exact, so a row with this id is still protected as held.
-            raw_id: Some(raw_id),
+            raw_id: Some(raw_id.into_owned()),
             kind: InvalidEntryKind::InvalidId,
             problem: "session_id does not match sessions.id_pattern".into(),
         });
     };
-    let bad =
-        |problem: String| InvalidEntry { raw_id: Some(raw_id.clone()), kind: InvalidEntryKind::InvalidEntry, problem };
-    let owner_id = match string(wire.owner_id) {
+    let bad = |problem: String| InvalidEntry {
+        raw_id: Some(raw_id.clone().into_owned()),
+        kind: InvalidEntryKind::InvalidEntry,
+        problem,
+    };
+    let owner_id = match borrowed(wire.owner_id) {
         Some(s) if !s.is_empty() => match unstorable(&s, MAX_OWNER_BYTES) {
             Some(problem) => return Err(bad(format!("owner_id {problem}"))),
             None => s,
         },
         _ => return Err(bad("entry has no owner_id".into())),
     };
-    let state = match string(wire.state) {
+    let state = match borrowed(wire.state) {
         Some(s) => LiveState::parse(&s).ok_or_else(|| bad(format!("unknown state {s:?}")))?,
         None => return Err(bad("entry has no state".into())),
     };
@@ -316,7 +327,7 @@ fn convert_session(value: &RawValue, id_pattern: &Regex) -> Result<LiveSession, 
         None => None,
         Some(v) if v.get() == "null" => None,
         Some(v) => {
-            let s = string(Some(v)).ok_or_else(|| bad("started_at is not a string".into()))?;
+            let s = borrowed(Some(v)).ok_or_else(|| bad("started_at is not a string".into()))?;
             Some(
                 DateTime::parse_from_rfc3339(&s)
                     .map_err(|_| bad(format!("started_at {s:?} is not an RFC 3339 time")))?
@@ -324,5 +335,6 @@ fn convert_session(value: &RawValue, id_pattern: &Regex) -> Result<LiveSession, 
             )
         }
     };
-    Ok(LiveSession { id, owner_id, state, started_at })
+    sessions.push_checked(&raw_id, &owner_id, state, started_at);
+    Ok(())
 }

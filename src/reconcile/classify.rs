@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use crate::config::{Policy, ReconcileConfig};
 use crate::model::{
-    BootRecords, ControllerList, DbSnapshot, GoneRow, InstanceSnapshot, InvalidEntryKind, LiveSession, LookupResult,
+    BootRecords, ControllerList, DbSnapshot, GoneRow, InstanceSnapshot, InvalidEntryKind, LiveRef, LookupResult,
     RowRef, RowState, Rows, SessionId, StopOutcome,
 };
 use crate::reconcile::boots::Trust;
@@ -383,7 +383,7 @@ pub struct Input<'a> {
 /// controller whose clock is behind or ahead of ours cannot make a session look
 /// older than it is. Without both, the age counts from when sessiond first saw
 /// the session, by sessiond's clock: a `once` pass then sees it as new.
-fn live_age(input: &Input<'_>, inst: &InstanceSnapshot, list: &ControllerList, live: &LiveSession) -> ChronoDuration {
+fn live_age(input: &Input<'_>, inst: &InstanceSnapshot, list: &ControllerList, live: LiveRef<'_>) -> ChronoDuration {
     if let (Some(generated), Some(started)) = (list.generated_at, live.started_at) {
         return generated - started;
     }
@@ -404,8 +404,9 @@ fn to_chrono(d: std::time::Duration) -> ChronoDuration {
 struct Held<'a> {
     id: &'a str,
     source: &'a InstanceSnapshot,
-    /// `None` when the entry itself was unusable (unknown state, no owner, …).
-    session: Option<&'a LiveSession>,
+    /// The entry's index in its list's sessions; [`UNUSABLE`] when the entry
+    /// itself was unusable (unknown state, no owner, …).
+    session: u32,
     /// Listed more than once: held, but never acted on.
     ambiguous: bool,
 }
@@ -416,14 +417,22 @@ impl<'a> Held<'a> {
     }
 
     /// The listing, if it is the only one and usable.
-    fn usable(&self) -> Option<&'a LiveSession> {
+    fn session(&self) -> Option<LiveRef<'a>> {
+        let list = self.source.result.as_ref().ok()?;
+        list.sessions.get(usize::try_from(self.session).ok()?)
+    }
+
+    fn usable(&self) -> Option<LiveRef<'a>> {
         if self.ambiguous {
             None
         } else {
-            self.session
+            self.session()
         }
     }
 }
+
+/// A listing of an entry that is not a usable session.
+const UNUSABLE: u32 = u32::MAX;
 
 /// Every id the usable lists hold, one entry per id, sorted by id: one side of
 /// the join. No hash map: the rows are matched to it by one merge.
@@ -603,8 +612,10 @@ fn listings<'a>(
     let mut entries: Vec<Held<'_>> = Vec::with_capacity(count);
     for inst in lists() {
         let Ok(list) = &inst.result else { continue };
-        let sessions = list.sessions.iter().map(|s| (s.id.as_str(), Some(s)));
-        let invalid = list.invalid.iter().filter_map(|bad| bad.raw_id.as_deref().map(|raw| (raw, None)));
+        // A list of more than 4G sessions is not a list in memory; past that
+        // an entry would count as held but unusable, never as absent.
+        let sessions = list.sessions.iter().enumerate().map(|(i, s)| (s.id, u32::try_from(i).unwrap_or(UNUSABLE)));
+        let invalid = list.invalid.iter().filter_map(|bad| bad.raw_id.as_deref().map(|raw| (raw, UNUSABLE)));
         for (id, session) in sessions.chain(invalid) {
             entries.push(Held { id, source: inst, session, ambiguous: false });
         }
@@ -628,7 +639,7 @@ fn listings<'a>(
         }
     }
     // An id listed more than once keeps its first listing, marked ambiguous.
-    let describe = |h: &Held<'_>| match h.session {
+    let describe = |h: &Held<'_>| match h.session() {
         Some(s) => format!("{} ({})", h.instance(), s.state.as_str()),
         None => format!("{} (unusable entry)", h.instance()),
     };
@@ -824,12 +835,12 @@ fn sessions(
                 }
                 // A row exists, with a state the vocabulary does not know: it is
                 // reported as such, and nothing is inserted over it.
-                None if invalid.contains(live.id.as_str()) => out.probes.count(LookupResult::Found, young),
+                None if invalid.contains(live.id) => out.probes.count(LookupResult::Found, young),
                 // No row, but the audit trail says there was one: it was
                 // deleted. Re-inserting it would resurrect a session someone
                 // ended; it is a zombie to stop.
-                None if gone.contains_key(live.id.as_str()) => {
-                    let g = gone[live.id.as_str()];
+                None if gone.contains_key(live.id) => {
+                    let g = gone[live.id];
                     out.probes.count(LookupResult::Deleted, young);
                     candidates.push(zombie(
                         inst,
@@ -858,8 +869,8 @@ fn sessions(
                             detail: format!("live on {} with no row", inst.name),
                             decision: Decision::Note,
                             repair: Some(Repair::InsertRow {
-                                id: live.id.clone(),
-                                owner_id: live.owner_id.clone(),
+                                id: live.session_id(),
+                                owner_id: live.owner_id.to_owned(),
                                 controller_instance: inst.name.clone(),
                                 state: live.state.row_state(),
                                 created_at: inst.fetched_at - age.max(ChronoDuration::zero()),
@@ -916,7 +927,7 @@ fn intents<'a>(
 /// empty version for a row that is gone) says it ended at `at`.
 fn zombie(
     inst: &InstanceSnapshot,
-    live: &LiveSession,
+    live: LiveRef<'_>,
     detail: String,
     (row_version, row_state): (String, RowState),
     at: DateTime<Utc>,
@@ -929,7 +940,7 @@ fn zombie(
             detail,
             decision: Decision::Note,
             repair: Some(Repair::StopLive {
-                id: live.id.clone(),
+                id: live.session_id(),
                 controller_instance: inst.name.clone(),
                 row_version,
                 row_state,
@@ -1054,7 +1065,7 @@ fn note(kind: Kind, subject: &str, instance: Option<&str>, detail: String) -> Ca
 /// last two only when the table has those columns).
 fn drift(
     row: RowRef<'_>,
-    live: &LiveSession,
+    live: LiveRef<'_>,
     instance: &str,
     fetched_at: DateTime<Utc>,
     shape: TableShape,
@@ -1064,7 +1075,7 @@ fn drift(
     if row.state != want_state {
         diffs.push(format!("state {} vs {}", row.state, live.state.as_str()));
     }
-    let owner_differs = shape.owner && row.owner_id != Some(live.owner_id.as_str());
+    let owner_differs = shape.owner && row.owner_id != Some(live.owner_id);
     if owner_differs {
         diffs.push("owner differs".to_owned());
     }
@@ -1087,7 +1098,7 @@ fn drift(
                 version: row.version.to_owned(),
                 from: row.state,
                 to: want_state,
-                owner_id: owner_differs.then(|| live.owner_id.clone()),
+                owner_id: owner_differs.then(|| live.owner_id.to_owned()),
                 controller_instance: instance_differs.then(|| instance.to_owned()),
                 end_reason: None,
             }),
@@ -1118,7 +1129,7 @@ fn duplicates(
         .enumerate()
         .filter(|(i, r)| r.state.is_live() && !handled[*i])
         .filter_map(|(i, r)| {
-            let listed = join.listing(held, i).and_then(Held::usable).map(|s| s.owner_id.as_str());
+            let listed = join.listing(held, i).and_then(Held::usable).map(|s| s.owner_id);
             listed.or(r.owner_id).map(|owner| (owner, i))
         })
         .collect();

@@ -602,7 +602,7 @@ impl Reconciler {
         let live_ids: Vec<&str> = instances
             .iter()
             .filter_map(|i| i.result.as_ref().ok())
-            .flat_map(|l| l.sessions.iter().map(|s| s.id.as_str()))
+            .flat_map(|l| l.sessions.iter().map(|s| s.id))
             .collect();
         let read_started = std::time::Instant::now();
         let window = cfg.reconcile.rapid_create_window;
@@ -842,15 +842,13 @@ fn normalize_ids(instances: &mut [InstanceSnapshot], kind: crate::store::mapping
     }
     for inst in instances {
         let Ok(list) = &mut inst.result else { continue };
-        let mut kept = Vec::with_capacity(list.sessions.len());
-        for mut s in std::mem::take(&mut list.sessions) {
-            match canonical(s.id.as_str()) {
-                Some(c) => {
-                    s.id = crate::model::SessionId::from_row(c);
-                    kept.push(s);
-                }
+        let mut kept = crate::model::LiveSessions::with_capacity(list.sessions.len(), list.sessions.len() * 48);
+        for s in list.sessions.iter() {
+            match canonical(s.id) {
+                // The canonical form of a valid id of the column's type.
+                Some(c) => kept.push_checked(&c, s.owner_id, s.state, s.started_at),
                 None => list.invalid.push(crate::model::InvalidEntry {
-                    raw_id: Some(s.id.as_str().to_owned()),
+                    raw_id: Some(s.id.to_owned()),
                     kind: crate::model::InvalidEntryKind::InvalidId,
                     problem: "session_id is not a value of the table's id column type".into(),
                 }),
@@ -864,7 +862,7 @@ fn instance_report(s: &InstanceSnapshot) -> InstanceReport {
     match &s.result {
         Ok(list) => {
             let mut live_states = BTreeMap::new();
-            for sess in &list.sessions {
+            for sess in list.sessions.iter() {
                 *live_states.entry(sess.state.row_state().as_str()).or_default() += 1;
             }
             InstanceReport {
