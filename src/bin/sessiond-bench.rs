@@ -492,7 +492,7 @@ async fn measure_in(
         })
         .await??;
         println!(
-            "N={n} sessiond_read_only_s={:.3} read_only_ratio={:.2} round_trips={} findings={} stages: fetch={:.3} read={:.3} classify={:.3} bytes_per_session={:.0}",
+            "N={n} sessiond_read_only_s={:.3} read_only_ratio={:.2} round_trips={} findings={} stages: fetch={:.3} read={:.3} classify={:.3}",
             read.seconds,
             read.seconds / before.seconds(),
             read.round_trips,
@@ -500,7 +500,6 @@ async fn measure_in(
             read.stages[0],
             read.stages[1],
             read.stages[2],
-            read.peak_rss.saturating_sub(read.rss_before) as f64 / n as f64
         );
         reads.push((before, read));
     }
