@@ -96,6 +96,7 @@ impl Store {
                 .collect();
             drop(have);
             let mut statements = 3; // the clock, the live rows, the intents
+            let live_rows = rows.len();
             if !missing.is_empty() {
                 statements += 1;
                 let params: [(&(dyn ToSql + Sync), Type); 2] =
@@ -119,8 +120,9 @@ impl Store {
             // Live ids with no row at all: does the audit trail know them?
             let mut gone = Vec::new();
             if !missing.is_empty() {
-                let mut found: Vec<&str> =
-                    rows.iter().map(|r| r.id).chain(invalid.iter().map(|r| r.id.as_str())).collect();
+                // Only the rows read by id can be rows of a missing id.
+                let by_id = (live_rows..rows.len()).filter_map(|i| rows.id(i));
+                let mut found: Vec<&str> = by_id.chain(invalid.iter().map(|r| r.id.as_str())).collect();
                 found.sort_unstable();
                 let absent: Vec<&str> = missing.iter().copied().filter(|id| found.binary_search(id).is_err()).collect();
                 if !absent.is_empty() {
