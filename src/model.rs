@@ -175,11 +175,13 @@ struct LiveMeta {
 pub struct LiveSessions {
     text: String,
     meta: Vec<LiveMeta>,
+    /// How many sessions from the first are in id order.
+    sorted: usize,
 }
 
 impl LiveSessions {
     pub fn with_capacity(sessions: usize, bytes: usize) -> LiveSessions {
-        LiveSessions { text: String::with_capacity(bytes), meta: Vec::with_capacity(sessions) }
+        LiveSessions { text: String::with_capacity(bytes), meta: Vec::with_capacity(sessions), sorted: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -199,6 +201,9 @@ impl LiveSessions {
         state: LiveState,
         started_at: Option<DateTime<Utc>>,
     ) {
+        if self.sorted == self.meta.len() && self.id(self.sorted.wrapping_sub(1)).is_none_or(|last| last <= id) {
+            self.sorted += 1;
+        }
         let start = self.text.len();
         self.text.push_str(id);
         self.text.push_str(owner_id);
@@ -209,6 +214,18 @@ impl LiveSessions {
     /// Appends an owned session (tests, and lists rebuilt after a change of id).
     pub fn push(&mut self, s: LiveSession) {
         self.push_checked(s.id.as_str(), &s.owner_id, s.state, s.started_at);
+    }
+
+    /// The id of session `i`, without the rest of it.
+    pub fn id(&self, i: usize) -> Option<&str> {
+        let m = self.meta.get(i)?;
+        self.text.get(m.start..m.start + m.id_len as usize)
+    }
+
+    /// The indices of the sessions in id order (equal ids in list order).
+    /// A list sent in id order costs nothing more to walk.
+    pub fn by_id(&self) -> impl Iterator<Item = usize> + '_ {
+        id_order(self.meta.len(), self.sorted, move |i| self.id(i).unwrap_or_default())
     }
 
     pub fn get(&self, i: usize) -> Option<LiveRef<'_>> {
@@ -468,6 +485,88 @@ impl RowRef<'_> {
     }
 }
 
+/// Indices `0..len` in id order, when `0..sorted` already are: the others are
+/// sorted once (stably) and merged in, the lower index first among equal ids.
+fn id_order<'a>(
+    len: usize,
+    sorted: usize,
+    id: impl Fn(usize) -> &'a str + Copy + 'a,
+) -> impl Iterator<Item = usize> + 'a {
+    let mut tail: Vec<usize> = (sorted.min(len)..len).collect();
+    tail.sort_by(|&a, &b| id(a).cmp(id(b)));
+    let mut head = (0..sorted.min(len)).peekable();
+    let mut tail = tail.into_iter().peekable();
+    std::iter::from_fn(move || match (head.peek(), tail.peek()) {
+        (Some(&h), Some(&t)) if id(t) < id(h) => tail.next(),
+        (Some(_), _) => head.next(),
+        (None, _) => tail.next(),
+    })
+}
+
+/// Ids in id order, each with what its run gives with it.
+pub type IdRun<'a, T> = Box<dyn Iterator<Item = (&'a str, T)> + Send + 'a>;
+
+/// Merges runs that are each in id order into one, in id order: among equal
+/// ids, the earlier run's first, and within a run, the run's own order. No
+/// run is copied; the heap holds one entry per run.
+pub struct MergeById<'a, T> {
+    runs: Vec<IdRun<'a, T>>,
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<Head<'a, T>>>,
+}
+
+struct Head<'a, T> {
+    id: &'a str,
+    run: usize,
+    item: T,
+}
+
+impl<T> PartialEq for Head<'_, T> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.id, self.run) == (other.id, other.run)
+    }
+}
+
+impl<T> Eq for Head<'_, T> {}
+
+impl<T> PartialOrd for Head<'_, T> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<T> Ord for Head<'_, T> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.id, self.run).cmp(&(other.id, other.run))
+    }
+}
+
+impl<'a, T> MergeById<'a, T> {
+    pub fn new(runs: Vec<IdRun<'a, T>>) -> MergeById<'a, T> {
+        let mut merge = MergeById { heap: std::collections::BinaryHeap::with_capacity(runs.len()), runs };
+        for run in 0..merge.runs.len() {
+            merge.refill(run);
+        }
+        merge
+    }
+
+    fn refill(&mut self, run: usize) {
+        if let Some((id, item)) = self.runs.get_mut(run).and_then(Iterator::next) {
+            self.heap.push(std::cmp::Reverse(Head { id, run, item }));
+        }
+    }
+}
+
+impl<'a, T> Iterator for MergeById<'a, T> {
+    /// The id, the run it came from, and what the run gave with it.
+    type Item = (&'a str, usize, T);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let std::cmp::Reverse(Head { id, run, item }) = self.heap.pop()?;
+        self.refill(run);
+        Some((id, run, item))
+    }
+}
+
 /// A string field that is NULL.
 const NULL_LEN: u32 = u32::MAX;
 
@@ -492,6 +591,8 @@ struct RowMeta {
 pub struct Rows {
     text: String,
     meta: Vec<RowMeta>,
+    /// How many rows from the first are in id order.
+    sorted: usize,
 }
 
 /// A string of a row is longer than a row may hold (4 GiB).
@@ -525,6 +626,9 @@ impl Rows {
         else {
             return Err(RowTooLong { id: row.id.chars().take(64).collect() });
         };
+        if self.sorted == self.meta.len() && self.id(self.sorted.wrapping_sub(1)).is_none_or(|last| last <= row.id) {
+            self.sorted += 1;
+        }
         let start = self.text.len();
         self.text.push_str(row.id);
         self.text.push_str(row.owner_id.unwrap_or_default());
@@ -591,6 +695,12 @@ impl Rows {
     pub fn id(&self, i: usize) -> Option<&str> {
         let m = self.meta.get(i)?;
         self.text.get(m.start..m.start + m.id_len as usize)
+    }
+
+    /// The indices of the rows in id order (equal ids in the order read). Rows
+    /// read in id order cost nothing more to walk; the rest are sorted once.
+    pub fn by_id(&self) -> impl Iterator<Item = usize> + '_ {
+        id_order(self.meta.len(), self.sorted, move |i| self.id(i).unwrap_or_default())
     }
 
     /// The state of row `i`, without touching its strings.
@@ -747,3 +857,63 @@ pub struct BootCandidate {
 
 /// Boot records keyed by instance name.
 pub type BootRecords = HashMap<String, BootRecord>;
+
+#[cfg(test)]
+mod order_tests {
+    use super::*;
+
+    fn session(id: &str) -> LiveSession {
+        LiveSession { id: SessionId(id.to_owned()), owner_id: "o".into(), state: LiveState::Active, started_at: None }
+    }
+
+    /// Ids drawn from a small alphabet, so that equal ids are common.
+    fn ids(rng: &mut fastrand::Rng, n: usize, sorted_prefix: bool) -> Vec<String> {
+        let mut v: Vec<String> = (0..n).map(|_| format!("s{}", rng.u8(0..12))).collect();
+        if sorted_prefix {
+            let cut = rng.usize(0..=n);
+            v[..cut].sort();
+        }
+        v
+    }
+
+    #[test]
+    fn by_id_is_a_stable_sort_whatever_the_order_pushed() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for round in 0..400 {
+            let n = rng.usize(0..40);
+            let pushed = ids(&mut rng, n, round % 2 == 0);
+            let list: LiveSessions = pushed.iter().map(|id| session(id)).collect();
+            let mut want: Vec<usize> = (0..pushed.len()).collect();
+            want.sort_by(|&a, &b| pushed[a].cmp(&pushed[b]));
+            assert_eq!(list.by_id().collect::<Vec<_>>(), want, "{pushed:?}");
+        }
+    }
+
+    #[test]
+    fn merging_runs_is_a_stable_sort_of_their_concatenation() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..400 {
+            let runs: Vec<Vec<String>> = (0..rng.usize(0..5))
+                .map(|_| {
+                    let n = rng.usize(0..15);
+                    let mut r = ids(&mut rng, n, false);
+                    r.sort();
+                    r
+                })
+                .collect();
+            let mut want: Vec<(String, usize, usize)> = runs
+                .iter()
+                .enumerate()
+                .flat_map(|(run, ids)| ids.iter().enumerate().map(move |(i, id)| (id.clone(), run, i)))
+                .collect();
+            want.sort_by(|a, b| a.0.cmp(&b.0));
+            let iters: Vec<IdRun<'_, usize>> = runs
+                .iter()
+                .map(|r| Box::new(r.iter().enumerate().map(|(i, id)| (id.as_str(), i))) as IdRun<'_, usize>)
+                .collect();
+            let got: Vec<(String, usize, usize)> =
+                MergeById::new(iters).map(|(id, run, i)| (id.to_owned(), run, i)).collect();
+            assert_eq!(got, want, "{runs:?}");
+        }
+    }
+}

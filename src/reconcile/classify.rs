@@ -30,8 +30,8 @@ use serde::Serialize;
 
 use crate::config::{Policy, ReconcileConfig};
 use crate::model::{
-    BootRecords, ControllerList, DbSnapshot, GoneRow, InstanceSnapshot, InvalidEntryKind, LiveRef, LookupResult,
-    RowRef, RowState, Rows, SessionId, StopOutcome,
+    BootRecords, ControllerList, DbSnapshot, GoneRow, IdRun, InstanceSnapshot, InvalidEntryKind, LiveRef, LookupResult,
+    MergeById, RowRef, RowState, Rows, SessionId, StopOutcome,
 };
 use crate::reconcile::boots::Trust;
 
@@ -467,7 +467,7 @@ impl Join {
         };
         let entries = &listings.entries;
         let mut k = 0;
-        for r in by_id(rows) {
+        for r in rows.by_id() {
             let Some(id) = rows.id(r) else { continue };
             while k < entries.len() && entries[k].id < id {
                 k += 1;
@@ -483,16 +483,6 @@ impl Join {
     fn listing<'l, 'a>(&self, listings: &'l Listings<'a>, row: usize) -> Option<&'l Held<'a>> {
         listings.entries.get(self.listing_of_row[row])
     }
-}
-
-/// The indices of `rows` in id order (then input order, for equal ids). The
-/// store reads rows in id order, so this is normally one check over them.
-fn by_id(rows: &Rows) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    if !order.windows(2).all(|w| rows.id(w[0]) <= rows.id(w[1])) {
-        order.sort_unstable_by(|&a, &b| rows.id(a).cmp(&rows.id(b)).then(a.cmp(&b)));
-    }
-    order
 }
 
 /// Why an orphan is not surprising: the guard does not count explained orphans.
@@ -607,21 +597,27 @@ fn listings<'a>(
 ) -> Listings<'a> {
     let lists = || input.instances.iter().filter(|i| reach.reachable.contains_key(i.name.as_str()));
     let count: usize = lists().filter_map(|i| i.result.as_ref().ok()).map(|l| l.sessions.len() + l.invalid.len()).sum();
-    // Every listing, in the order of the instances, then sorted by id: a
-    // stable sort keeps an id's listings in instance order.
-    let mut entries: Vec<Held<'_>> = Vec::with_capacity(count);
+    // Every listing in id order, by one merge of the lists (each walked in id
+    // order): among equal ids, the instances in order, and in an instance its
+    // sessions, then its unusable entries. A list of more than 4G sessions is
+    // not a list in memory; past that an entry would count as held but
+    // unusable, never as absent.
+    let mut runs: Vec<IdRun<'_, (&InstanceSnapshot, u32)>> = Vec::new();
     for inst in lists() {
         let Ok(list) = &inst.result else { continue };
-        // A list of more than 4G sessions is not a list in memory; past that
-        // an entry would count as held but unusable, never as absent.
-        let sessions = list.sessions.iter().enumerate().map(|(i, s)| (s.id, u32::try_from(i).unwrap_or(UNUSABLE)));
-        let invalid = list.invalid.iter().filter_map(|bad| bad.raw_id.as_deref().map(|raw| (raw, UNUSABLE)));
-        for (id, session) in sessions.chain(invalid) {
-            entries.push(Held { id, source: inst, session, ambiguous: false });
-        }
+        let sessions = &list.sessions;
+        runs.push(Box::new(
+            sessions
+                .by_id()
+                .filter_map(move |i| sessions.id(i).map(|id| (id, (inst, u32::try_from(i).unwrap_or(UNUSABLE))))),
+        ));
+        let mut invalid: Vec<&str> = list.invalid.iter().filter_map(|bad| bad.raw_id.as_deref()).collect();
+        invalid.sort();
+        runs.push(Box::new(invalid.into_iter().map(move |id| (id, (inst, UNUSABLE)))));
     }
-    if !entries.windows(2).all(|w| w[0].id < w[1].id) {
-        entries.sort_by(|a, b| a.id.cmp(b.id));
+    let mut entries: Vec<Held<'_>> = Vec::with_capacity(count);
+    for (id, _, (source, session)) in MergeById::new(runs) {
+        entries.push(Held { id, source, session, ambiguous: false });
     }
     for inst in lists() {
         let Ok(list) = &inst.result else { continue };

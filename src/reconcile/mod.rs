@@ -599,16 +599,20 @@ impl Reconciler {
         if self.boots.is_none() {
             self.boots = Some(store.load_boots().await?);
         }
-        let live_ids: Vec<&str> = instances
-            .iter()
-            .filter_map(|i| i.result.as_ref().ok())
-            .flat_map(|l| l.sessions.iter().map(|s| s.id))
+        // Every listed id, in id order: one merge of the lists.
+        let lists = instances.iter().filter_map(|i| i.result.as_ref().ok());
+        let count = lists.clone().map(|l| l.sessions.len()).sum();
+        let runs: Vec<crate::model::IdRun<'_, ()>> = lists
+            .map(|l| {
+                let sessions = &l.sessions;
+                Box::new(sessions.by_id().filter_map(move |i| sessions.id(i).map(|id| (id, ())))) as Box<_>
+            })
             .collect();
+        let live_ids = crate::model::MergeById::new(runs).map(|(id, _, ())| id);
         let read_started = std::time::Instant::now();
         let window = cfg.reconcile.rapid_create_window;
         let lookback = window.map(|w| rapid::lookback(w, cfg.daemon.interval));
-        let db = store.snapshot(&live_ids, lookback).await?;
-        drop(live_ids);
+        let db = store.snapshot(live_ids, count, lookback).await?;
         if let (Some(w), Some(lookback), Some(now)) = (window, lookback, db.db_now) {
             report.rapid_creates = self.rapid.observe(&db.recent_creates, w, now, lookback);
             if report.rapid_creates > 0 {

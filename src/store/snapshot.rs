@@ -12,7 +12,8 @@ use crate::model::{DbSnapshot, GoneRow, InvalidRow, OpenIntent, RowRef, RowState
 
 impl Store {
     /// Reads every live row, and the row (in whatever state) of every id in
-    /// `live_ids` that has no live row, in one transaction: a constant number of
+    /// `live_ids` (`count` of them, in id order) that has no live row, in one
+    /// transaction: a constant number of
     /// streamed statements, whatever the number of sessions. Only the ids
     /// without a live row — the zombie and unpersisted candidates, normally a
     /// few — are sent to the server.
@@ -22,7 +23,8 @@ impl Store {
     /// creates.
     pub async fn snapshot(
         &mut self,
-        live_ids: &[&str],
+        live_ids: impl Iterator<Item = &str> + Send,
+        count: usize,
         created_within: Option<std::time::Duration>,
     ) -> Result<DbSnapshot, StoreError> {
         const WHAT: &str = "read the sessions";
@@ -60,7 +62,7 @@ impl Store {
             // Sized for the usual case (about one live row per live session), so
             // the columns are not reallocated, and briefly held twice, while they fill.
             let mut rows = Rows::default();
-            let expected = live_ids.len() + live_ids.len() / 16 + 16;
+            let expected = count + count / 16 + 16;
             rows.reserve(expected, expected * 48);
             let mut invalid = Vec::new();
             let stream = tx.copy_out(live_sql.as_str()).await.map_err(q(WHAT))?;
@@ -70,21 +72,12 @@ impl Store {
                 copy.feed(&chunk, |t| push_tuple(t, &vocabulary, offset, &mut rows, &mut invalid))?;
             }
             copy.finish()?;
-            // The live ids without a live row: one merge of the two sorted
-            // runs (the rows come in heap order, normally close to id order,
-            // and the lists one sorted run per controller).
-            let mut have: Vec<&str> = rows.iter().map(|r| r.id).collect();
-            if !have.is_sorted() {
-                have.sort_unstable();
-            }
-            let mut wanted: Vec<&str> = live_ids.to_vec();
-            if !wanted.is_sorted() {
-                wanted.sort();
-            }
-            let mut held = have.iter().peekable();
-            let without_row = wanted.into_iter().filter(|id| {
-                while held.next_if(|h| *h < id).is_some() {}
-                held.peek() != Some(&id)
+            // The live ids without a live row: one merge of the two runs in id
+            // order (the rows come in heap order, normally close to id order).
+            let mut held = rows.by_id().filter_map(|i| rows.id(i)).peekable();
+            let without_row = live_ids.filter(|id| {
+                while held.next_if(|h| h < id).is_some() {}
+                held.peek() != Some(id)
             });
             // Ids the id column's type cannot hold have no row.
             let missing: Vec<&str> = without_row
@@ -94,7 +87,7 @@ impl Store {
                     _ => true,
                 })
                 .collect();
-            drop(have);
+            drop(held);
             let mut statements = 3; // the clock, the live rows, the intents
             let live_rows = rows.len();
             if !missing.is_empty() {
