@@ -574,7 +574,7 @@ const NULL_LEN: u32 = u32::MAX;
 /// (id, owner, instance, version), and the rest by value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct RowMeta {
-    start: usize,
+    start: u32,
     id_len: u32,
     owner_len: u32,
     instance_len: u32,
@@ -595,9 +595,10 @@ pub struct Rows {
     sorted: usize,
 }
 
-/// A string of a row is longer than a row may hold (4 GiB).
+/// The rows' strings do not fit: offsets are 32-bit, so one pass reads at
+/// most 4 GiB of ids, owners, instances and versions (some 80 million rows).
 #[derive(Debug, thiserror::Error)]
-#[error("a value of row {id:.64} is longer than 4 GiB")]
+#[error("the strings of the rows read pass 4 GiB at row {id:.64}: sessiond reads at most that much in one pass")]
 pub struct RowTooLong {
     pub id: String,
 }
@@ -621,15 +622,18 @@ impl Rows {
     pub fn push_parts(&mut self, row: RowRef<'_>) -> Result<(), RowTooLong> {
         let len = |s: &str| u32::try_from(s.len()).ok().filter(|n| *n != NULL_LEN);
         let opt_len = |s: Option<&str>| s.map_or(Some(NULL_LEN), len);
-        let (Some(id_len), Some(owner_len), Some(instance_len), Some(version_len)) =
-            (len(row.id), opt_len(row.owner_id), opt_len(row.controller_instance), len(row.version))
-        else {
+        let (Some(id_len), Some(owner_len), Some(instance_len), Some(version_len), Ok(start)) = (
+            len(row.id),
+            opt_len(row.owner_id),
+            opt_len(row.controller_instance),
+            len(row.version),
+            u32::try_from(self.text.len()),
+        ) else {
             return Err(RowTooLong { id: row.id.chars().take(64).collect() });
         };
         if self.sorted == self.meta.len() && self.id(self.sorted.wrapping_sub(1)).is_none_or(|last| last <= row.id) {
             self.sorted += 1;
         }
-        let start = self.text.len();
         self.text.push_str(row.id);
         self.text.push_str(row.owner_id.unwrap_or_default());
         self.text.push_str(row.controller_instance.unwrap_or_default());
@@ -667,7 +671,7 @@ impl Rows {
 
     pub fn get(&self, i: usize) -> Option<RowRef<'_>> {
         let m = self.meta.get(i)?;
-        let mut at = m.start;
+        let mut at = m.start as usize;
         let mut take = |n: u32| {
             if n == NULL_LEN {
                 return None;
@@ -694,7 +698,7 @@ impl Rows {
     /// The id of row `i`, without the rest of the row.
     pub fn id(&self, i: usize) -> Option<&str> {
         let m = self.meta.get(i)?;
-        self.text.get(m.start..m.start + m.id_len as usize)
+        self.text.get(m.start as usize..m.start as usize + m.id_len as usize)
     }
 
     /// The indices of the rows in id order (equal ids in the order read). Rows

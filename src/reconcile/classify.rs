@@ -1114,24 +1114,66 @@ fn duplicates(
     handled: &[bool],
     candidates: &mut Vec<Candidate>,
 ) {
-    // Live rows that stay live after this pass, by the owner they will have once
-    // drift is repaired, sorted so that an owner's rows are adjacent.
-    // Each entry is the owner and the row's index: the row is read again only
-    // for the owners with more than one.
-    let mut by_owner: Vec<(&str, usize)> = input
+    let mut by_owner = ByOwner { entries: Vec::new(), input, held, join };
+    let mut entries: Vec<(u64, u32)> = input
         .db
         .rows
         .iter()
         .enumerate()
         .filter(|(i, r)| r.state.is_live() && !handled[*i])
-        .filter_map(|(i, r)| {
-            let listed = join.listing(held, i).and_then(Held::usable).map(|s| s.owner_id);
-            listed.or(r.owner_id).map(|owner| (owner, i))
+        .filter_map(|(i, _)| {
+            // Rows are at most 4 GiB of strings, so fewer than 4G.
+            let i = u32::try_from(i).ok()?;
+            by_owner.owner(i).map(|owner| (owner_hash(owner), i))
         })
         .collect();
-    by_owner.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    unpersisted_duplicates(&input.db.rows, &by_owner, candidates);
+    entries.sort_unstable_by(|a, b| {
+        a.0.cmp(&b.0).then_with(|| by_owner.owner(a.1).cmp(&by_owner.owner(b.1))).then(a.1.cmp(&b.1))
+    });
+    by_owner.entries = entries;
+    unpersisted_duplicates(&by_owner, candidates);
     rows_of_one_owner(input, &by_owner, held, reach, candidates);
+}
+
+/// The live rows that stay live after this pass, by the owner they will have
+/// once drift is repaired: a hash of the owner and the row's index per row
+/// (16 bytes, no string), sorted so that an owner's rows are adjacent. Equal
+/// hashes are told apart by the owners themselves.
+struct ByOwner<'i, 'a> {
+    entries: Vec<(u64, u32)>,
+    input: &'i Input<'a>,
+    held: &'i Listings<'a>,
+    join: &'i Join,
+}
+
+impl<'a> ByOwner<'_, 'a> {
+    /// The owner of a row: the controller's word for a listed session, else
+    /// the row's own.
+    fn owner(&self, row: u32) -> Option<&'a str> {
+        let row = row as usize;
+        let listed = self.join.listing(self.held, row).and_then(Held::usable).map(|s| s.owner_id);
+        listed.or_else(|| self.input.db.rows.get(row).and_then(|r| r.owner_id))
+    }
+
+    /// Each owner's rows.
+    fn groups(&self) -> impl Iterator<Item = &[(u64, u32)]> {
+        self.entries.chunk_by(|a, b| a.0 == b.0 && self.owner(a.1) == self.owner(b.1))
+    }
+
+    /// The id of a live row of `owner` that stays, if there is one.
+    fn row_of(&self, owner: &str) -> Option<&'a str> {
+        let key = owner_hash(owner);
+        let i =
+            self.entries.binary_search_by(|e| e.0.cmp(&key).then_with(|| self.owner(e.1).cmp(&Some(owner)))).ok()?;
+        self.input.db.rows.id(self.entries[i].1 as usize)
+    }
+}
+
+fn owner_hash(owner: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    owner.hash(&mut h);
+    h.finish()
 }
 
 /// A live session with no row whose owner already has a live row that stays, or
@@ -1139,7 +1181,7 @@ fn duplicates(
 /// one-live-session-per-owner index would refuse it on every pass. It is a
 /// duplicate held by the controller, reported for an operator to resolve, and
 /// the newest session of a row-less owner is the one inserted.
-fn unpersisted_duplicates(all: &Rows, by_owner: &[(&str, usize)], candidates: &mut [Candidate]) {
+fn unpersisted_duplicates(by_owner: &ByOwner<'_, '_>, candidates: &mut [Candidate]) {
     let mut newest: HashMap<String, (Option<DateTime<Utc>>, String)> = HashMap::new();
     for c in candidates.iter() {
         if let (Kind::Unpersisted, Some(Repair::InsertRow { owner_id, .. })) = (c.finding.kind, &c.finding.repair) {
@@ -1152,11 +1194,9 @@ fn unpersisted_duplicates(all: &Rows, by_owner: &[(&str, usize)], candidates: &m
     if newest.is_empty() {
         return;
     }
-    let row_of =
-        |owner: &str| by_owner.binary_search_by(|(o, _)| (*o).cmp(owner)).ok().and_then(|i| all.id(by_owner[i].1));
     for c in candidates.iter_mut() {
         let Some(Repair::InsertRow { owner_id, .. }) = &c.finding.repair else { continue };
-        let detail = if let Some(row) = row_of(owner_id) {
+        let detail = if let Some(row) = by_owner.row_of(owner_id) {
             format!("live with no row while its owner has live row {row}; not inserted")
         } else if newest.get(owner_id).is_some_and(|(_, keep)| keep != &c.finding.subject) {
             format!(
@@ -1178,14 +1218,14 @@ fn unpersisted_duplicates(all: &Rows, by_owner: &[(&str, usize)], candidates: &m
 /// row on an unreachable instance waits: we cannot know what that instance holds.
 fn rows_of_one_owner(
     input: &Input<'_>,
-    by_owner: &[(&str, usize)],
+    by_owner: &ByOwner<'_, '_>,
     held: &Listings<'_>,
     reach: &Reach<'_>,
     candidates: &mut Vec<Candidate>,
 ) {
     let mut superseded: FxHashSet<String> = FxHashSet::default();
-    for group in by_owner.chunk_by(|a, b| a.0 == b.0).filter(|g| g.len() > 1) {
-        let rows: Vec<RowRef<'_>> = group.iter().filter_map(|(_, i)| input.db.rows.get(*i)).collect();
+    for group in by_owner.groups().filter(|g| g.len() > 1) {
+        let rows: Vec<RowRef<'_>> = group.iter().filter_map(|(_, i)| input.db.rows.get(*i as usize)).collect();
         let verifiable = rows.iter().all(|r| {
             held.get(r.id).is_some()
                 || match r.controller_instance {
