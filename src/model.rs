@@ -140,6 +140,11 @@ pub struct LiveSession {
     pub started_at: Option<DateTime<Utc>>,
 }
 
+/// A list's ids and owners pass 4 GiB.
+#[derive(Debug, thiserror::Error)]
+#[error("the list's ids and owners pass 4 GiB: this session is kept as an unusable entry")]
+pub struct ListFull;
+
 /// A session of [`LiveSessions`], borrowed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LiveRef<'a> {
@@ -161,7 +166,7 @@ impl LiveRef<'_> {
 /// rest by value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct LiveMeta {
-    start: usize,
+    start: u32,
     id_len: u32,
     owner_len: u32,
     started_at: Option<DateTime<Utc>>,
@@ -192,34 +197,50 @@ impl LiveSessions {
         self.meta.is_empty()
     }
 
-    /// Appends a session whose id matched `sessions.id_pattern`, and whose id
-    /// and owner the parser bounded (255 and 1024 bytes).
+    /// Appends a session whose id matched `sessions.id_pattern`. Offsets are
+    /// 32-bit: past 4 GiB of ids and owners in one list, the session is not
+    /// appended, and the caller keeps it as an unusable entry (held, never
+    /// taken for absent).
     pub(crate) fn push_checked(
         &mut self,
         id: &str,
         owner_id: &str,
         state: LiveState,
         started_at: Option<DateTime<Utc>>,
-    ) {
+    ) -> Result<(), ListFull> {
+        let end = self.text.len() + id.len() + owner_id.len();
+        let (Ok(start), Ok(id_len), Ok(owner_len), Ok(_)) = (
+            u32::try_from(self.text.len()),
+            u32::try_from(id.len()),
+            u32::try_from(owner_id.len()),
+            u32::try_from(end),
+        ) else {
+            return Err(ListFull);
+        };
         if self.sorted == self.meta.len() && self.id(self.sorted.wrapping_sub(1)).is_none_or(|last| last <= id) {
             self.sorted += 1;
         }
-        let start = self.text.len();
         self.text.push_str(id);
         self.text.push_str(owner_id);
-        let len = |s: &str| u32::try_from(s.len()).unwrap_or(u32::MAX);
-        self.meta.push(LiveMeta { start, id_len: len(id), owner_len: len(owner_id), started_at, state });
+        self.meta.push(LiveMeta { start, id_len, owner_len, started_at, state });
+        Ok(())
     }
 
-    /// Appends an owned session (tests, and lists rebuilt after a change of id).
+    /// Appends an owned session (tests).
+    ///
+    /// # Panics
+    ///
+    /// Past 4 GiB of ids and owners, which no list built by hand reaches.
     pub fn push(&mut self, s: LiveSession) {
-        self.push_checked(s.id.as_str(), &s.owner_id, s.state, s.started_at);
+        if let Err(e) = self.push_checked(s.id.as_str(), &s.owner_id, s.state, s.started_at) {
+            panic!("{e}");
+        }
     }
 
     /// The id of session `i`, without the rest of it.
     pub fn id(&self, i: usize) -> Option<&str> {
         let m = self.meta.get(i)?;
-        self.text.get(m.start..m.start + m.id_len as usize)
+        self.text.get(m.start as usize..m.start as usize + m.id_len as usize)
     }
 
     /// The indices of the sessions in id order (equal ids in list order).
@@ -230,9 +251,9 @@ impl LiveSessions {
 
     pub fn get(&self, i: usize) -> Option<LiveRef<'_>> {
         let m = self.meta.get(i)?;
-        let id_end = m.start + m.id_len as usize;
+        let id_end = m.start as usize + m.id_len as usize;
         Some(LiveRef {
-            id: self.text.get(m.start..id_end)?,
+            id: self.text.get(m.start as usize..id_end)?,
             owner_id: self.text.get(id_end..id_end + m.owner_len as usize)?,
             state: m.state,
             started_at: m.started_at,

@@ -335,6 +335,5 @@ fn convert_session(value: &RawValue, id_pattern: &Regex, sessions: &mut LiveSess
             )
         }
     };
-    sessions.push_checked(&raw_id, &owner_id, state, started_at);
-    Ok(())
+    sessions.push_checked(&raw_id, &owner_id, state, started_at).map_err(|e| bad(e.to_string()))
 }

@@ -848,14 +848,16 @@ fn normalize_ids(instances: &mut [InstanceSnapshot], kind: crate::store::mapping
         let Ok(list) = &mut inst.result else { continue };
         let mut kept = crate::model::LiveSessions::with_capacity(list.sessions.len(), list.sessions.len() * 48);
         for s in list.sessions.iter() {
-            match canonical(s.id) {
-                // The canonical form of a valid id of the column's type.
-                Some(c) => kept.push_checked(&c, s.owner_id, s.state, s.started_at),
-                None => list.invalid.push(crate::model::InvalidEntry {
+            // The canonical form of a valid id of the column's type.
+            let kept_as = canonical(s.id)
+                .ok_or_else(|| "session_id is not a value of the table's id column type".to_owned())
+                .and_then(|c| kept.push_checked(&c, s.owner_id, s.state, s.started_at).map_err(|e| e.to_string()));
+            if let Err(problem) = kept_as {
+                list.invalid.push(crate::model::InvalidEntry {
                     raw_id: Some(s.id.to_owned()),
                     kind: crate::model::InvalidEntryKind::InvalidId,
-                    problem: "session_id is not a value of the table's id column type".into(),
-                }),
+                    problem,
+                });
             }
         }
         list.sessions = kept;
