@@ -200,7 +200,11 @@ impl ControllerClient {
     pub async fn fetch_body(&self, c: &ControllerConfig) -> Result<Vec<u8>, ControllerError> {
         let work = async {
             let mut resp = self.get(c).await?;
-            let mut body = Vec::new();
+            // Sized once from the announced length (already bounded by
+            // max_body_bytes), so a large list is not copied as the vector grows.
+            const MAX_PRESIZE: u64 = 1 << 30;
+            let announced = resp.content_length().unwrap_or(0).min(c.max_body_bytes).min(MAX_PRESIZE);
+            let mut body = Vec::with_capacity(usize::try_from(announced).unwrap_or(0));
             let mut read = 0;
             while let Some(chunk) = Self::chunk(c, &mut resp, &mut read).await? {
                 body.extend_from_slice(&chunk);
