@@ -672,7 +672,11 @@ impl Rows {
         Ok(())
     }
 
-    /// Appends an owned row (tests, and the few rows read one by one).
+    /// Appends an owned row (tests; the store appends with `push_parts`).
+    ///
+    /// # Panics
+    ///
+    /// Past 4 GiB of row strings, which no rows built by hand reach.
     pub fn push(&mut self, row: SessionRow) {
         let r = RowRef {
             id: row.id.as_str(),
@@ -684,8 +688,6 @@ impl Rows {
             version: &row.version,
         };
         if let Err(e) = self.push_parts(r) {
-            // An owned row's strings are in memory already: 4 GiB each is not a
-            // row anyone builds by hand.
             panic!("{e}");
         }
     }

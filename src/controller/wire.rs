@@ -228,7 +228,7 @@ pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Res
     let mut list = ControllerList {
         boot_id,
         generated_at,
-        // About 80 bytes of id and owner a session in a large list.
+        // Room for 48 bytes of id and owner a session; the arena grows past that.
         sessions: LiveSessions::with_capacity(sessions.len(), sessions.len() * 48),
         invalid: Vec::new(),
         counters,

@@ -416,12 +416,13 @@ impl<'a> Held<'a> {
         &self.source.name
     }
 
-    /// The listing, if it is the only one and usable.
+    /// The listed session, if the entry is a usable one.
     fn session(&self) -> Option<LiveRef<'a>> {
         let list = self.source.result.as_ref().ok()?;
         list.sessions.get(usize::try_from(self.session).ok()?)
     }
 
+    /// The listed session, if it is the only listing of its id and usable.
     fn usable(&self) -> Option<LiveRef<'a>> {
         if self.ambiguous {
             None
@@ -801,82 +802,81 @@ fn sessions(
     let invalid: FxHashSet<&str> = input.db.invalid_rows.iter().map(|r| r.id.as_str()).collect();
     let gone: FxHashMap<&str, &GoneRow> = input.db.gone.iter().map(|g| (g.id.as_str(), g)).collect();
     for (k, h) in held.entries.iter().enumerate() {
-        // Listed more than once: reported above, never acted on.
+        // An unusable entry, or an id listed more than once: reported above,
+        // never acted on.
         let Some(live) = h.usable() else { continue };
         let inst = h.source;
         let Ok(list) = &inst.result else { continue };
-        {
-            let young = match (list.generated_at, live.started_at) {
-                (Some(generated), Some(started)) => generated - started < to_chrono(input.config.grace),
-                // A session whose age the controller does not tell counts as old.
-                _ => false,
-            };
-            match input.db.rows.get(join.row_of_listing[k]) {
-                Some(row) if row.state.is_live() => out.probes.count(LookupResult::Found, young),
-                Some(row) => {
-                    if row.state == RowState::Deleted {
-                        out.probes.count(LookupResult::Deleted, young);
-                    } else {
-                        out.probes.count(LookupResult::Found, young);
-                    }
-                    // A row stopped just before the list was taken may be a
-                    // stop the controller has not carried out yet: its age counts.
-                    candidates.push(zombie(
-                        inst,
-                        live,
-                        format!("live on {} but the row is {}", inst.name, row.state),
-                        (row.version.to_owned(), row.state),
-                        row.changed_at,
-                    ));
-                }
-                // A row exists, with a state the vocabulary does not know: it is
-                // reported as such, and nothing is inserted over it.
-                None if invalid.contains(live.id) => out.probes.count(LookupResult::Found, young),
-                // No row, but the audit trail says there was one: it was
-                // deleted. Re-inserting it would resurrect a session someone
-                // ended; it is a zombie to stop.
-                None if gone.contains_key(live.id) => {
-                    let g = gone[live.id];
+        let young = match (list.generated_at, live.started_at) {
+            (Some(generated), Some(started)) => generated - started < to_chrono(input.config.grace),
+            // A session whose age the controller does not tell counts as old.
+            _ => false,
+        };
+        match input.db.rows.get(join.row_of_listing[k]) {
+            Some(row) if row.state.is_live() => out.probes.count(LookupResult::Found, young),
+            Some(row) => {
+                if row.state == RowState::Deleted {
                     out.probes.count(LookupResult::Deleted, young);
-                    candidates.push(zombie(
-                        inst,
-                        live,
-                        format!(
-                            "live on {} but its row is gone: the audit trail shows it existed (last {} → {} by {}); \
-                             a deleted session is stopped, never re-inserted",
-                            inst.name,
-                            g.old_state.as_deref().unwrap_or("none"),
-                            g.new_state.as_deref().unwrap_or("none"),
-                            g.trigger
-                        ),
-                        // No row to compare and set: the stop's intent checks it is still absent.
-                        (String::new(), RowState::Deleted),
-                        g.at,
-                    ));
+                } else {
+                    out.probes.count(LookupResult::Found, young);
                 }
-                None => {
-                    out.probes.count(LookupResult::NeverExisted, young);
-                    let age = live_age(input, inst, list, live);
-                    candidates.push(Candidate {
-                        finding: Finding {
-                            kind: Kind::Unpersisted,
-                            subject: live.id.to_string(),
-                            instance: Some(inst.name.clone()),
-                            detail: format!("live on {} with no row", inst.name),
-                            decision: Decision::Note,
-                            repair: Some(Repair::InsertRow {
-                                id: live.session_id(),
-                                owner_id: live.owner_id.to_owned(),
-                                controller_instance: inst.name.clone(),
-                                state: live.state.row_state(),
-                                created_at: inst.fetched_at - age.max(ChronoDuration::zero()),
-                            }),
-                        },
-                        changed_at: Some(inst.fetched_at - age),
-                        age: Some(age),
-                        explained: Explained::No,
-                    });
-                }
+                // A row stopped just before the list was taken may be a
+                // stop the controller has not carried out yet: its age counts.
+                candidates.push(zombie(
+                    inst,
+                    live,
+                    format!("live on {} but the row is {}", inst.name, row.state),
+                    (row.version.to_owned(), row.state),
+                    row.changed_at,
+                ));
+            }
+            // A row exists, with a state the vocabulary does not know: it is
+            // reported as such, and nothing is inserted over it.
+            None if invalid.contains(live.id) => out.probes.count(LookupResult::Found, young),
+            // No row, but the audit trail says there was one: it was
+            // deleted. Re-inserting it would resurrect a session someone
+            // ended; it is a zombie to stop.
+            None if gone.contains_key(live.id) => {
+                let g = gone[live.id];
+                out.probes.count(LookupResult::Deleted, young);
+                candidates.push(zombie(
+                    inst,
+                    live,
+                    format!(
+                        "live on {} but its row is gone: the audit trail shows it existed (last {} → {} by {}); \
+                         a deleted session is stopped, never re-inserted",
+                        inst.name,
+                        g.old_state.as_deref().unwrap_or("none"),
+                        g.new_state.as_deref().unwrap_or("none"),
+                        g.trigger
+                    ),
+                    // No row to compare and set: the stop's intent checks it is still absent.
+                    (String::new(), RowState::Deleted),
+                    g.at,
+                ));
+            }
+            None => {
+                out.probes.count(LookupResult::NeverExisted, young);
+                let age = live_age(input, inst, list, live);
+                candidates.push(Candidate {
+                    finding: Finding {
+                        kind: Kind::Unpersisted,
+                        subject: live.id.to_string(),
+                        instance: Some(inst.name.clone()),
+                        detail: format!("live on {} with no row", inst.name),
+                        decision: Decision::Note,
+                        repair: Some(Repair::InsertRow {
+                            id: live.session_id(),
+                            owner_id: live.owner_id.to_owned(),
+                            controller_instance: inst.name.clone(),
+                            state: live.state.row_state(),
+                            created_at: inst.fetched_at - age.max(ChronoDuration::zero()),
+                        }),
+                    },
+                    changed_at: Some(inst.fetched_at - age),
+                    age: Some(age),
+                    explained: Explained::No,
+                });
             }
         }
     }

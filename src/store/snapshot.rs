@@ -13,10 +13,9 @@ use crate::model::{DbSnapshot, GoneRow, InvalidRow, OpenIntent, RowRef, RowState
 impl Store {
     /// Reads every live row, and the row (in whatever state) of every id in
     /// `live_ids` (`count` of them, in id order) that has no live row, in one
-    /// transaction: a constant number of
-    /// streamed statements, whatever the number of sessions. Only the ids
-    /// without a live row — the zombie and unpersisted candidates, normally a
-    /// few — are sent to the server.
+    /// transaction: a constant number of streamed statements, whatever the
+    /// number of sessions. Only the ids without a live row — the zombie and
+    /// unpersisted candidates, normally a few — are sent to the server.
     ///
     /// With `created_within`, it also reads the id, owner and creation time of
     /// every row created that recently (by the database's clock), for rapid
@@ -27,7 +26,6 @@ impl Store {
         count: usize,
         created_within: Option<std::time::Duration>,
     ) -> Result<DbSnapshot, StoreError> {
-        const WHAT: &str = "read the sessions";
         let table = self.table()?;
         let vocabulary = table.vocabulary.clone();
         let live_sql = table.live_rows_copy_sql(&vocabulary.live_values());
