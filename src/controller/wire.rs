@@ -33,14 +33,76 @@ struct WireList<'a> {
 
 #[derive(Deserialize)]
 struct WireSession<'a> {
-    #[serde(borrow)]
-    session_id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    owner_id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    state: Option<&'a RawValue>,
-    #[serde(borrow)]
-    started_at: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    session_id: Option<Field<'a>>,
+    #[serde(borrow, default)]
+    owner_id: Option<Field<'a>>,
+    #[serde(borrow, default)]
+    state: Option<Field<'a>>,
+    #[serde(borrow, default)]
+    started_at: Option<Field<'a>>,
+}
+
+/// A field of an entry, read in the one pass over the entry: a string
+/// (borrowed from the body unless it has escapes), or anything else. A null
+/// field reads as absent (`None`).
+enum Field<'a> {
+    Str(Cow<'a, str>),
+    Other,
+}
+
+impl<'a> Field<'a> {
+    fn text(field: Option<Field<'a>>) -> Option<Cow<'a, str>> {
+        match field {
+            Some(Field::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Field<'a>, D::Error> {
+        struct Any<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Any<'a> {
+            type Value = Field<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Field<'a>, E> {
+                Ok(Field::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Field<'a>, E> {
+                Ok(Field::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Field<'a>, E> {
+                Ok(Field::Str(Cow::Owned(v)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Field<'a>, E> {
+                Ok(Field::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Field<'a>, E> {
+                Ok(Field::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Field<'a>, E> {
+                Ok(Field::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Field<'a>, E> {
+                Ok(Field::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Field<'a>, E> {
+                Ok(Field::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Field<'a>, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Field<'a>, A::Error> {
+                while a.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+        }
+        d.deserialize_any(Any(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -285,7 +347,7 @@ fn convert_session(value: &RawValue, id_pattern: &Regex, sessions: &mut LiveSess
         kind: InvalidEntryKind::InvalidId,
         problem: format!("entry is not an object: {e}"),
     })?;
-    let Some(raw_id) = borrowed(wire.session_id) else {
+    let Some(raw_id) = Field::text(wire.session_id) else {
         return Err(InvalidEntry {
             raw_id: None,
             kind: InvalidEntryKind::InvalidId,
@@ -312,28 +374,26 @@ fn convert_session(value: &RawValue, id_pattern: &Regex, sessions: &mut LiveSess
         kind: InvalidEntryKind::InvalidEntry,
         problem,
     };
-    let owner_id = match borrowed(wire.owner_id) {
+    let owner_id = match Field::text(wire.owner_id) {
         Some(s) if !s.is_empty() => match unstorable(&s, MAX_OWNER_BYTES) {
             Some(problem) => return Err(bad(format!("owner_id {problem}"))),
             None => s,
         },
         _ => return Err(bad("entry has no owner_id".into())),
     };
-    let state = match borrowed(wire.state) {
+    let state = match Field::text(wire.state) {
         Some(s) => LiveState::parse(&s).ok_or_else(|| bad(format!("unknown state {s:?}")))?,
         None => return Err(bad("entry has no state".into())),
     };
     let started_at = match wire.started_at {
+        // Absent or null.
         None => None,
-        Some(v) if v.get() == "null" => None,
-        Some(v) => {
-            let s = borrowed(Some(v)).ok_or_else(|| bad("started_at is not a string".into()))?;
-            Some(
-                DateTime::parse_from_rfc3339(&s)
-                    .map_err(|_| bad(format!("started_at {s:?} is not an RFC 3339 time")))?
-                    .with_timezone(&Utc),
-            )
-        }
+        Some(Field::Other) => return Err(bad("started_at is not a string".into())),
+        Some(Field::Str(s)) => Some(
+            DateTime::parse_from_rfc3339(&s)
+                .map_err(|_| bad(format!("started_at {s:?} is not an RFC 3339 time")))?
+                .with_timezone(&Utc),
+        ),
     };
     sessions.push_checked(&raw_id, &owner_id, state, started_at).map_err(|e| bad(e.to_string()))
 }
