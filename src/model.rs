@@ -492,20 +492,6 @@ pub struct RowRef<'a> {
     pub version: &'a str,
 }
 
-impl RowRef<'_> {
-    pub fn to_owned_row(&self) -> SessionRow {
-        SessionRow {
-            id: SessionId::from_row(self.id.to_owned()),
-            owner_id: self.owner_id.map(str::to_owned),
-            controller_instance: self.controller_instance.map(str::to_owned),
-            state: self.state,
-            created_at: self.created_at,
-            changed_at: self.changed_at,
-            version: self.version.to_owned(),
-        }
-    }
-}
-
 /// Indices `0..len` in id order, when `0..sorted` already are: the others are
 /// sorted once (stably) and merged in, the lower index first among equal ids.
 fn id_order<'a>(
@@ -728,11 +714,6 @@ impl Rows {
     /// read in id order cost nothing more to walk; the rest are sorted once.
     pub fn by_id(&self) -> impl Iterator<Item = usize> + '_ {
         id_order(self.meta.len(), self.sorted, move |i| self.id(i).unwrap_or_default())
-    }
-
-    /// The state of row `i`, without touching its strings.
-    pub fn state(&self, i: usize) -> Option<RowState> {
-        self.meta.get(i).map(|m| m.state)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = RowRef<'_>> + '_ {

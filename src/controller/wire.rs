@@ -193,19 +193,14 @@ pub(super) enum ParseProblem {
 
 /// A JSON string value, unescaped; `None` for anything else (null included).
 fn string(v: Option<&RawValue>) -> Option<String> {
-    borrowed(v).map(Cow::into_owned)
-}
-
-/// A JSON string value, borrowed from the body unless it has escapes.
-fn borrowed(v: Option<&RawValue>) -> Option<Cow<'_, str>> {
     let raw = v?.get();
     if !raw.starts_with('"') {
         return None;
     }
     match serde_json::from_str::<&str>(raw) {
-        Ok(s) => Some(Cow::Borrowed(s)),
+        Ok(s) => Some(s.to_owned()),
         // Escapes need an owned string.
-        Err(_) => serde_json::from_str::<String>(raw).ok().map(Cow::Owned),
+        Err(_) => serde_json::from_str::<String>(raw).ok(),
     }
 }
 
