@@ -253,22 +253,42 @@ async fn the_reference_table_in_a_schema_of_its_own_works_unchanged() {
     adopt(&REFERENCE).await;
 }
 
-/// The live rows are read by `COPY`, which takes no parameters: the live
-/// values are written into it as literals, and must read exactly as configured.
-#[tokio::test]
-async fn a_live_value_with_a_quote_and_a_backslash_is_read_as_written() {
+/// An empty database with the data-collection table, migrated, and a
+/// controller; `tweak` edits the config before it is written. The directory
+/// holds the config for as long as it is kept.
+async fn data_collection(tweak: impl FnOnce(String) -> String) -> (TestDb, SimController, tempfile::TempDir, String) {
     let db = TestDb::empty().await;
     db.client().await.batch_execute(DATA_COLLECTION.ddl).await.expect("the table");
     let a = SimController::start("ctrl-a").await.expect("controller");
     let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "sessiond.toml", &tweak(DATA_COLLECTION.config(&db, &a)));
+    let p = path.to_str().expect("utf-8").to_owned();
+    assert_eq!(run_async(&["migrate", "--config", &p]).await.status.code(), Some(0));
+    (db, a, dir, p)
+}
+
+/// The (kind, subject) of every finding of a `once --json` report.
+fn kinds(report: &serde_json::Value) -> Vec<(String, String)> {
+    report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|f| (f["kind"].as_str().unwrap_or("").to_owned(), f["subject"].as_str().unwrap_or("").to_owned()))
+        .collect()
+}
+
+/// The live rows are read by `COPY`, which takes no parameters: the live
+/// values are written into it as literals, and must read exactly as configured.
+#[tokio::test]
+async fn a_live_value_with_a_quote_and_a_backslash_is_read_as_written() {
     let odd = r"it's \ on";
-    let config = DATA_COLLECTION
-        .config(&db, &a)
-        .replace(r#"active = ["running", "active"]"#, r#"active = ["running", "it's \\ on"]"#);
-    assert!(config.contains(r#""it's \\ on""#), "{config}");
-    let path = write(dir.path(), "sessiond.toml", &config);
-    let p = path.to_str().expect("utf-8");
-    assert_eq!(run_async(&["migrate", "--config", p]).await.status.code(), Some(0));
+    let (db, a, _dir, p) = data_collection(|config| {
+        let config = config.replace(r#"active = ["running", "active"]"#, r#"active = ["running", "it's \\ on"]"#);
+        assert!(config.contains(r#""it's \\ on""#), "{config}");
+        config
+    })
+    .await;
+    let p = p.as_str();
     let f = &DATA_COLLECTION;
     f.row(&db, 0, odd, 600.0).await; // live, listed
     a.add(&(f.id)(0), &(f.owner)(0), "running", Some(ago(600)));
@@ -280,25 +300,14 @@ async fn a_live_value_with_a_quote_and_a_backslash_is_read_as_written() {
     let report: serde_json::Value = serde_json::from_slice(&once.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}{}", text(&once.stdout), text(&once.stderr)));
     assert_eq!(once.status.code(), Some(0), "{report}");
-    let kinds: Vec<(String, String)> = report["findings"]
-        .as_array()
-        .expect("findings")
-        .iter()
-        .map(|f| (f["kind"].as_str().unwrap_or("").to_owned(), f["subject"].as_str().unwrap_or("").to_owned()))
-        .collect();
-    assert_eq!(kinds, [("orphaned".to_owned(), (f.id)(1))], "{report}");
+    assert_eq!(kinds(&report), [("orphaned".to_owned(), (f.id)(1))], "{report}");
     assert_eq!(report["rows_by_state"]["active"], 3, "{report}");
 }
 
 #[tokio::test]
 async fn a_row_with_a_status_in_no_list_is_an_invalid_row_and_the_pass_goes_on() {
-    let db = TestDb::empty().await;
-    db.client().await.batch_execute(DATA_COLLECTION.ddl).await.expect("the table");
-    let a = SimController::start("ctrl-a").await.expect("controller");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = write(dir.path(), "sessiond.toml", &DATA_COLLECTION.config(&db, &a));
-    let p = path.to_str().expect("utf-8");
-    assert_eq!(run_async(&["migrate", "--config", p]).await.status.code(), Some(0));
+    let (db, a, _dir, p) = data_collection(|config| config).await;
+    let p = p.as_str();
     let f = &DATA_COLLECTION;
     for n in 0..5 {
         f.row(&db, n, f.active, 600.0).await;
@@ -320,12 +329,7 @@ async fn a_row_with_a_status_in_no_list_is_an_invalid_row_and_the_pass_goes_on()
 
     assert_eq!(once.status.code(), Some(0), "{report}");
     assert_eq!(report["outcome"], "ok");
-    let kinds: Vec<(String, String)> = report["findings"]
-        .as_array()
-        .expect("findings")
-        .iter()
-        .map(|f| (f["kind"].as_str().unwrap_or("").to_owned(), f["subject"].as_str().unwrap_or("").to_owned()))
-        .collect();
+    let kinds = kinds(&report);
     assert!(kinds.contains(&("invalid_row".into(), (f.id)(10))), "{kinds:?}");
     assert!(kinds.contains(&("orphaned".into(), (f.id)(11))), "{kinds:?}");
     assert_eq!(kinds.len(), 2, "nothing else, and no insert over the invalid row: {kinds:?}");
