@@ -117,3 +117,35 @@ async fn a_repair_of_a_row_written_since_it_was_read_is_a_conflict_and_the_write
     assert_eq!(db.state(&sid(1)).await.as_deref(), Some("active"));
     assert_eq!(db.audit(&sid(1)).await, []);
 }
+
+#[tokio::test]
+async fn the_read_looks_up_each_listed_id_without_a_live_row_once_and_finds_the_last_audit_row_of_a_deleted_one() {
+    let db = TestDb::migrated().await;
+    db.insert(&sid(1), "u1", "a", "active", ago(600)).await;
+    db.insert(&sid(2), "u2", "a", "stopped", ago(600)).await;
+    // sid(3)'s row is gone (a mapped table may delete rows); its audit
+    // trail says it was made and deleted, the delete last.
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO session_audit (session_id, old_state, new_state, trigger, actor)
+             VALUES ($1, NULL, 'active', 'app', 'app'), ($1, 'active', NULL, 'app', 'app')",
+            &[&sid(3)],
+        )
+        .await
+        .expect("write the audit trail");
+
+    // Two lists hold sid(2) and sid(3); sid(4) was never anywhere.
+    let mut listed = [sid(1), sid(2), sid(2), sid(3), sid(3), sid(4)];
+    listed.sort();
+    let mut store = store(&db).await;
+    let snapshot =
+        store.snapshot(listed.iter().map(String::as_str), listed.len(), None).await.expect("read the snapshot");
+
+    let mut ids: Vec<&str> = snapshot.rows.iter().map(|r| r.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [sid(1), sid(2)], "every row once, the live one and the stopped one");
+    let gone: Vec<(&str, Option<&str>, Option<&str>)> =
+        snapshot.gone.iter().map(|g| (g.id.as_str(), g.old_state.as_deref(), g.new_state.as_deref())).collect();
+    assert_eq!(gone, [(sid(3).as_str(), Some("active"), None)], "the deleted row's last change is its delete");
+}

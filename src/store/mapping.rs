@@ -305,15 +305,38 @@ impl Table {
         )
     }
 
-    /// The rows of these ids that are not live. `$1`: ids, `$2`: the live values.
+    /// The rows of these ids that are not live. `$1`: ids, distinct, `$2`: the
+    /// live values.
+    ///
+    /// One index lookup per id, whatever the planner estimates: with
+    /// `id = ANY($1)` and some thousands of ids it scans the whole table
+    /// instead, which grows with every ended row the table keeps. The
+    /// `OFFSET 0` keeps the lookup a subquery run per id.
     pub fn rows_by_id_sql(&self) -> String {
         format!(
-            "SELECT {} FROM {} t WHERE t.{} = ANY($1::text[]::{}[]) AND {} IS NOT TRUE",
+            "SELECT r.* FROM unnest($1::text[]) AS i(k)
+               CROSS JOIN LATERAL (SELECT {} FROM {} t WHERE t.{} = i.k::{} AND {} IS NOT TRUE OFFSET 0) r",
             self.select_list(),
             self.table,
             self.id.q(),
             self.id.sql_type,
             self.live("$2")
+        )
+    }
+
+    /// The last audit row of each of these ids (`$1`, distinct): one index
+    /// lookup per id, for the same reason as [`Table::rows_by_id_sql`]; the
+    /// audit table only grows. The `OFFSET 0` matters twice here: without
+    /// it, `ORDER BY id DESC LIMIT 1` invites a walk of the whole table in
+    /// id order for every id.
+    pub fn last_audit_sql(&self) -> String {
+        format!(
+            "SELECT i.k, a.old_state, a.new_state, a.trigger, a.at FROM unnest($1::text[]) AS i(k)
+               CROSS JOIN LATERAL (
+                   SELECT * FROM (SELECT id, old_state, new_state, trigger, at FROM {} a
+                                   WHERE a.session_id = i.k OFFSET 0) a
+                    ORDER BY a.id DESC LIMIT 1) a",
+            self.audit
         )
     }
 

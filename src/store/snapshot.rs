@@ -36,11 +36,7 @@ impl Store {
             "SELECT id, session_id, controller, kind, expires_at < now() FROM {} WHERE settled_at IS NULL",
             table.intents
         );
-        let history_sql = format!(
-            "SELECT DISTINCT ON (session_id) session_id, old_state, new_state, trigger, at
-               FROM {} WHERE session_id = ANY($1::text[]) ORDER BY session_id, id DESC",
-            table.audit
-        );
+        let history_sql = table.last_audit_sql();
         let recent_sql = table.recent_creates_sql();
         let timeout = self.timeout;
         let counter = std::sync::Arc::clone(&self.round_trips);
@@ -78,13 +74,15 @@ impl Store {
                 held.peek() != Some(id)
             });
             // Ids the id column's type cannot hold have no row.
-            let missing: Vec<&str> = without_row
+            let mut missing: Vec<&str> = without_row
                 .filter(|id| match id_kind {
                     Kind::Uuid => uuid::Uuid::parse_str(id).is_ok(),
                     Kind::Int => id.parse::<i64>().is_ok(),
                     _ => true,
                 })
                 .collect();
+            // An id two lists hold is looked up, and its row read, once.
+            missing.dedup();
             drop(held);
             let mut statements = 3; // the clock, the live rows, the intents
             let live_rows = rows.len();
