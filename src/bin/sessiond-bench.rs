@@ -426,6 +426,14 @@ async fn measure_in(
 ) -> anyhow::Result<Figures> {
     let mut url = reqwest::Url::parse(base_url)?;
     url.set_path(&format!("/{name}"));
+    // The floor reads over a plain connection (the bench connects without
+    // TLS), and the pass must use the same transport, or the ratio would count
+    // TLS as sessiond's overhead: with the libpq default, sslmode=prefer, a
+    // server with TLS on encrypts every row of the pass's COPY and none of the
+    // floor's.
+    if !url.query_pairs().any(|(k, _)| k == "sslmode") {
+        url.query_pairs_mut().append_pair("sslmode", "disable");
+    }
     let db_url = url.to_string();
     let dbcfg = sessiond::config::DatabaseConfig {
         statement_timeout: Duration::from_secs(600),
