@@ -1,5 +1,6 @@
-//! The store's write paths at the edges: the one-live-session-per-owner index
-//! refusing a repair is a conflict for that row only, never a failed batch.
+//! The store at the edges: the one-live-session-per-owner index refusing a
+//! repair is a conflict for that row only, never a failed batch; and the read
+//! looks up each listed id without a live row once, with its last audit row.
 
 mod common;
 
