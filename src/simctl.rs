@@ -47,6 +47,9 @@ pub enum Fault {
     /// Answer as if several processes shared the URL: each answer carries the
     /// next of these boot ids in turn.
     Workers(Vec<String>),
+    /// Answer the next list request this much later, with the list as it is
+    /// then; the requests after it are answered at once.
+    SlowOnce(std::time::Duration),
 }
 
 /// A stop request as received, for the request log.
@@ -400,6 +403,11 @@ impl SimController {
         if req.method() == hyper::Method::GET && path == "/internal/sessions" {
             return match fault {
                 Fault::None => json(self.document().to_string()),
+                Fault::SlowOnce(delay) => {
+                    self.lock().fault = Fault::None;
+                    tokio::time::sleep(delay).await;
+                    json(self.document().to_string())
+                }
                 Fault::Workers(boots) => {
                     let mut doc = self.document();
                     let n = {

@@ -301,3 +301,25 @@ async fn a_bearer_token_from_token_file_is_sent_to_the_controller() {
     assert!(!rep.instances[0].reachable);
     assert!(rep.instances[0].error.as_deref().unwrap_or("").contains("401"));
 }
+
+#[tokio::test]
+async fn the_database_is_read_after_the_slowest_controller_answered() {
+    // The snapshot-skew rule rests on this order: a row written before a list
+    // arrived is in the pass's snapshot, so it is never older than the lists.
+    let db = TestDb::migrated().await;
+    let a = SimController::start("ctrl-a").await.expect("controller");
+    let b = SimController::start("ctrl-b").await.expect("controller");
+    db.insert(&sid(1), "u1", "ctrl-a", "active", ago(600)).await;
+    a.add(&sid(1), "u1", "running", Some(ago(600)));
+    b.set_fault(sessiond::simctl::Fault::SlowOnce(std::time::Duration::from_millis(1500)));
+    let cfg = config(&db, &[&a, &b], IMMEDIATE);
+    let pass = tokio::spawn(async move { once(&cfg).await });
+
+    // Written while ctrl-b has not answered yet.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    db.insert(&sid(2), "u2", "ctrl-b", "active", ago(600)).await;
+    let rep = pass.await.expect("the pass");
+
+    assert_eq!(rep.outcome, PassOutcome::Ok, "{:?}", rep.error);
+    assert_eq!(rep.rows_by_state.get("active"), Some(&2), "the read saw the row written before ctrl-b answered");
+}
