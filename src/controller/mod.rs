@@ -15,7 +15,7 @@ mod wire;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use regex::Regex;
 
 use crate::config::ControllerConfig;
@@ -120,58 +120,37 @@ impl ControllerClient {
         })
     }
 
-    /// Fetches every instance's document concurrently, then
-    /// `verifications(name, boot id of the document)` more fetches that read
-    /// only the boot id, each over a new connection. Nothing is parsed yet:
-    /// [`Parsing`] does that on the blocking pool, while the database is read.
-    /// One result per configured instance, in configuration order.
-    pub async fn fetch_documents(
+    /// Fetches every instance concurrently: its list, then
+    /// `verifications(name, boot id of the list)` more fetches that read only the
+    /// boot id, each over a new connection. The result has one snapshot per
+    /// configured instance, in configuration order.
+    pub async fn fetch_all(
         &self,
         controllers: &[ControllerConfig],
+        id_pattern: &Regex,
         verifications: &(dyn Fn(&str, &str) -> usize + Sync),
-    ) -> Vec<Fetched> {
+    ) -> Vec<InstanceSnapshot> {
         let fetches = controllers.iter().map(|c| async move {
             let fetched_at = Utc::now();
-            let mut fetched =
-                Fetched { name: c.name.clone(), fetched_at, body: Ok(Vec::new()), entries: 0, verified: Vec::new() };
-            let body = match self.fetch_body(c).await {
-                Ok(body) => body,
-                Err(e) => {
-                    fetched.body = Err(e);
-                    return fetched;
-                }
-            };
-            // The boot id decides how many verifications to make; the full
-            // parse confirms it. A large body whose boot id comes last is
-            // scanned to its end, so off the async workers.
-            let (body, first, entries) = match tokio::task::spawn_blocking(move || {
-                let first = match scan::boot_id_of(&body) {
-                    scan::Scan::Found(id) => Some(id),
-                    // The parse says what is wrong with the document.
-                    scan::Scan::More | scan::Scan::Invalid(_) => None,
-                };
-                let entries = memchr::memmem::find_iter(&body, b"\"session_id\"").count();
-                (body, first, entries)
-            })
-            .await
-            {
-                Ok(scanned) => scanned,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            };
-            fetched.body = Ok(body);
-            fetched.entries = entries;
-            if let Some(first) = first {
-                for n in 1..=verifications(&c.name, &first) {
+            let mut boot_ids = Vec::new();
+            let mut result = self.fetch(c, id_pattern).await;
+            if let Ok(list) = &result {
+                boot_ids.push(list.boot_id.clone());
+                for n in 1..=verifications(&c.name, &list.boot_id) {
                     match self.boot_id(c).await {
-                        Ok(id) => fetched.verified.push(Ok(id)),
+                        Ok(id) => boot_ids.push(id),
                         Err(e) => {
-                            fetched.verified.push(Err(ControllerError::Verification { n, source: Box::new(e) }));
+                            result = Err(ControllerError::Verification { n, source: Box::new(e) });
                             break;
                         }
                     }
                 }
             }
-            fetched
+            let result = result.map_err(|e| {
+                tracing::warn!(controller = %c.name, error = %e, "controller unreachable for this pass");
+                e.to_string()
+            });
+            InstanceSnapshot { name: c.name.clone(), fetched_at, result, boot_ids }
         });
         futures_util::future::join_all(fetches).await
     }
@@ -205,6 +184,16 @@ impl ControllerClient {
             }
         }
         Ok(chunk)
+    }
+
+    /// Fetches one instance's list.
+    pub async fn fetch(&self, c: &ControllerConfig, id_pattern: &Regex) -> Result<ControllerList, ControllerError> {
+        let body = self.fetch_body(c).await?;
+        // Parsing a large list is CPU work: keep it off the async workers.
+        let (config, pattern) = (c.clone(), id_pattern.clone());
+        tokio::task::spawn_blocking(move || parse(&body, &config, &pattern))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 
     /// Fetches one instance's document, whole, within its timeout and size bound.
@@ -306,97 +295,6 @@ impl ControllerError {
     /// Whether a failed stop may nevertheless have taken effect.
     pub fn uncertain(&self) -> bool {
         matches!(self, ControllerError::Stop { uncertain: true, .. })
-    }
-}
-
-/// One instance's document as fetched, not parsed yet.
-pub struct Fetched {
-    name: String,
-    fetched_at: DateTime<Utc>,
-    body: Result<Vec<u8>, ControllerError>,
-    /// About how many entries the body holds (its `"session_id"` keys):
-    /// sizes the rows of the database read before the lists are parsed.
-    entries: usize,
-    /// What each verification fetch read, up to the first that failed.
-    verified: Vec<Result<String, ControllerError>>,
-}
-
-/// A fetched document being parsed, or why it cannot be.
-struct Pending {
-    name: String,
-    fetched_at: DateTime<Utc>,
-    parse: Result<tokio::task::JoinHandle<Result<ControllerList, ControllerError>>, ControllerError>,
-    verified: Vec<Result<String, ControllerError>>,
-}
-
-/// The fetched documents being parsed on the blocking pool, all at once: the
-/// parse starts when this is made, and goes on while the pass reads the
-/// database.
-pub struct Parsing {
-    pending: Vec<Pending>,
-    entries: usize,
-}
-
-impl Parsing {
-    /// Starts parsing every fetched document. `controllers` is the config the
-    /// documents were fetched with.
-    pub fn start(fetched: Vec<Fetched>, controllers: &[ControllerConfig], id_pattern: &Regex) -> Parsing {
-        let entries = fetched.iter().map(|f| f.entries).sum();
-        let pending = fetched
-            .into_iter()
-            .map(|f| {
-                let config = controllers.iter().find(|c| c.name == f.name).cloned();
-                let parse = f.body.and_then(|body| match config {
-                    Some(config) => {
-                        let pattern = id_pattern.clone();
-                        Ok(tokio::task::spawn_blocking(move || parse(&body, &config, &pattern)))
-                    }
-                    None => Err(ControllerError::Request {
-                        url: String::new(),
-                        problem: "no client for this controller (the configuration changed)".into(),
-                    }),
-                });
-                Pending { name: f.name, fetched_at: f.fetched_at, parse, verified: f.verified }
-            })
-            .collect();
-        Parsing { pending, entries }
-    }
-
-    /// About how many entries the documents hold, all together.
-    pub fn entries(&self) -> usize {
-        self.entries
-    }
-
-    /// Every instance's snapshot, in the order the documents were fetched.
-    pub async fn finish(self) -> Vec<InstanceSnapshot> {
-        let mut out = Vec::with_capacity(self.pending.len());
-        for p in self.pending {
-            let parsed = match p.parse {
-                Ok(handle) => match handle.await {
-                    Ok(parsed) => parsed,
-                    // The parser is total; a panic there is a bug, not input.
-                    Err(e) => std::panic::resume_unwind(e.into_panic()),
-                },
-                Err(e) => Err(e),
-            };
-            // The document's own boot id first, then the verifications'. A
-            // failed verification makes the instance unreachable for this
-            // pass, unless its document was unusable already.
-            let mut boot_ids = Vec::new();
-            let result = parsed.and_then(|list| {
-                boot_ids.push(list.boot_id.clone());
-                for v in p.verified {
-                    boot_ids.push(v?);
-                }
-                Ok(list)
-            });
-            let result = result.map_err(|e| {
-                tracing::warn!(controller = %p.name, error = %e, "controller unreachable for this pass");
-                e.to_string()
-            });
-            out.push(InstanceSnapshot { name: p.name, fetched_at: p.fetched_at, result, boot_ids });
-        }
-        out
     }
 }
 

@@ -1,14 +1,11 @@
 //! One reconciliation pass, as data flow:
 //!
 //! ```text
-//! controllers ──fetch_documents──► parse ──┐
-//!                  (then)                  ├─► classify (pure) ─► plan ─► apply ─► PassReport
-//! PostgreSQL ──────────────────► snapshot ─┘        ▲                         │
-//!                                         Memory ───┘◄────────────────────────┘
+//! controllers ──fetch_all──┐
+//!                          ├─► classify (pure) ─► plan ─► apply ─► PassReport
+//! PostgreSQL ──snapshot────┘        ▲                         │
+//!                         Memory ───┘◄────────────────────────┘
 //! ```
-//!
-//! Every controller document (and boot-id verification) is in before the
-//! database is read; the documents are parsed while the live rows stream.
 //!
 //! [`Reconciler`] owns what lives between passes: the database connection, the
 //! memory of earlier passes (confirmation streaks, unreachable-since times) and
@@ -31,7 +28,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::{Config, Mode};
-use crate::controller::{ControllerClient, Parsing};
+use crate::controller::ControllerClient;
 use crate::model::{BootRecords, InstanceSnapshot, RepairResult, RowState};
 use crate::store::{AuditContext, Outcome, Store, StoreError};
 use classify::{Decision, Finding, Kind, Memory, PassOptions, Probes};
@@ -168,15 +165,6 @@ struct Read {
     /// Observe mode, a dry run or a pause: decide, change nothing.
     read_only: bool,
     /// Controllers whose guard an operator released for this pass.
-    released: BTreeSet<String>,
-}
-
-/// What the read knows before it reads.
-struct Prepared {
-    kind: crate::store::mapping::Kind,
-    shape: classify::TableShape,
-    writable: BTreeSet<RowState>,
-    read_only: bool,
     released: BTreeSet<String>,
 }
 
@@ -457,6 +445,28 @@ impl Reconciler {
         self.config = config;
     }
 
+    /// Logs a controller's malformed optional parts (counters, generated_at)
+    /// when they appear or change, and when they are gone; they are counted in
+    /// a metric every pass.
+    fn log_payload_problems(&mut self, instances: &[InstanceReport]) {
+        for inst in instances.iter().filter(|i| i.reachable) {
+            let before = self.payload_problems.get(&inst.name).cloned().unwrap_or_default();
+            if before == inst.payload_problems {
+                continue;
+            }
+            if inst.payload_problems.is_empty() {
+                tracing::info!(controller = %inst.name, "the controller's document is well-formed again");
+            } else {
+                tracing::warn!(
+                    controller = %inst.name,
+                    problems = %inst.payload_problems.join("; "),
+                    "part of the controller's document is malformed and is not used"
+                );
+            }
+            self.payload_problems.insert(inst.name.clone(), inst.payload_problems.clone());
+        }
+    }
+
     /// Runs one pass.
     pub async fn pass(&mut self, req: PassRequest) -> PassReport {
         let PassRequest { dry_run, force, .. } = req;
@@ -489,16 +499,15 @@ impl Reconciler {
         let known = self.boots.as_ref();
         let verifications =
             |name: &str, first: &str| boots::verifications(known.and_then(|b| b.get(name)), first, passes);
-        let fetched = self.client.fetch_documents(&cfg.controllers, &verifications).await;
+        let instances = self.client.fetch_all(&cfg.controllers, &cfg.sessions.id_pattern, &verifications).await;
         report.stages.fetch = started.elapsed().as_secs_f64();
         self.tick();
-        // Every document is in: the lists are parsed on the blocking pool
-        // while the database is read.
-        let parsing = Parsing::start(fetched, &cfg.controllers, &cfg.sessions.id_pattern);
+        report.instances = instances.iter().map(instance_report).collect();
+        self.log_payload_problems(&report.instances);
 
         // The plan applies only while the evidence it rests on is fresh.
         let deadline = started + cfg.reconcile.plan_max_age();
-        match self.read_and_classify(&cfg, parsing, &mut report, req, deadline, fence).await {
+        match self.read_and_classify(&cfg, instances, &mut report, req, deadline, fence).await {
             Ok(()) => {}
             Err(StoreError::Fenced { term }) => {
                 tracing::warn!(term, "this replica lost the lease during the pass; nothing more was written");
@@ -534,14 +543,14 @@ impl Reconciler {
     async fn read_and_classify(
         &mut self,
         cfg: &Arc<Config>,
-        parsing: Parsing,
+        instances: Vec<InstanceSnapshot>,
         report: &mut PassReport,
         req: PassRequest,
         deadline: Instant,
         fence: Option<crate::store::Fence>,
     ) -> Result<(), StoreError> {
         let round_trips_before = self.round_trips.load(Ordering::Relaxed);
-        let read = self.read(cfg, parsing, report, req, fence.clone()).await?;
+        let read = self.read(cfg, instances, report, req, fence.clone()).await?;
         let read_only = read.read_only;
         let classified = self.classify_read(cfg, read, report, req).await;
         if read_only {
@@ -562,39 +571,37 @@ impl Reconciler {
     }
 
     /// Stage 1, read: connects if needed, notes a pause, and reads the rows
-    /// of the live sessions and of every live row (one snapshot), while the
-    /// lists are parsed. The lists are in the report whatever the database
-    /// does.
+    /// of the live sessions and of every live row (one snapshot).
     async fn read(
         &mut self,
         cfg: &Arc<Config>,
-        parsing: Parsing,
+        mut instances: Vec<InstanceSnapshot>,
         report: &mut PassReport,
         req: PassRequest,
         fence: Option<crate::store::Fence>,
     ) -> Result<Read, StoreError> {
-        let prepared = match self.prepare_read(cfg, report, req, fence).await {
-            Ok(prepared) => prepared,
-            Err(e) => {
-                let instances = parsing.finish().await;
-                report.instances = instances.iter().map(instance_report).collect();
-                log_payload_problems(&mut self.payload_problems, &report.instances);
-                return Err(e);
-            }
-        };
-        let Prepared { kind, shape, writable, read_only, released } = prepared;
-        let Some(store) = self.store.as_mut() else { unreachable!("prepare_read connected the store") };
-        let read_started = std::time::Instant::now();
-        // The live rows stream in while the lists are parsed; the read then
-        // waits for the ids they hold (local work, never a controller).
-        let expected = parsing.entries();
-        let (live, mut instances) = tokio::join!(store.begin_snapshot(expected), parsing.finish());
-        report.instances = instances.iter().map(instance_report).collect();
-        log_payload_problems(&mut self.payload_problems, &report.instances);
-        let live = live?;
-        normalize_ids(&mut instances, kind);
+        if self.store.as_ref().is_none_or(Store::is_closed) {
+            self.store = Some(connect(cfg, &self.round_trips).await?);
+        }
+        let Some(store) = self.store.as_mut() else { unreachable!("the store was connected just above") };
+        store.set_fence(fence);
+        // Paused by an operator: look, change nothing. Every write checks the
+        // pause again, so one set during the pass stops it before its next batch.
+        report.paused = store.pause_state().await?;
+        let read_only = req.dry_run || cfg.daemon.mode == Mode::Observe || report.paused.is_some();
+        let released = std::mem::take(&mut self.released);
+        report.released = released.iter().cloned().collect();
+        let table = store.table()?;
+        normalize_ids(&mut instances, table.id.kind);
+        let shape = classify::TableShape { owner: table.owner.is_some(), instance: table.instance.is_some() };
+        let writable: BTreeSet<RowState> =
+            RowState::ALL.into_iter().filter(|s| table.vocabulary.written(*s).is_some()).collect();
+        if self.boots.is_none() {
+            self.boots = Some(store.load_boots().await?);
+        }
         // Every listed id, in id order: one merge of the lists.
         let lists = instances.iter().filter_map(|i| i.result.as_ref().ok());
+        let count = lists.clone().map(|l| l.sessions.len()).sum();
         let runs: Vec<crate::model::IdRun<'_, ()>> = lists
             .map(|l| {
                 let sessions = &l.sessions;
@@ -602,9 +609,10 @@ impl Reconciler {
             })
             .collect();
         let live_ids = crate::model::MergeById::new(runs).map(|(id, _, ())| id);
+        let read_started = std::time::Instant::now();
         let window = cfg.reconcile.rapid_create_window;
         let lookback = window.map(|w| rapid::lookback(w, cfg.daemon.interval));
-        let db = live.finish(live_ids, lookback).await?;
+        let db = store.snapshot(live_ids, count, lookback).await?;
         if let (Some(w), Some(lookback), Some(now)) = (window, lookback, db.db_now) {
             report.rapid_creates = self.rapid.observe(&db.recent_creates, w, now, lookback);
             if report.rapid_creates > 0 {
@@ -623,37 +631,6 @@ impl Reconciler {
             *report.rows_by_state.entry(row.state.as_str()).or_default() += 1;
         }
         Ok(Read { instances, db, shape, writable, read_only, released })
-    }
-
-    /// Before the read: connects if needed, notes a pause and what the table
-    /// can hold, and loads the boot records on a first pass.
-    async fn prepare_read(
-        &mut self,
-        cfg: &Arc<Config>,
-        report: &mut PassReport,
-        req: PassRequest,
-        fence: Option<crate::store::Fence>,
-    ) -> Result<Prepared, StoreError> {
-        if self.store.as_ref().is_none_or(Store::is_closed) {
-            self.store = Some(connect(cfg, &self.round_trips).await?);
-        }
-        let Some(store) = self.store.as_mut() else { unreachable!("the store was connected just above") };
-        store.set_fence(fence);
-        // Paused by an operator: look, change nothing. Every write checks the
-        // pause again, so one set during the pass stops it before its next batch.
-        report.paused = store.pause_state().await?;
-        let read_only = req.dry_run || cfg.daemon.mode == Mode::Observe || report.paused.is_some();
-        let released = std::mem::take(&mut self.released);
-        report.released = released.iter().cloned().collect();
-        let table = store.table()?;
-        let shape = classify::TableShape { owner: table.owner.is_some(), instance: table.instance.is_some() };
-        let writable: BTreeSet<RowState> =
-            RowState::ALL.into_iter().filter(|s| table.vocabulary.written(*s).is_some()).collect();
-        let kind = table.id.kind;
-        if self.boots.is_none() {
-            self.boots = Some(store.load_boots().await?);
-        }
-        Ok(Prepared { kind, shape, writable, read_only, released })
     }
 
     /// Stage 2, classify: which controller lists to trust (boot ids), then
@@ -884,28 +861,6 @@ fn normalize_ids(instances: &mut [InstanceSnapshot], kind: crate::store::mapping
             }
         }
         list.sessions = kept;
-    }
-}
-
-/// Logs a controller's malformed optional parts (counters, generated_at) when
-/// they appear or change, and when they are gone (`seen`: what was logged last,
-/// by controller); they are counted in a metric every pass.
-fn log_payload_problems(seen: &mut BTreeMap<String, Vec<String>>, instances: &[InstanceReport]) {
-    for inst in instances.iter().filter(|i| i.reachable) {
-        let before = seen.get(&inst.name).cloned().unwrap_or_default();
-        if before == inst.payload_problems {
-            continue;
-        }
-        if inst.payload_problems.is_empty() {
-            tracing::info!(controller = %inst.name, "the controller's document is well-formed again");
-        } else {
-            tracing::warn!(
-                controller = %inst.name,
-                problems = %inst.payload_problems.join("; "),
-                "part of the controller's document is malformed and is not used"
-            );
-        }
-        seen.insert(inst.name.clone(), inst.payload_problems.clone());
     }
 }
 

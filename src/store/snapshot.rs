@@ -26,27 +26,18 @@ impl Store {
         count: usize,
         created_within: Option<std::time::Duration>,
     ) -> Result<DbSnapshot, StoreError> {
-        self.begin_snapshot(count).await?.finish(live_ids, created_within).await
-    }
-
-    /// The first half of [`Store::snapshot`]: begins the transaction, measures
-    /// the database's clock and reads every live row, with room for about
-    /// `expected` of them. The pass parses the controller lists meanwhile,
-    /// then finishes the read with the ids they hold.
-    pub async fn begin_snapshot(&mut self, expected: usize) -> Result<LiveRead<'_>, StoreError> {
         let table = self.table()?;
         let vocabulary = table.vocabulary.clone();
         let live_sql = table.live_rows_copy_sql(&vocabulary.live_values());
-        let statements = Statements {
-            by_id: table.rows_by_id_sql(),
-            intents: format!(
-                "SELECT id, session_id, controller, kind, expires_at < now() FROM {} WHERE settled_at IS NULL",
-                table.intents
-            ),
-            history: table.last_audit_sql(),
-            recent: table.recent_creates_sql(),
-        };
+        let by_id_sql = table.rows_by_id_sql();
         let id_kind = table.id.kind;
+        let live_values: Vec<String> = vocabulary.live_values().into_iter().map(str::to_owned).collect();
+        let intents_sql = format!(
+            "SELECT id, session_id, controller, kind, expires_at < now() FROM {} WHERE settled_at IS NULL",
+            table.intents
+        );
+        let history_sql = table.last_audit_sql();
+        let recent_sql = table.recent_creates_sql();
         let timeout = self.timeout;
         let counter = std::sync::Arc::clone(&self.round_trips);
         let tx = self.begin(WHAT, Tx::Read).await?;
@@ -65,7 +56,7 @@ impl Store {
             // Sized for the usual case (about one live row per live session), so
             // the columns are not reallocated, and briefly held twice, while they fill.
             let mut rows = Rows::default();
-            let expected = expected + expected / 16 + 16;
+            let expected = count + count / 16 + 16;
             rows.reserve(expected, expected * 48);
             let mut invalid = Vec::new();
             let stream = tx.copy_out(live_sql.as_str()).await.map_err(q(WHAT))?;
@@ -75,63 +66,6 @@ impl Store {
                 copy.feed(&chunk, |t| push_tuple(t, &vocabulary, offset, &mut rows, &mut invalid))?;
             }
             copy.finish()?;
-            Ok::<_, StoreError>((rows, invalid, sent, db_now, offset))
-        };
-        let (rows, invalid, sent, db_now, offset) =
-            tokio::time::timeout(timeout, work).await.map_err(|_| StoreError::Timeout { what: WHAT, timeout })??;
-        Ok(LiveRead { tx, rows, invalid, sent, db_now, offset, vocabulary, id_kind, statements, timeout, counter })
-    }
-}
-
-/// The statements of the read's second half.
-struct Statements {
-    by_id: String,
-    intents: String,
-    history: String,
-    recent: Option<String>,
-}
-
-/// The read transaction after its first half: the clock and every live row
-/// are read, and it waits for the ids the controllers list.
-pub struct LiveRead<'a> {
-    tx: tokio_postgres::Transaction<'a>,
-    rows: Rows,
-    invalid: Vec<InvalidRow>,
-    sent: DateTime<Utc>,
-    db_now: DateTime<Utc>,
-    offset: chrono::Duration,
-    vocabulary: crate::config::Vocabulary,
-    id_kind: Kind,
-    statements: Statements,
-    timeout: std::time::Duration,
-    counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl LiveRead<'_> {
-    /// The second half of [`Store::snapshot`]: the rows of the `live_ids`
-    /// (in id order) that have no live row, the open stop intents, the audit
-    /// trail of the ids with no row at all and, with `created_within`, the
-    /// recent creates; then commits.
-    pub async fn finish(
-        self,
-        live_ids: impl Iterator<Item = &str> + Send,
-        created_within: Option<std::time::Duration>,
-    ) -> Result<DbSnapshot, StoreError> {
-        let LiveRead {
-            tx,
-            mut rows,
-            mut invalid,
-            sent,
-            db_now,
-            offset,
-            vocabulary,
-            id_kind,
-            statements: sql,
-            timeout,
-            counter,
-        } = self;
-        let live_values: Vec<String> = vocabulary.live_values().into_iter().map(str::to_owned).collect();
-        let work = async {
             // The live ids without a live row: one merge of the two runs in id
             // order (the rows come in heap order, normally close to id order).
             let mut held = rows.by_id().filter_map(|i| rows.id(i)).peekable();
@@ -156,14 +90,14 @@ impl LiveRead<'_> {
                 statements += 1;
                 let params: [(&(dyn ToSql + Sync), Type); 2] =
                     [(&missing, Type::TEXT_ARRAY), (&live_values, Type::TEXT_ARRAY)];
-                let stream = tx.query_typed_raw(&sql.by_id, params).await.map_err(q(WHAT))?;
+                let stream = tx.query_typed_raw(&by_id_sql, params).await.map_err(q(WHAT))?;
                 pin_mut!(stream);
                 while let Some(r) = stream.try_next().await.map_err(q(WHAT))? {
                     convert(&r, &vocabulary, offset, &mut rows, &mut invalid)?;
                 }
             }
             let mut open_intents = Vec::new();
-            for r in tx.query_typed(&sql.intents, &[]).await.map_err(q(WHAT))? {
+            for r in tx.query_typed(&intents_sql, &[]).await.map_err(q(WHAT))? {
                 open_intents.push(OpenIntent {
                     intent: r.try_get(0).map_err(q(WHAT))?,
                     session_id: r.try_get(1).map_err(q(WHAT))?,
@@ -183,7 +117,7 @@ impl LiveRead<'_> {
                 if !absent.is_empty() {
                     statements += 1;
                     let params: [(&(dyn ToSql + Sync), Type); 1] = [(&absent, Type::TEXT_ARRAY)];
-                    for r in tx.query_typed(&sql.history, &params).await.map_err(q(WHAT))? {
+                    for r in tx.query_typed(&history_sql, &params).await.map_err(q(WHAT))? {
                         let at: DateTime<Utc> = r.try_get(4).map_err(q(WHAT))?;
                         gone.push(GoneRow {
                             id: SessionId::from_row(r.try_get::<_, String>(0).map_err(q(WHAT))?),
@@ -197,11 +131,11 @@ impl LiveRead<'_> {
             }
             // Rows created since the previous pass, for rapid creates.
             let mut recent_creates = Vec::new();
-            if let (Some(recent), Some(lookback)) = (&sql.recent, created_within) {
+            if let (Some(sql), Some(lookback)) = (&recent_sql, created_within) {
                 statements += 1;
                 let ms = i64::try_from(lookback.as_millis()).unwrap_or(i64::MAX);
                 let params: [(&(dyn ToSql + Sync), Type); 1] = [(&ms, Type::INT8)];
-                let stream = tx.query_typed_raw(recent, params).await.map_err(q(WHAT))?;
+                let stream = tx.query_typed_raw(sql, params).await.map_err(q(WHAT))?;
                 pin_mut!(stream);
                 while let Some(r) = stream.try_next().await.map_err(q(WHAT))? {
                     recent_creates.push(crate::model::RecentCreate {
