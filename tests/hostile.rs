@@ -471,7 +471,13 @@ async fn credentials_in_a_controller_url_are_used_and_never_shown() {
     let checked = tokio::task::spawn_blocking(move || run(&["check-config", "--config", &p])).await.expect("join");
     assert_eq!(checked.status.code(), Some(0));
     // The controller goes away: its error names the URL, without the secret.
+    // Its listener closes once the server task sees the shutdown, not at once.
     a.shutdown();
+    let addr = a.addr();
+    common::eventually("the controller's port refuses connections", async || {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
     let (down, report) = once(&dir, &cfg).await;
     assert_eq!(report["instances"][0]["reachable"], false);
     let error = report["instances"][0]["error"].as_str().unwrap_or("");
