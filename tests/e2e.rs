@@ -304,8 +304,9 @@ async fn a_bearer_token_from_token_file_is_sent_to_the_controller() {
 
 #[tokio::test]
 async fn the_database_is_read_after_the_slowest_controller_answered() {
-    // The snapshot-skew rule rests on this order: a row written before a list
-    // arrived is in the pass's snapshot, so it is never older than the lists.
+    // The snapshot-skew rule rests on this order: a row written before the
+    // last list arrived is in the pass's snapshot, which is therefore never
+    // older than any list.
     let db = TestDb::migrated().await;
     let a = SimController::start("ctrl-a").await.expect("controller");
     let b = SimController::start("ctrl-b").await.expect("controller");
