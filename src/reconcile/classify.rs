@@ -3,7 +3,10 @@
 //! decision taken about it and, where the decision is to repair, the repair.
 //!
 //! Architecture Invariant: nothing here does I/O or reads a clock. Time comes in
-//! as `now`, so every safety rule can be tested by moving a number.
+//! as `now`, so every safety rule can be tested by moving a number. One sort
+//! (the live rows by owner) runs on a second, scoped thread alongside stages 3
+//! and 4; it reads only what they do not write, so the output is the same
+//! whichever finishes first.
 //!
 //! A pass goes through named stages, in order:
 //!
@@ -1014,10 +1017,25 @@ pub fn classify(input: &Input<'_>) -> Classification {
     let reach = reachability(input, &mut out);
     let held = listings(input, &reach, &mut out, &mut candidates);
     let join = Join::new(&held, &input.db.rows);
-    let (handled, live_per_instance) = rows(input, &reach, &held, &join, &mut candidates);
-    sessions(input, &held, &join, &mut out, &mut candidates);
-    if input.shape.owner {
-        duplicates(input, &reach, &held, &join, &handled, &mut candidates);
+    // The owner groups of the live rows take a sort of every live row: it
+    // runs on a second thread while stages 3 and 4 run on this one (the
+    // database and the controllers are idle by now, so a core is free).
+    let (handled, live_per_instance, by_owner) = std::thread::scope(|scope| {
+        let owners = || input.shape.owner.then(|| owner_order(input, &held, &join));
+        let spawned = std::thread::Builder::new().name("classify-owners".into()).spawn_scoped(scope, owners);
+        let (handled, live_per_instance) = rows(input, &reach, &held, &join, &mut candidates);
+        sessions(input, &held, &join, &mut out, &mut candidates);
+        let by_owner = match spawned {
+            Ok(thread) => thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            // No thread to be had: the same work, on this one.
+            Err(_) => owners(),
+        };
+        (handled, live_per_instance, by_owner)
+    });
+    if let Some(mut entries) = by_owner {
+        // Rows another finding already deals with are not in any group.
+        entries.retain(|&(_, i)| !handled[i as usize]);
+        duplicates(input, &reach, &held, &join, entries, &mut candidates);
     }
     let in_flight = intents(input, &reach, &held, &mut out);
     decide(input, &in_flight, &mut candidates, &mut out);
@@ -1105,22 +1123,17 @@ fn drift(
     })
 }
 
-/// Stage 5: owners with more than one live session.
-fn duplicates(
-    input: &Input<'_>,
-    reach: &Reach<'_>,
-    held: &Listings<'_>,
-    join: &Join,
-    handled: &[bool],
-    candidates: &mut Vec<Candidate>,
-) {
-    let mut by_owner = ByOwner { entries: Vec::new(), input, held, join };
+/// Every live row with an owner, as (hash of the owner, row index), sorted
+/// so that an owner's rows are adjacent (see [`ByOwner`]). Reads only the
+/// rows and the listings, so it runs alongside stages 3 and 4.
+fn owner_order(input: &Input<'_>, held: &Listings<'_>, join: &Join) -> Vec<(u64, u32)> {
+    let by_owner = ByOwner { entries: Vec::new(), input, held, join };
     let mut entries: Vec<(u64, u32)> = input
         .db
         .rows
         .iter()
         .enumerate()
-        .filter(|(i, r)| r.state.is_live() && !handled[*i])
+        .filter(|(_, r)| r.state.is_live())
         .filter_map(|(i, _)| {
             // Rows are at most 4 GiB of strings, so fewer than 4G.
             let i = u32::try_from(i).ok()?;
@@ -1130,7 +1143,20 @@ fn duplicates(
     entries.sort_unstable_by(|a, b| {
         a.0.cmp(&b.0).then_with(|| by_owner.owner(a.1).cmp(&by_owner.owner(b.1))).then(a.1.cmp(&b.1))
     });
-    by_owner.entries = entries;
+    entries
+}
+
+/// Stage 5: owners with more than one live session, among the live rows no
+/// earlier finding deals with (`entries`, from [`owner_order`]).
+fn duplicates(
+    input: &Input<'_>,
+    reach: &Reach<'_>,
+    held: &Listings<'_>,
+    join: &Join,
+    entries: Vec<(u64, u32)>,
+    candidates: &mut Vec<Candidate>,
+) {
+    let by_owner = ByOwner { entries, input, held, join };
     unpersisted_duplicates(&by_owner, candidates);
     rows_of_one_owner(input, &by_owner, held, reach, candidates);
 }
