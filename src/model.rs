@@ -243,8 +243,24 @@ impl LiveSessions {
         self.text.get(m.start as usize..m.start as usize + m.id_len as usize)
     }
 
+    /// Puts the sessions in id order, equal ids in list order, so that every
+    /// later walk in id order is a plain walk instead of a sort. Indices
+    /// change: call it before any index is handed out.
+    pub fn sort_by_id(&mut self) {
+        if self.sorted == self.meta.len() {
+            return;
+        }
+        let text = self.text.as_str();
+        let id = |m: &LiveMeta| text.get(m.start as usize..m.start as usize + m.id_len as usize).unwrap_or_default();
+        // In place, with no buffer: the arena offset grows with every push, so
+        // among equal ids (an ambiguous listing) the first listed stays first.
+        self.meta.sort_unstable_by(|a, b| id(a).cmp(id(b)).then(a.start.cmp(&b.start)));
+        self.sorted = self.meta.len();
+    }
+
     /// The indices of the sessions in id order (equal ids in list order).
-    /// A list sent in id order costs nothing more to walk.
+    /// A list sent in id order, or sorted by [`Self::sort_by_id`], costs
+    /// nothing more to walk.
     pub fn by_id(&self) -> impl Iterator<Item = usize> + '_ {
         id_order(self.meta.len(), self.sorted, move |i| self.id(i).unwrap_or_default())
     }
@@ -710,8 +726,25 @@ impl Rows {
         self.text.get(m.start as usize..m.start as usize + m.id_len as usize)
     }
 
+    /// Puts the rows in id order, equal ids in the order read, so that every
+    /// later walk in id order is a plain walk instead of a sort. Indices
+    /// change: call it before any index is handed out.
+    pub fn sort_by_id(&mut self) {
+        if self.sorted == self.meta.len() {
+            return;
+        }
+        let text = self.text.as_str();
+        let id = |m: &RowMeta| text.get(m.start as usize..m.start as usize + m.id_len as usize).unwrap_or_default();
+        // In place, with no buffer (a stable sort would take half the rows'
+        // size again at its peak): the arena offset grows with every push, so
+        // among equal ids the row read first stays first.
+        self.meta.sort_unstable_by(|a, b| id(a).cmp(id(b)).then(a.start.cmp(&b.start)));
+        self.sorted = self.meta.len();
+    }
+
     /// The indices of the rows in id order (equal ids in the order read). Rows
-    /// read in id order cost nothing more to walk; the rest are sorted once.
+    /// read in id order, or sorted by [`Self::sort_by_id`], cost nothing more
+    /// to walk; rows appended since are sorted on each walk.
     pub fn by_id(&self) -> impl Iterator<Item = usize> + '_ {
         id_order(self.meta.len(), self.sorted, move |i| self.id(i).unwrap_or_default())
     }
@@ -894,6 +927,56 @@ mod order_tests {
             let mut want: Vec<usize> = (0..pushed.len()).collect();
             want.sort_by(|&a, &b| pushed[a].cmp(&pushed[b]));
             assert_eq!(list.by_id().collect::<Vec<_>>(), want, "{pushed:?}");
+        }
+    }
+
+    #[test]
+    fn sorting_in_place_is_a_stable_sort_that_moves_each_entry_whole() {
+        let mut rng = fastrand::Rng::with_seed(13);
+        for round in 0..400 {
+            let n = rng.usize(0..40);
+            let pushed = ids(&mut rng, n, round % 2 == 0);
+            // Each entry's other fields say where it was pushed.
+            let mut list = LiveSessions::default();
+            let mut rows = Rows::default();
+            let at = |k: usize| DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::seconds(k as i64);
+            for (k, id) in pushed.iter().enumerate() {
+                list.push(LiveSession {
+                    id: SessionId(id.clone()),
+                    owner_id: format!("owner-{k}"),
+                    state: LiveState::Active,
+                    started_at: Some(at(k)),
+                });
+                rows.push(SessionRow {
+                    id: SessionId(id.clone()),
+                    owner_id: Some(format!("owner-{k}")),
+                    controller_instance: (k % 2 == 0).then(|| format!("ctrl-{k}")),
+                    state: RowState::Active,
+                    created_at: at(k),
+                    changed_at: at(k),
+                    version: format!("v{k}"),
+                });
+            }
+            let mut want: Vec<usize> = (0..pushed.len()).collect();
+            want.sort_by(|&a, &b| pushed[a].cmp(&pushed[b]));
+            list.sort_by_id();
+            rows.sort_by_id();
+            let n = pushed.len();
+            assert_eq!(list.by_id().collect::<Vec<_>>(), (0..n).collect::<Vec<_>>());
+            assert_eq!(rows.by_id().collect::<Vec<_>>(), (0..n).collect::<Vec<_>>());
+            for (i, &k) in want.iter().enumerate() {
+                let s = list.get(i).unwrap_or_else(|| panic!("session {i}"));
+                assert_eq!(
+                    (s.id, s.owner_id, s.started_at),
+                    (pushed[k].as_str(), format!("owner-{k}").as_str(), Some(at(k))),
+                    "{pushed:?}"
+                );
+                let r = rows.get(i).unwrap_or_else(|| panic!("row {i}"));
+                assert_eq!(r.id, pushed[k], "{pushed:?}");
+                assert_eq!(r.owner_id, Some(format!("owner-{k}").as_str()));
+                assert_eq!(r.controller_instance, (k % 2 == 0).then(|| format!("ctrl-{k}")).as_deref());
+                assert_eq!((r.version, r.created_at), (format!("v{k}").as_str(), at(k)));
+            }
         }
     }
 

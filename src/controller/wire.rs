@@ -296,6 +296,10 @@ pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Res
             list.invalid.push(e);
         }
     }
+    // Once, here, on the blocking pool the parse runs on: the read and the
+    // classifier each walk the list in id order, and a controller lists in
+    // creation order, which is id order at best second by second.
+    list.sessions.sort_by_id();
     Ok(list)
 }
 

@@ -66,6 +66,11 @@ impl Store {
                 copy.feed(&chunk, |t| push_tuple(t, &vocabulary, offset, &mut rows, &mut invalid))?;
             }
             copy.finish()?;
+            // Once: the merge below and the classifier's join each walk the
+            // rows in id order, and heap order is id order only where rows were
+            // inserted in id order. The few rows read by id below stay
+            // unsorted; a walk sorts only those.
+            rows.sort_by_id();
             // The live ids without a live row: one merge of the two runs in id
             // order (the rows come in heap order, normally close to id order).
             let mut held = rows.by_id().filter_map(|i| rows.id(i)).peekable();
