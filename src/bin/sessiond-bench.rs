@@ -212,8 +212,17 @@ async fn child_pass(config: &std::path::Path, dry_run: bool) -> anyhow::Result<P
     })
 }
 
+/// Session `i`'s id, in the shape of the default `id_pattern`'s executor
+/// ids: the second it was created (100 sessions a second, from 00:00:00),
+/// then 8 hex digits that are random-looking but unique (an odd multiplier is
+/// a bijection modulo 2^32). Sessions are listed and loaded in creation
+/// order, so, as in production, a list and the table's heap order are in id
+/// order only second by second.
 fn sid(i: usize) -> String {
-    format!("exec_20261121_000000_{i:08x}")
+    let second = i / 100;
+    let (h, m, s) = (second / 3600, second / 60 % 60, second % 60);
+    let tail = (i as u32).wrapping_mul(0x9E37_79B1) ^ 0x5BD1_E995;
+    format!("exec_20261121_{h:02}{m:02}{s:02}_{tail:08x}")
 }
 
 /// What session `i` is: 0 orphan, 1 zombie, 2 unpersisted, else consistent.
