@@ -387,6 +387,38 @@ fn duplicate_keeps_the_session_the_controller_holds() {
     assert!(matches!(&dup.repair, Some(sessiond::reconcile::classify::Repair::StopLive { end_row: true, .. })));
 }
 
+/// Two owners whose 32-bit hashes are equal.
+fn colliding_owners() -> (String, String) {
+    let mut seen = std::collections::HashMap::new();
+    for i in 0u32.. {
+        let owner = format!("user-{i}");
+        let hash = sessiond::reconcile::classify::owner_hash_for_test(&owner);
+        if let Some(first) = seen.insert(hash, owner.clone()) {
+            return (first, owner);
+        }
+    }
+    unreachable!("2^32 owners have two equal 32-bit hashes")
+}
+
+#[test]
+fn owners_that_share_a_hash_are_still_told_apart() {
+    let (x, y) = colliding_owners();
+    assert_ne!(x, y);
+    // One owner with two live sessions, another with one: one duplicate.
+    // The other owner's row comes between the first's.
+    let mut w = World::new();
+    w.live("a", "s1", &x, LiveState::Active, OLD).row("s1", &x, "a", RowState::Active, OLD);
+    w.live("a", "s3", &y, LiveState::Active, OLD).row("s3", &y, "a", RowState::Active, OLD);
+    w.live("a", "s2", &x, LiveState::Active, OLD - 5).row("s2", &x, "a", RowState::Active, OLD - 5);
+    check(&w, "duplicate s1 repair");
+    // A session with no row, whose owner has none either, is inserted, though
+    // another owner with the same hash has a live row.
+    let mut w = World::new();
+    w.live("a", "s1", &x, LiveState::Active, OLD).row("s1", &x, "a", RowState::Active, OLD);
+    w.live("a", "s3", &y, LiveState::Active, OLD);
+    check(&w, "unpersisted s3 repair");
+}
+
 #[test]
 fn duplicate_group_with_an_unverifiable_row_waits() {
     let mut w = World::new();

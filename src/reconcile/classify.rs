@@ -1126,9 +1126,9 @@ fn drift(
 /// Every live row with an owner, as (hash of the owner, row index), sorted
 /// so that an owner's rows are adjacent (see [`ByOwner`]). Reads only the
 /// rows and the listings, so it runs alongside stages 3 and 4.
-fn owner_order(input: &Input<'_>, held: &Listings<'_>, join: &Join) -> Vec<(u64, u32)> {
+fn owner_order(input: &Input<'_>, held: &Listings<'_>, join: &Join) -> Vec<(u32, u32)> {
     let by_owner = ByOwner { entries: Vec::new(), input, held, join };
-    let mut entries: Vec<(u64, u32)> = input
+    let mut entries: Vec<(u32, u32)> = input
         .db
         .rows
         .iter()
@@ -1153,7 +1153,7 @@ fn duplicates(
     reach: &Reach<'_>,
     held: &Listings<'_>,
     join: &Join,
-    entries: Vec<(u64, u32)>,
+    entries: Vec<(u32, u32)>,
     candidates: &mut Vec<Candidate>,
 ) {
     let by_owner = ByOwner { entries, input, held, join };
@@ -1163,10 +1163,10 @@ fn duplicates(
 
 /// The live rows that stay live after this pass, by the owner they will have
 /// once drift is repaired: a hash of the owner and the row's index per row
-/// (16 bytes, no string), sorted so that an owner's rows are adjacent. Equal
+/// (8 bytes, no string), sorted so that an owner's rows are adjacent. Equal
 /// hashes are told apart by the owners themselves.
 struct ByOwner<'i, 'a> {
-    entries: Vec<(u64, u32)>,
+    entries: Vec<(u32, u32)>,
     input: &'i Input<'a>,
     held: &'i Listings<'a>,
     join: &'i Join,
@@ -1182,7 +1182,7 @@ impl<'a> ByOwner<'_, 'a> {
     }
 
     /// Each owner's rows.
-    fn groups(&self) -> impl Iterator<Item = &[(u64, u32)]> {
+    fn groups(&self) -> impl Iterator<Item = &[(u32, u32)]> {
         self.entries.chunk_by(|a, b| a.0 == b.0 && self.owner(a.1) == self.owner(b.1))
     }
 
@@ -1195,11 +1195,22 @@ impl<'a> ByOwner<'_, 'a> {
     }
 }
 
-fn owner_hash(owner: &str) -> u64 {
+/// The hash the duplicate stage groups owners by (tests look for two owners
+/// that share one).
+#[doc(hidden)]
+pub fn owner_hash_for_test(owner: &str) -> u32 {
+    owner_hash(owner)
+}
+
+/// 32 bits, so that an entry is 8 bytes: equal hashes of different owners
+/// (a few hundred pairs among a million owners) cost a string comparison, and
+/// are told apart by it.
+fn owner_hash(owner: &str) -> u32 {
     use std::hash::{Hash, Hasher};
     let mut h = rustc_hash::FxHasher::default();
     owner.hash(&mut h);
-    h.finish()
+    let h = h.finish();
+    (h ^ (h >> 32)) as u32
 }
 
 /// A live session with no row whose owner already has a live row that stays, or
