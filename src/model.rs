@@ -55,6 +55,15 @@ pub enum RowState {
     Deleted,
 }
 
+// `state as usize` indexes `RowState::ALL` (counts by state).
+const _: () = {
+    let mut i = 0;
+    while i < RowState::ALL.len() {
+        assert!(RowState::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
 impl RowState {
     pub const ALL: [RowState; 6] = [
         RowState::Creating,
@@ -747,6 +756,11 @@ impl Rows {
     /// to walk; rows appended since are sorted on each walk.
     pub fn by_id(&self) -> impl Iterator<Item = usize> + '_ {
         id_order(self.meta.len(), self.sorted, move |i| self.id(i).unwrap_or_default())
+    }
+
+    /// The state of each row, without the rest of it.
+    pub fn states(&self) -> impl ExactSizeIterator<Item = RowState> + '_ {
+        self.meta.iter().map(|m| m.state)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = RowRef<'_>> + '_ {

@@ -1131,9 +1131,9 @@ fn owner_order(input: &Input<'_>, held: &Listings<'_>, join: &Join) -> Vec<(u32,
     let mut entries: Vec<(u32, u32)> = input
         .db
         .rows
-        .iter()
+        .states()
         .enumerate()
-        .filter(|(_, r)| r.state.is_live())
+        .filter(|(_, state)| state.is_live())
         .filter_map(|(i, _)| {
             // Rows are at most 4 GiB of strings, so fewer than 4G.
             let i = u32::try_from(i).ok()?;

@@ -627,8 +627,12 @@ impl Reconciler {
         report.stages.read = read_started.elapsed().as_secs_f64();
         self.tick();
         report.database_up = true;
-        for row in db.rows.iter() {
-            *report.rows_by_state.entry(row.state.as_str()).or_default() += 1;
+        let mut by_state = [0u64; RowState::ALL.len()];
+        for state in db.rows.states() {
+            by_state[state as usize] += 1;
+        }
+        for (state, n) in RowState::ALL.into_iter().zip(by_state).filter(|(_, n)| *n > 0) {
+            report.rows_by_state.insert(state.as_str(), n);
         }
         Ok(Read { instances, db, shape, writable, read_only, released })
     }
