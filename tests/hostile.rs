@@ -625,6 +625,9 @@ async fn application_write_during_stops(extra: &str) {
     )
     .await;
     assert_eq!(left, 2, "both audit rows say the row was left as the application wrote it");
+    let ended: i64 =
+        scalar(&db, "SELECT count(*) FROM session_audit WHERE reason = 'duplicate' AND new_state = 'stopped'").await;
+    assert_eq!(ended, 0, "no audit row says the duplicate's row was ended");
 }
 
 #[tokio::test]
