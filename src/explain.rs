@@ -28,31 +28,50 @@ pub struct LiveEntry {
 
 /// The entries of the sessions that have findings, from a pass's lists: the
 /// ones an operator asks about. Sessions without findings were consistent.
+///
+/// One merge of the sorted subjects with each list walked in id order: no
+/// hash of each of a million listed ids.
 pub fn entries_of<'a>(
     subjects: impl Iterator<Item = &'a str>,
     instances: &[InstanceSnapshot],
 ) -> BTreeMap<String, Vec<LiveEntry>> {
-    let wanted: std::collections::HashSet<&str> = subjects.collect();
-    entries_where(instances, |id| wanted.contains(id))
+    let mut wanted: Vec<&str> = subjects.collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut out: BTreeMap<String, Vec<LiveEntry>> = BTreeMap::new();
+    for inst in instances {
+        let Ok(list) = &inst.result else { continue };
+        let mut next = wanted.iter().copied().peekable();
+        let sessions = &list.sessions;
+        for i in sessions.by_id() {
+            let Some(id) = sessions.id(i) else { continue };
+            while next.next_if(|w| *w < id).is_some() {}
+            let Some(&w) = next.peek() else { break };
+            if w == id {
+                if let Some(s) = sessions.get(i) {
+                    out.entry(id.to_owned()).or_default().push(entry(inst, s));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn entry(inst: &InstanceSnapshot, s: crate::model::LiveRef<'_>) -> LiveEntry {
+    LiveEntry {
+        controller: inst.name.clone(),
+        state: s.state.as_str(),
+        owner_id: s.owner_id.to_owned(),
+        started_at: s.started_at,
+    }
 }
 
 /// The entries of one id, from lists fetched now.
 pub fn entries_for(id: &str, instances: &[InstanceSnapshot]) -> Vec<LiveEntry> {
-    entries_where(instances, |i| i == id).remove(id).unwrap_or_default()
-}
-
-fn entries_where(instances: &[InstanceSnapshot], keep: impl Fn(&str) -> bool) -> BTreeMap<String, Vec<LiveEntry>> {
-    let mut out: BTreeMap<String, Vec<LiveEntry>> = BTreeMap::new();
+    let mut out = Vec::new();
     for inst in instances {
         let Ok(list) = &inst.result else { continue };
-        for s in list.sessions.iter().filter(|s| keep(s.id)) {
-            out.entry(s.id.to_owned()).or_default().push(LiveEntry {
-                controller: inst.name.clone(),
-                state: s.state.as_str(),
-                owner_id: s.owner_id.to_owned(),
-                started_at: s.started_at,
-            });
-        }
+        out.extend(list.sessions.iter().filter(|s| s.id == id).map(|s| entry(inst, s)));
     }
     out
 }
@@ -232,4 +251,69 @@ pub fn render(e: &Explanation) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod entries_tests {
+    use super::*;
+    use crate::model::{ControllerList, LiveSession, LiveSessions, LiveState};
+
+    fn instance(name: &str, ids: &[String], owner: &str) -> InstanceSnapshot {
+        let sessions: LiveSessions = ids
+            .iter()
+            .enumerate()
+            .map(|(k, id)| LiveSession {
+                id: SessionId::from_row(id.clone()),
+                owner_id: format!("{owner}-{k}"),
+                state: LiveState::Active,
+                started_at: None,
+            })
+            .collect();
+        InstanceSnapshot {
+            name: name.to_owned(),
+            fetched_at: DateTime::<Utc>::UNIX_EPOCH,
+            result: Ok(ControllerList {
+                boot_id: "b".into(),
+                generated_at: None,
+                sessions,
+                invalid: Vec::new(),
+                counters: None,
+                problems: Vec::new(),
+            }),
+            boot_ids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_entries_of_some_subjects_are_every_listing_of_each_in_instance_then_list_order() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        for _ in 0..300 {
+            let id = |rng: &mut fastrand::Rng| format!("s{}", rng.u8(0..15));
+            let lists: Vec<Vec<String>> = (0..3)
+                .map(|_| {
+                    let n = rng.usize(0..12);
+                    (0..n).map(|_| id(&mut rng)).collect()
+                })
+                .collect();
+            let n = rng.usize(0..8);
+            let subjects: Vec<String> = (0..n).map(|_| id(&mut rng)).collect();
+            let mut instances: Vec<InstanceSnapshot> =
+                lists.iter().enumerate().map(|(j, ids)| instance(&format!("c{j}"), ids, &format!("o{j}"))).collect();
+            instances.push(InstanceSnapshot { result: Err("unreachable".into()), ..instance("down", &[], "x") });
+            // Each subject's entries: every instance in order, and in each its
+            // listings in list order.
+            let mut want: BTreeMap<String, Vec<LiveEntry>> = BTreeMap::new();
+            for inst in &instances {
+                let Ok(list) = &inst.result else { continue };
+                for s in list.sessions.iter().filter(|s| subjects.iter().any(|w| w == s.id)) {
+                    want.entry(s.id.to_owned()).or_default().push(entry(inst, s));
+                }
+            }
+            let got = entries_of(subjects.iter().map(String::as_str), &instances);
+            assert_eq!(got, want, "lists {lists:?} subjects {subjects:?}");
+            for w in &subjects {
+                assert_eq!(entries_for(w, &instances), want.get(w).cloned().unwrap_or_default());
+            }
+        }
+    }
 }
