@@ -32,3 +32,16 @@ fn the_bench_runs_end_to_end_and_prints_its_summary_line() {
     };
     assert_eq!(reads("1000"), reads("2000"), "reads must not grow with the number of sessions");
 }
+
+#[test]
+fn with_uuid_ids_in_no_order_every_planted_fault_is_still_repaired() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sessiond-bench"))
+        .args(["--sessions", "1000", "--naive-sample", "100", "--rounds", "1", "--ids", "uuid", "--database-url"])
+        .arg(common::server_url())
+        .output()
+        .expect("run sessiond-bench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("repaired=30 stops_received=10"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("N=1000 sessiond_s=") && l.ends_with(" ids=uuid")), "{text}");
+}

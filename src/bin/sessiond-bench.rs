@@ -55,7 +55,21 @@ struct Cli {
     /// before it; the ratio reported is their median.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// The shape of the session ids: `exec` (the default `id_pattern`'s
+    /// executor ids, in id order second by second) or `uuid` (random order).
+    #[arg(long, value_enum, default_value_t = IdShape::Exec)]
+    ids: IdShape,
 }
+
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+enum IdShape {
+    #[default]
+    Exec,
+    Uuid,
+}
+
+/// Set once from the command line, before any id is made.
+static ID_SHAPE: std::sync::OnceLock<IdShape> = std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
 enum Mode {
@@ -219,6 +233,15 @@ async fn child_pass(config: &std::path::Path, dry_run: bool) -> anyhow::Result<P
 /// order, so, as in production, a list and the table's heap order are in id
 /// order only second by second.
 fn sid(i: usize) -> String {
+    if let IdShape::Uuid = ID_SHAPE.get().copied().unwrap_or_default() {
+        // A random-looking high half (splitmix64's finaliser) and `i` in the
+        // low half, so ids are unique and in no order.
+        let mut z = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        return uuid::Uuid::from_u64_pair(z, i as u64).hyphenated().to_string();
+    }
     let second = i / 100;
     let (h, m, s) = (second / 3600, second / 60 % 60, second % 60);
     let tail = (i as u32).wrapping_mul(0x9E37_79B1) ^ 0x5BD1_E995;
@@ -565,7 +588,7 @@ fn print(f: &Figures) {
         f.full.scrape_p50_ms, f.full.scrape_p99_ms, f.full.scrape_max_ms, f.full.scrapes
     );
     println!(
-        "N={n} sessiond_s={:.3} floor_s={:.3} ratio={:.2} read_only_ratio={:.2} naive_ratio={:.1} bytes_per_session={bps:.0} round_trips={} read_round_trips={} scrape_p99_ms={:.2} naive_sample={} load_s={:.1}",
+        "N={n} sessiond_s={:.3} floor_s={:.3} ratio={:.2} read_only_ratio={:.2} naive_ratio={:.1} bytes_per_session={bps:.0} round_trips={} read_round_trips={} scrape_p99_ms={:.2} naive_sample={} load_s={:.1} ids={}",
         f.full.seconds,
         f.floor_s(),
         f.full.seconds / f.floor_s(),
@@ -576,11 +599,16 @@ fn print(f: &Figures) {
         f.full.scrape_p99_ms,
         f.naive_sample,
         f.load_s,
+        match ID_SHAPE.get().copied().unwrap_or_default() {
+            IdShape::Exec => "exec",
+            IdShape::Uuid => "uuid",
+        },
     );
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let _ = ID_SHAPE.set(cli.ids);
     sessiond::tls::install_default_provider();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
