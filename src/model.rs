@@ -1012,7 +1012,6 @@ mod order_tests {
             want.sort_by(|&a, &b| pushed[a].cmp(&pushed[b]));
             list.sort_by_id();
             rows.sort_by_id();
-            let n = pushed.len();
             assert_eq!(list.by_id().collect::<Vec<_>>(), (0..n).collect::<Vec<_>>());
             assert_eq!(rows.by_id().collect::<Vec<_>>(), (0..n).collect::<Vec<_>>());
             for (i, &k) in want.iter().enumerate() {

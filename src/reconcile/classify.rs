@@ -1020,15 +1020,20 @@ pub fn classify(input: &Input<'_>) -> Classification {
     // The owner groups of the live rows take a sort of every live row: it
     // runs on a second thread while stages 3 and 4 run on this one (the
     // database and the controllers are idle by now, so a core is free).
+    // Without an owner column there are no owner groups.
     let (handled, live_per_instance, by_owner) = std::thread::scope(|scope| {
-        let owners = || input.shape.owner.then(|| owner_order(input, &held, &join));
-        let spawned = std::thread::Builder::new().name("classify-owners".into()).spawn_scoped(scope, owners);
+        let owners = || owner_order(input, &held, &join);
+        let spawned = input
+            .shape
+            .owner
+            .then(|| std::thread::Builder::new().name("classify-owners".into()).spawn_scoped(scope, owners));
         let (handled, live_per_instance) = rows(input, &reach, &held, &join, &mut candidates);
         sessions(input, &held, &join, &mut out, &mut candidates);
         let by_owner = match spawned {
-            Ok(thread) => thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            None => None,
+            Some(Ok(thread)) => Some(thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))),
             // No thread to be had: the same work, on this one.
-            Err(_) => owners(),
+            Some(Err(_)) => Some(owners()),
         };
         (handled, live_per_instance, by_owner)
     });

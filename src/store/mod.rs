@@ -347,9 +347,9 @@ impl Store {
         // A repair marks its transaction as sessiond's: it writes its own audit
         // rows, so the reference table's transition trigger (and the ones
         // `sessiond sql audit-triggers` prints) do not audit it twice.
-        // Every statement sessiond sends is a lookup by key, a batch of them,
-        // or the live rows' sequential scan: compiling one with JIT costs more
-        // than it saves. The planner's estimate for a lookup per listed id can
+        // JIT is off: every statement sessiond sends is a lookup by key, a batch
+        // of them, or the live rows' sequential scan, and compiling one costs
+        // more than it saves. The planner's estimate for a lookup per listed id can
         // pass `jit_optimize_above_cost`, and the server then spent 50-90 ms a
         // pass compiling the audit lookup (measured at 1M sessions).
         let writer = if matches!(kind, Tx::Write) { "; SET LOCAL sessiond.writer = 'reconciler'" } else { "" };
