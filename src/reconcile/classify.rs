@@ -452,19 +452,25 @@ impl<'a> Listings<'a> {
 }
 
 /// No entry on the other side of the join.
-const UNMATCHED: usize = usize::MAX;
+const UNMATCHED: u32 = u32::MAX;
 
 /// The rows and the listings matched on id, by one merge of the two sorted
-/// runs.
+/// runs. Indices are 32-bit (4 bytes a row and a listing, at the pass's
+/// peak), so each side holds fewer than `u32::MAX` entries.
 struct Join {
     /// For each row (by index in `db.rows`), its id's listing entry.
-    listing_of_row: Vec<usize>,
+    listing_of_row: Vec<u32>,
     /// For each listing entry, its id's row.
-    row_of_listing: Vec<usize>,
+    row_of_listing: Vec<u32>,
 }
 
 impl Join {
-    fn new(listings: &Listings<'_>, rows: &Rows) -> Join {
+    /// `None` if a side has `u32::MAX` entries or more (a pass of four
+    /// billion sessions, far past what fits in memory).
+    fn new(listings: &Listings<'_>, rows: &Rows) -> Option<Join> {
+        if rows.len() >= UNMATCHED as usize || listings.entries.len() >= UNMATCHED as usize {
+            return None;
+        }
         let mut join = Join {
             listing_of_row: vec![UNMATCHED; rows.len()],
             row_of_listing: vec![UNMATCHED; listings.entries.len()],
@@ -477,15 +483,22 @@ impl Join {
                 k += 1;
             }
             if k < entries.len() && entries[k].id == id {
-                join.listing_of_row[r] = k;
-                join.row_of_listing[k] = r;
+                // Both below `u32::MAX`, checked above.
+                join.listing_of_row[r] = k as u32;
+                join.row_of_listing[k] = r as u32;
             }
         }
-        join
+        Some(join)
     }
 
+    /// The listing entry of a row's id.
     fn listing<'l, 'a>(&self, listings: &'l Listings<'a>, row: usize) -> Option<&'l Held<'a>> {
-        listings.entries.get(self.listing_of_row[row])
+        listings.entries.get(*self.listing_of_row.get(row)? as usize)
+    }
+
+    /// The row of a listing entry's id (`UNMATCHED`, which no row has, if none).
+    fn row(&self, listing: usize) -> usize {
+        self.row_of_listing.get(listing).map_or(UNMATCHED, |r| *r) as usize
     }
 }
 
@@ -815,7 +828,7 @@ fn sessions(
             // A session whose age the controller does not tell counts as old.
             _ => false,
         };
-        match input.db.rows.get(join.row_of_listing[k]) {
+        match input.db.rows.get(join.row(k)) {
             Some(row) if row.state.is_live() => out.probes.count(LookupResult::Found, young),
             Some(row) => {
                 if row.state == RowState::Deleted {
@@ -1016,7 +1029,11 @@ pub fn classify(input: &Input<'_>) -> Classification {
     let mut candidates: Vec<Candidate> = Vec::new();
     let reach = reachability(input, &mut out);
     let held = listings(input, &reach, &mut out, &mut candidates);
-    let join = Join::new(&held, &input.db.rows);
+    let Some(join) = Join::new(&held, &input.db.rows) else {
+        // Past 32-bit indices nothing is decided: no finding, no repair, and
+        // the streaks of earlier passes kept for the next.
+        return Classification { memory: input.memory.clone(), ..Classification::default() };
+    };
     // The owner groups of the live rows take a sort of every live row: it
     // runs on a second thread while stages 3 and 4 run on this one (the
     // database and the controllers are idle by now, so a core is free).
