@@ -403,13 +403,14 @@ fn to_chrono(d: std::time::Duration) -> ChronoDuration {
 }
 
 /// Where a listed id was seen: its first listing, in the order of the
-/// configured instances.
+/// configured instances. 16 bytes, a million of them at the pass's peak: the
+/// id is read from the list itself.
 struct Held<'a> {
-    id: &'a str,
     source: &'a InstanceSnapshot,
-    /// The entry's index in its list's sessions; [`UNUSABLE`] when the entry
-    /// itself was unusable (unknown state, no owner, …).
-    session: u32,
+    /// The entry's index in its list's sessions, or, when the entry itself
+    /// was unusable (unknown state, no owner, …), in its invalid entries.
+    index: u32,
+    unusable: bool,
     /// Listed more than once: held, but never acted on.
     ambiguous: bool,
 }
@@ -419,10 +420,22 @@ impl<'a> Held<'a> {
         &self.source.name
     }
 
+    /// The listed id.
+    fn id(&self) -> &'a str {
+        let Ok(list) = &self.source.result else { return "" };
+        let i = self.index as usize;
+        let id =
+            if self.unusable { list.invalid.get(i).and_then(|bad| bad.raw_id.as_deref()) } else { list.sessions.id(i) };
+        id.unwrap_or_default()
+    }
+
     /// The listed session, if the entry is a usable one.
     fn session(&self) -> Option<LiveRef<'a>> {
         let list = self.source.result.as_ref().ok()?;
-        list.sessions.get(usize::try_from(self.session).ok()?)
+        if self.unusable {
+            return None;
+        }
+        list.sessions.get(self.index as usize)
     }
 
     /// The listed session, if it is the only listing of its id and usable.
@@ -435,9 +448,6 @@ impl<'a> Held<'a> {
     }
 }
 
-/// A listing of an entry that is not a usable session.
-const UNUSABLE: u32 = u32::MAX;
-
 /// Every id the usable lists hold, one entry per id, sorted by id: one side of
 /// the join. No hash map: the rows are matched to it by one merge.
 struct Listings<'a> {
@@ -447,7 +457,7 @@ struct Listings<'a> {
 impl<'a> Listings<'a> {
     /// For the few lookups outside the merge (stop intents, duplicate groups).
     fn get(&self, id: &str) -> Option<&Held<'a>> {
-        self.entries.binary_search_by(|h| h.id.cmp(id)).ok().map(|i| &self.entries[i])
+        self.entries.binary_search_by(|h| h.id().cmp(id)).ok().map(|i| &self.entries[i])
     }
 }
 
@@ -479,10 +489,10 @@ impl Join {
         let mut k = 0;
         for r in rows.by_id() {
             let Some(id) = rows.id(r) else { continue };
-            while k < entries.len() && entries[k].id < id {
+            while k < entries.len() && entries[k].id() < id {
                 k += 1;
             }
-            if k < entries.len() && entries[k].id == id {
+            if k < entries.len() && entries[k].id() == id {
                 // Both below `u32::MAX`, checked above.
                 join.listing_of_row[r] = k as u32;
                 join.row_of_listing[k] = r as u32;
@@ -611,31 +621,41 @@ fn listings<'a>(
     reach: &Reach<'a>,
     out: &mut Classification,
     candidates: &mut Vec<Candidate>,
-) -> Listings<'a> {
+) -> Option<Listings<'a>> {
     let lists = || input.instances.iter().filter(|i| reach.reachable.contains_key(i.name.as_str()));
+    // Entries are found by a 32-bit index in their list: a list of 4G
+    // entries is not a list in memory, and past it nothing is decided.
+    let indexable = |len: usize| len < u32::MAX as usize;
+    if !lists()
+        .filter_map(|i| i.result.as_ref().ok())
+        .all(|l| indexable(l.sessions.len()) && indexable(l.invalid.len()))
+    {
+        return None;
+    }
     let count: usize = lists().filter_map(|i| i.result.as_ref().ok()).map(|l| l.sessions.len() + l.invalid.len()).sum();
     // Every listing in id order, by one merge of the lists (each walked in id
     // order): among equal ids, the instances in order, and in an instance its
-    // sessions, then its unusable entries. A list of more than 4G sessions is
-    // not a list in memory; past that an entry would count as held but
-    // unusable, never as absent.
-    let mut runs: Vec<IdRun<'_, (&InstanceSnapshot, u32)>> = Vec::new();
-    for inst in lists() {
-        let Ok(list) = &inst.result else { continue };
+    // sessions, then its unusable entries.
+    let mut runs: Vec<IdRun<'_, Held<'_>>> = Vec::new();
+    for source in lists() {
+        let Ok(list) = &source.result else { continue };
         let sessions = &list.sessions;
+        runs.push(Box::new(sessions.by_id().filter_map(move |i| {
+            let held = Held { source, index: i as u32, unusable: false, ambiguous: false };
+            sessions.id(i).map(|id| (id, held))
+        })));
+        let mut invalid: Vec<(&str, usize)> =
+            list.invalid.iter().enumerate().filter_map(|(j, bad)| bad.raw_id.as_deref().map(|id| (id, j))).collect();
+        // Stable: among equal raw ids, the first listed first.
+        invalid.sort_by(|a, b| a.0.cmp(b.0));
         runs.push(Box::new(
-            sessions
-                .by_id()
-                .filter_map(move |i| sessions.id(i).map(|id| (id, (inst, u32::try_from(i).unwrap_or(UNUSABLE))))),
+            invalid
+                .into_iter()
+                .map(move |(id, j)| (id, Held { source, index: j as u32, unusable: true, ambiguous: false })),
         ));
-        let mut invalid: Vec<&str> = list.invalid.iter().filter_map(|bad| bad.raw_id.as_deref()).collect();
-        invalid.sort();
-        runs.push(Box::new(invalid.into_iter().map(move |id| (id, (inst, UNUSABLE)))));
     }
     let mut entries: Vec<Held<'_>> = Vec::with_capacity(count);
-    for (id, _, (source, session)) in MergeById::new(runs) {
-        entries.push(Held { id, source, session, ambiguous: false });
-    }
+    entries.extend(MergeById::new(runs).map(|(_, _, held)| held));
     for inst in lists() {
         let Ok(list) = &inst.result else { continue };
         for bad in &list.invalid {
@@ -656,21 +676,21 @@ fn listings<'a>(
         Some(s) => format!("{} ({})", h.instance(), s.state.as_str()),
         None => format!("{} (unusable entry)", h.instance()),
     };
-    for run in entries.chunk_by(|a, b| a.id == b.id).filter(|run| run.len() > 1) {
+    for run in entries.chunk_by(|a, b| a.id() == b.id()).filter(|run| run.len() > 1) {
         let seen: Vec<String> = run.iter().map(describe).collect();
         candidates.push(note(
             Kind::InvalidEntry,
-            run[0].id,
+            run[0].id(),
             Some(run[0].instance()),
             format!("listed {} times: by {}; nothing is done until one listing remains", seen.len(), seen.join(", ")),
         ));
     }
     entries.dedup_by(|later, first| {
-        let same = later.id == first.id;
+        let same = later.id() == first.id();
         first.ambiguous |= same;
         same
     });
-    Listings { entries }
+    Some(Listings { entries })
 }
 
 /// Stage 3: every live row against the lists. Returns the rows a finding here
@@ -1028,8 +1048,8 @@ pub fn classify(input: &Input<'_>) -> Classification {
     let mut out = Classification::default();
     let mut candidates: Vec<Candidate> = Vec::new();
     let reach = reachability(input, &mut out);
-    let held = listings(input, &reach, &mut out, &mut candidates);
-    let Some(join) = Join::new(&held, &input.db.rows) else {
+    let listed = listings(input, &reach, &mut out, &mut candidates);
+    let Some((held, join)) = listed.and_then(|held| Join::new(&held, &input.db.rows).map(|join| (held, join))) else {
         // Past 32-bit indices nothing is decided: no finding, no repair, and
         // the streaks of earlier passes kept for the next.
         return Classification { memory: input.memory.clone(), ..Classification::default() };
