@@ -259,16 +259,9 @@ impl LiveSessions {
         if self.sorted == self.meta.len() {
             return;
         }
-        let text = self.text.as_str();
-        let id = |m: &LiveMeta| text.get(m.start as usize..m.start as usize + m.id_len as usize).unwrap_or_default();
-        // In place, with no buffer: the arena offset grows with every push, so
-        // among equal ids (an ambiguous listing) the first listed stays first.
-        self.meta.sort_unstable_by(|a, b| id(a).cmp(id(b)).then(a.start.cmp(&b.start)));
+        // Among equal ids (an ambiguous listing), the first listed stays first.
+        sort_packed(&mut self.text, &mut self.meta);
         self.sorted = self.meta.len();
-        let span = |m: &LiveMeta| (m.start as usize, m.id_len as usize + m.owner_len as usize);
-        if let Some(packed) = pack(&self.text, &mut self.meta, span, |m, start| m.start = start) {
-            self.text = packed;
-        }
     }
 
     /// The indices of the sessions in id order (equal ids in list order).
@@ -521,30 +514,75 @@ pub struct RowRef<'a> {
     pub version: &'a str,
 }
 
-/// A copy of `text` with each record's strings (`span` bytes from its start)
-/// in the order of the records, each start moved to match: once the records
-/// are in id order, a walk in id order reads the strings in memory order
-/// too, instead of jumping to wherever each was appended (a cache miss per
-/// comparison when ids arrived in random order). `None`, and nothing moved,
-/// if a span is out of bounds, which the pushes that laid them out rule out.
-fn pack<M>(
-    text: &str,
-    records: &mut [M],
-    span: impl Fn(&M) -> (usize, usize),
-    moved: impl Fn(&mut M, u32),
-) -> Option<String> {
-    u32::try_from(text.len()).ok()?;
-    if !records.iter().map(&span).all(|(start, len)| text.get(start..start + len).is_some()) {
-        return None;
+/// A fixed-size record of a column whose strings, id first, sit one after
+/// another in the column's arena from `start`.
+trait ArenaRecord {
+    fn start(&self) -> u32;
+    fn set_start(&mut self, start: u32);
+    fn id_len(&self) -> u32;
+    /// The bytes of all its strings.
+    fn span(&self) -> usize;
+}
+
+impl ArenaRecord for LiveMeta {
+    fn start(&self) -> u32 {
+        self.start
     }
-    let mut packed = String::with_capacity(text.len());
+    fn set_start(&mut self, start: u32) {
+        self.start = start;
+    }
+    fn id_len(&self) -> u32 {
+        self.id_len
+    }
+    fn span(&self) -> usize {
+        self.id_len as usize + self.owner_len as usize
+    }
+}
+
+impl ArenaRecord for RowMeta {
+    fn start(&self) -> u32 {
+        self.start
+    }
+    fn set_start(&mut self, start: u32) {
+        self.start = start;
+    }
+    fn id_len(&self) -> u32 {
+        self.id_len
+    }
+    fn span(&self) -> usize {
+        let len = |n: u32| if n == NULL_LEN { 0 } else { n as usize };
+        len(self.id_len) + len(self.owner_len) + len(self.instance_len) + len(self.version_len)
+    }
+}
+
+/// Sorts the records by id, then packs the strings in the records' order.
+///
+/// The sort is in place, with no buffer (a stable sort would take half the
+/// records' size again at its peak): the arena offset grows with every push,
+/// so among equal ids the record pushed first stays first.
+///
+/// Packing copies each record's strings into a new arena in the records'
+/// order: a walk in id order then reads the strings in memory order too,
+/// instead of jumping to wherever each was appended (a cache miss per
+/// comparison when ids arrived in random order). It is skipped, and nothing
+/// moved, if a span is out of bounds, which the pushes that laid them out
+/// rule out.
+fn sort_packed<M: ArenaRecord>(text: &mut String, records: &mut [M]) {
+    let arena = text.as_str();
+    let span = |m: &M| m.start() as usize..m.start() as usize + m.span();
+    let id = |m: &M| arena.get(m.start() as usize..m.start() as usize + m.id_len() as usize).unwrap_or_default();
+    records.sort_unstable_by(|a, b| id(a).cmp(id(b)).then(a.start().cmp(&b.start())));
+    if u32::try_from(arena.len()).is_err() || !records.iter().all(|m| arena.get(span(m)).is_some()) {
+        return;
+    }
+    let mut packed = String::with_capacity(arena.len());
     for record in records.iter_mut() {
-        let (start, len) = span(record);
-        // Checked above; no larger than `text`, whose length fits in 32 bits.
-        moved(record, packed.len() as u32);
-        packed.push_str(text.get(start..start + len).unwrap_or_default());
+        let strings = arena.get(span(record)).unwrap_or_default();
+        // Checked above; no larger than the arena, whose length fits in 32 bits.
+        record.set_start(packed.len() as u32);
+        packed.push_str(strings);
     }
-    Some(packed)
+    *text = packed;
 }
 
 /// Indices `0..len` in id order, when `0..sorted` already are: the others are
@@ -772,20 +810,8 @@ impl Rows {
         if self.sorted == self.meta.len() {
             return;
         }
-        let text = self.text.as_str();
-        let id = |m: &RowMeta| text.get(m.start as usize..m.start as usize + m.id_len as usize).unwrap_or_default();
-        // In place, with no buffer (a stable sort would take half the rows'
-        // size again at its peak): the arena offset grows with every push, so
-        // among equal ids the row read first stays first.
-        self.meta.sort_unstable_by(|a, b| id(a).cmp(id(b)).then(a.start.cmp(&b.start)));
+        sort_packed(&mut self.text, &mut self.meta);
         self.sorted = self.meta.len();
-        let len = |n: u32| if n == NULL_LEN { 0 } else { n as usize };
-        let span = |m: &RowMeta| {
-            (m.start as usize, len(m.id_len) + len(m.owner_len) + len(m.instance_len) + len(m.version_len))
-        };
-        if let Some(packed) = pack(&self.text, &mut self.meta, span, |m, start| m.start = start) {
-            self.text = packed;
-        }
     }
 
     /// The indices of the rows in id order (equal ids in the order read). Rows
