@@ -861,6 +861,14 @@ pub struct DbSnapshot {
     pub db_now: Option<DateTime<Utc>>,
 }
 
+impl DbSnapshot {
+    /// An instant on sessiond's clock moved onto the database's, by the
+    /// offset measured at the read (to within half a round trip).
+    pub fn db_clock(&self, at: DateTime<Utc>) -> DateTime<Utc> {
+        self.db_now.map_or(at, |now| at + (now - self.read_at))
+    }
+}
+
 /// A row created recently: its id, owner and creation time (the table's).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecentCreate {

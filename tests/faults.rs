@@ -207,3 +207,54 @@ async fn a_database_without_the_schema_fails_the_pass_with_what_to_run() {
     assert_eq!(rep.outcome, PassOutcome::Failed);
     assert!(rep.error.as_deref().unwrap_or("").contains("sessiond migrate"), "{:?}", rep.error);
 }
+
+/// Another sessiond stops a zombie and settles it between this pass's fetch
+/// and its read, but could not touch the row (the application held it just
+/// then), so the row is as it was. The read sees that row and the list as it
+/// was before the stop: a zombie still, of an unchanged row. The stop would
+/// be the session's second; the stop settled since the pass began
+/// gathering its evidence makes it a conflict instead.
+#[tokio::test]
+async fn a_zombie_another_sessiond_stopped_after_this_pass_fetched_is_not_stopped_again() {
+    let db = TestDb::migrated().await;
+    let a = SimController::start("ctrl-a").await.expect("controller");
+    db.insert(&sid(1), "u1", "ctrl-a", "stopped", ago(600)).await;
+    a.add(&sid(1), "u1", "running", Some(ago(700)));
+    let cfg = config(&db, &[&a], IMMEDIATE);
+
+    // Hold the pass after it fetched the list and before its read begins
+    // (where it looks whether an operator paused sessiond).
+    let mut gate = db.client().await;
+    let gate = gate.transaction().await.expect("begin");
+    gate.batch_execute("LOCK TABLE sessiond_pause IN ACCESS EXCLUSIVE MODE").await.expect("lock");
+    let pass = tokio::spawn(async move { Reconciler::new(cfg).expect("reconciler").pass(PassRequest::once()).await });
+    assert!(common::wait_for_blocked_sessiond(&db, 1).await, "the pass reached its read");
+    // Longer after the fetch than the pass's margin for clock error.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // The other sessiond: stops the session, then settles its intent and
+    // audits the stop.
+    assert!(a.remove(&sid(1)), "the controller held the session");
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO sessiond_stop_intents (session_id, controller, kind, row_version, row_state, end_row,
+                                                pass_id, actor, expires_at, settled_at, outcome)
+             VALUES ('{id}', 'ctrl-a', 'zombie', '1', 'stopped', false, 'other', 'the-other-sessiond',
+                     now(), now(), 'stopped');
+             INSERT INTO session_audit (session_id, old_state, new_state, trigger, actor, reason)
+             VALUES ('{id}', 'stopped', 'stopped', 'reconciler', 'the-other-sessiond', 'zombie');
+             COMMIT;",
+            id = sid(1)
+        ))
+        .await
+        .expect("the other sessiond's settle");
+    // And the read comes later still than that margin after the stop.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    gate.rollback().await.expect("release the pass");
+    let rep = pass.await.expect("join");
+
+    assert_eq!(outcomes(&rep), ["zombie.conflict=1"]);
+    assert_eq!(a.stops(), Vec::<String>::new(), "no second stop was sent");
+    assert_eq!(db.audit(&sid(1)).await.len(), 1, "the other sessiond's audit row only");
+}

@@ -150,3 +150,96 @@ async fn the_read_looks_up_each_listed_id_without_a_live_row_once_and_finds_the_
         snapshot.gone.iter().map(|g| (g.id.as_str(), g.old_state.as_deref(), g.new_state.as_deref())).collect();
     assert_eq!(gone, [(sid(3).as_str(), Some("active"), None)], "the deleted row's last change is its delete");
 }
+
+/// Two passes stop the same zombie. The second recorded its intent while the
+/// first was settling: its statement held the row (FOR SHARE) so the first
+/// could not touch it, then its insert waited for the first's settle and
+/// found no open intent. Its evidence is older than the first's stop, so its
+/// intent is refused: one stop, one audit row.
+#[tokio::test]
+async fn a_stop_recorded_while_another_pass_settles_the_same_session_is_a_conflict() {
+    let db = TestDb::migrated().await;
+    db.insert(&sid(1), "u1", "ctrl-a", "stopped", ago(600)).await;
+    let v = version(&db, &sid(1)).await;
+    let stop = || sessiond::store::StopIntent {
+        id: SessionId::from_row(sid(1)),
+        controller: "ctrl-a".into(),
+        version: v.clone(),
+        state: RowState::Stopped,
+        end_row: false,
+        reason: "zombie",
+        details: serde_json::json!({}),
+    };
+    let audit = |pass: &str| AuditContext { actor: "test".into(), pass_id: pass.into(), term: None };
+    // Both passes gathered their evidence before either stopped anything.
+    let evidence = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let mut a = store(&db).await;
+    let opened = a.open_stops(&[stop()], &audit("a"), Duration::from_secs(60), evidence).await.expect("open a");
+    let Some(intent) = opened[0] else { panic!("the first pass records its intent") };
+
+    // Hold the second pass's intent insert (after its row lock) for a while.
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION slow_second_intent() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.pass_id = 'b' THEN PERFORM pg_sleep(1.5); END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER slow_second_intent BEFORE INSERT ON sessiond_stop_intents
+                 FOR EACH ROW EXECUTE FUNCTION slow_second_intent();",
+        )
+        .await
+        .expect("the trigger");
+    let second = {
+        let mut b = store(&db).await;
+        let stop = stop();
+        tokio::spawn(async move { b.open_stops(&[stop], &audit("b"), Duration::from_secs(60), evidence).await })
+    };
+    // The second pass holds the row now; the first settles its stop.
+    let mut held = false;
+    for _ in 0..100 {
+        let waiting: i64 = db
+            .client()
+            .await
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'", &[])
+            .await
+            .expect("activity")
+            .get(0);
+        if waiting == 1 {
+            held = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(held, "the second pass reached its insert");
+    let settle = sessiond::store::Settle {
+        intent,
+        outcome: sessiond::model::StopOutcome::Stopped,
+        details: serde_json::json!({}),
+    };
+    a.settle_stops(&[settle], &audit("a")).await.expect("settle a");
+    let second = second.await.expect("join").expect("open b");
+
+    assert_eq!(second, [None], "the second pass's evidence predates the first's stop");
+    assert_eq!(db.audit(&sid(1)).await.len(), 1, "one audit row");
+    let outcomes: Vec<(String, Option<String>)> = db
+        .client()
+        .await
+        .query("SELECT pass_id, outcome FROM sessiond_stop_intents ORDER BY id", &[])
+        .await
+        .expect("intents")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let settled = |pass: &str, outcome: &str| (pass.to_owned(), Some(outcome.to_owned()));
+    assert_eq!(outcomes, [settled("a", "stopped"), settled("b", "not_sent")], "the refusal is on record");
+
+    // A pass whose evidence is newer than that stop may stop the session again
+    // (the controller runs it still): the refusal is about stale evidence.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let fresh = chrono::Utc::now();
+    let again = sessiond::store::StopIntent { version: version(&db, &sid(1)).await, ..stop() };
+    let reopened = a.open_stops(&[again], &audit("c"), Duration::from_secs(60), fresh).await.expect("open c");
+    assert!(reopened[0].is_some(), "a stop on fresh evidence is recorded");
+}

@@ -37,6 +37,11 @@ pub const BATCH_SIZE: usize = 500;
 pub const ZOMBIE_BATCH_SIZE: usize = 200;
 /// Stop requests in flight at once, per batch.
 const STOP_CONCURRENCY: usize = 8;
+/// How much earlier than the pass's start its evidence counts as gathered,
+/// for refusing stops of sessions acted on since: more than the error of the
+/// clock offset measured at the read and of `now()` in the settling
+/// transaction. Too early only defers a stop to the next pass.
+pub const EVIDENCE_MARGIN: chrono::Duration = chrono::Duration::seconds(1);
 
 pub struct Applied {
     pub results: Vec<FindingResult>,
@@ -59,6 +64,10 @@ pub struct ApplyContext<'a> {
     pub progress: Option<&'a crate::progress::Progress>,
     /// Past this instant nothing more is applied.
     pub deadline: Instant,
+    /// When the evidence for this plan began to be gathered, by the
+    /// database's clock: a session audited since has been acted on, and is
+    /// not stopped on this plan.
+    pub evidence_since: chrono::DateTime<chrono::Utc>,
     /// With several replicas: the lease, checked before every stop request,
     /// and the fence every write of a re-made connection gets.
     pub lease: Option<&'a crate::lease::Lease>,
@@ -269,8 +278,9 @@ async fn stop_batch(
     // The sender promises to settle within this; after it, any pass may.
     let waves = chunk.len().div_ceil(STOP_CONCURRENCY) as u32 + 1;
     let expires_in = ctrl.timeout * waves + ctx.database.statement_timeout * 2;
+    let since = ctx.evidence_since;
     let opened = match ctx.store().await {
-        Ok(store) => store.open_stops(&intents, audit, expires_in).await,
+        Ok(store) => store.open_stops(&intents, audit, expires_in, since).await,
         Err(e) => Err(e),
     };
     ctx.tick();

@@ -552,6 +552,9 @@ impl Reconciler {
         let round_trips_before = self.round_trips.load(Ordering::Relaxed);
         let read = self.read(cfg, instances, report, req, fence.clone()).await?;
         let read_only = read.read_only;
+        // The lists were fetched from the pass's start on: a stop of a session
+        // acted on since then rests on stale evidence (see `Store::open_stops`).
+        let evidence_since = read.db.db_clock(report.started_at) - apply::EVIDENCE_MARGIN;
         let classified = self.classify_read(cfg, read, report, req).await;
         if read_only {
             self.boots = Some(classified.boots);
@@ -564,7 +567,7 @@ impl Reconciler {
             report.db_round_trips = self.round_trips.load(Ordering::Relaxed) - round_trips_before;
             return Ok(());
         }
-        self.apply_classified(cfg, classified, report, deadline, fence).await?;
+        self.apply_classified(cfg, classified, report, deadline, fence, evidence_since).await?;
         report.db_round_trips = self.round_trips.load(Ordering::Relaxed) - round_trips_before;
         self.prune_audit(cfg, report).await;
         Ok(())
@@ -737,6 +740,7 @@ impl Reconciler {
         report: &mut PassReport,
         deadline: Instant,
         fence: Option<crate::store::Fence>,
+        evidence_since: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let Classified { findings, settle, boots, boots_changed } = classified;
         if boots_changed {
@@ -757,6 +761,7 @@ impl Reconciler {
             audit: &audit,
             progress: self.progress.as_ref(),
             deadline,
+            evidence_since,
             lease: self.lease.as_ref().filter(|_| fence.is_some()),
             fence,
         };

@@ -521,6 +521,27 @@ impl Table {
         )
     }
 
+    /// Of the intents just recorded (`$1`), settles as `not_sent` those whose
+    /// session had a stop settled as done at or after `$2`: a sessiond stopped
+    /// the session after this pass's evidence was gathered, so the evidence is
+    /// stale. It runs as its own statement, after the insert, so it sees a
+    /// settle that committed while the insert waited. It reads only sessiond's
+    /// own intents (by the index of migration 7), so it works while the audit
+    /// trail is locked or full, and needs no privilege the role lacks.
+    pub fn stale_stops_sql(&self) -> String {
+        format!(
+            "UPDATE {intents} n
+                SET settled_at = now(), outcome = 'not_sent',
+                    details = n.details || jsonb_build_object('not_sent_because',
+                        'the session was stopped after this pass gathered its evidence')
+              WHERE n.id IN (SELECT unnest($1::bigint[]))
+                AND EXISTS (SELECT 1 FROM {intents} p
+                             WHERE p.session_id = n.session_id AND p.outcome = 'stopped' AND p.settled_at >= $2)
+             RETURNING n.id",
+            intents = self.intents,
+        )
+    }
+
     /// Settles stop intents (see `Store::settle_stops`).
     ///
     /// `$1` intent ids, `$2` outcomes, `$3` details, `$4` actor, `$5` the

@@ -243,6 +243,17 @@ $$;
 REVOKE ALL ON FUNCTION sessiond_audit_prune(interval, integer) FROM PUBLIC;
 "#,
     },
+    Migration {
+        version: 7,
+        description: "stop intents: the stops settled as done, by session, so a stop on stale evidence is refused",
+        reference: "",
+        own: r#"
+-- A stop is refused when its session was stopped (settled 'stopped') after
+-- the pass began gathering its evidence: looked up here, per session.
+CREATE INDEX IF NOT EXISTS sessiond_stop_intents_stopped
+    ON sessiond_stop_intents (session_id, settled_at) WHERE outcome = 'stopped';
+"#,
+    },
 ];
 
 /// The schema version this build needs.

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio_postgres::types::{ToSql, Type};
 
 use super::{
@@ -160,6 +161,20 @@ impl Store {
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         let timeout = self.timeout;
         self.count(2); // the statement, COMMIT
+        let tx = self.begin_write(what, pause).await?;
+        let rows = statement(&tx, what, timeout, sql, params).await?;
+        commit(tx, what, timeout).await?;
+        Ok(rows)
+    }
+
+    /// A write transaction, fenced by the lease if there is one and, with
+    /// `pause`, refused while an operator has paused sessiond.
+    async fn begin_write(
+        &mut self,
+        what: &'static str,
+        pause: bool,
+    ) -> Result<tokio_postgres::Transaction<'_>, StoreError> {
+        let timeout = self.timeout;
         let fence = self.fence.clone();
         let leases = self.own("sessiond_leases");
         let pause_table = self.own("sessiond_pause");
@@ -173,31 +188,31 @@ impl Store {
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             super::operator::check_not_paused(&tx, pause_table, timeout).await?;
         }
-        let rows = tokio::time::timeout(timeout, tx.query_typed(sql, params))
-            .await
-            .map_err(|_| StoreError::Timeout { what, timeout })?
-            .map_err(q(what))?;
-        tokio::time::timeout(timeout, tx.commit())
-            .await
-            .map_err(|_| StoreError::Timeout { what, timeout })?
-            .map_err(q(what))?;
-        Ok(rows)
+        Ok(tx)
     }
 
     /// Records the intent to stop these sessions, before any request is sent.
     /// An intent is recorded only for a row still exactly as classified and not
     /// locked by the application at this instant, and only if no other stop of
     /// the same session is in flight (whoever sends it). The transaction is
-    /// short: no lock is held while the stops are sent. Returns each stop's
-    /// intent id, or `None` for a conflict.
+    /// short: no lock is held while the stops are sent.
+    ///
+    /// `evidence_since` is when the pass began gathering the evidence for
+    /// these stops, by the database's clock: a session with a stop settled as
+    /// done from then on was stopped since (by another process, say, which
+    /// settled its stop while this one was being recorded, and could not touch
+    /// the row this statement held), so its stop is a conflict too. Returns each stop's intent id, or `None` for a conflict.
     pub async fn open_stops(
         &mut self,
         stops: &[StopIntent],
         audit: &AuditContext,
         expires_in: Duration,
+        evidence_since: DateTime<Utc>,
     ) -> Result<Vec<Option<i64>>, StoreError> {
         const WHAT: &str = "record stop intents";
-        let sql = self.table()?.open_stops_sql();
+        let table = self.table()?;
+        let sql = table.open_stops_sql();
+        let stale_sql = table.stale_stops_sql();
         let ids: Vec<&str> = stops.iter().map(|z| z.id.as_str()).collect();
         let versions: Vec<&str> = stops.iter().map(|z| z.version.as_str()).collect();
         let states: Vec<&str> = stops.iter().map(|z| z.state.as_str()).collect();
@@ -218,11 +233,36 @@ impl Store {
             (&audit.actor, Type::TEXT),
             (&expires_ms, Type::INT8),
         ];
-        let rows = self.write(WHAT, &sql, &params).await?;
+        let timeout = self.timeout;
+        self.count(2); // the statement, COMMIT
+        let counter = std::sync::Arc::clone(&self.round_trips);
+        let tx = self.begin_write(WHAT, true).await?;
+        let rows = statement(&tx, WHAT, timeout, &sql, &params).await?;
         let mut by_id: HashMap<String, i64> = HashMap::with_capacity(rows.len());
         for r in &rows {
             by_id.insert(r.try_get(1).map_err(q(WHAT))?, r.try_get(0).map_err(q(WHAT))?);
         }
+        // A second statement, so it sees what committed while the insert
+        // waited for another process's intent of the same session.
+        if !by_id.is_empty() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let opened: Vec<i64> = by_id.values().copied().collect();
+            let params: [(&(dyn ToSql + Sync), Type); 2] =
+                [(&opened, Type::INT8_ARRAY), (&evidence_since, Type::TIMESTAMPTZ)];
+            let stale = statement(&tx, WHAT, timeout, &stale_sql, &params).await?;
+            if !stale.is_empty() {
+                let mut refused = std::collections::HashSet::with_capacity(stale.len());
+                for r in &stale {
+                    refused.insert(r.try_get::<_, i64>(0).map_err(q(WHAT))?);
+                }
+                tracing::info!(
+                    stops = refused.len(),
+                    "stops not sent: their sessions were acted on since this pass gathered its evidence"
+                );
+                by_id.retain(|_, intent| !refused.contains(intent));
+            }
+        }
+        commit(tx, WHAT, timeout).await?;
         Ok(ids.iter().map(|id| by_id.get(*id).copied()).collect())
     }
 
@@ -263,6 +303,27 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// One statement of a write transaction, within the store's timeout.
+async fn statement(
+    tx: &tokio_postgres::Transaction<'_>,
+    what: &'static str,
+    timeout: Duration,
+    sql: &str,
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+    tokio::time::timeout(timeout, tx.query_typed(sql, params))
+        .await
+        .map_err(|_| StoreError::Timeout { what, timeout })?
+        .map_err(q(what))
+}
+
+async fn commit(tx: tokio_postgres::Transaction<'_>, what: &'static str, timeout: Duration) -> Result<(), StoreError> {
+    tokio::time::timeout(timeout, tx.commit())
+        .await
+        .map_err(|_| StoreError::Timeout { what, timeout })?
+        .map_err(q(what))
 }
 
 /// The table's value for a state a repair writes. The config refuses repairs
