@@ -201,7 +201,9 @@ impl Store {
     /// these stops, by the database's clock: a session with a stop settled as
     /// done from then on was stopped since (by another process, say, which
     /// settled its stop while this one was being recorded, and could not touch
-    /// the row this statement held), so its stop is a conflict too. Returns each stop's intent id, or `None` for a conflict.
+    /// the row this statement held), so its stop is a conflict too.
+    ///
+    /// Returns each stop's intent id, or `None` for a conflict.
     pub async fn open_stops(
         &mut self,
         stops: &[StopIntent],
@@ -257,7 +259,7 @@ impl Store {
                 }
                 tracing::info!(
                     stops = refused.len(),
-                    "stops not sent: their sessions were acted on since this pass gathered its evidence"
+                    "stops not sent: their sessions were stopped after this pass gathered its evidence"
                 );
                 by_id.retain(|_, intent| !refused.contains(intent));
             }
