@@ -48,6 +48,38 @@ fn entries_of_the_wrong_shape_are_findings_not_failures() {
 }
 
 #[test]
+fn an_entry_with_a_field_twice_or_of_any_other_shape_costs_only_itself() {
+    let doc = r#"{"sessions": [
+        {"session_id": "exec_20261121_095958_1a2b3c4d", "owner_id": "u", "state": "running", "state": "paused"},
+        {"session_id": "exec_20261121_095958_1a2b3c4e", "owner_id": null, "owner_id": "u", "state": "running"},
+        [1, {"session_id": "exec_20261121_095958_1a2b3c4f"}], "exec_20261121_095958_1a2b3c50", true, 1.5,
+        {"session_id": "exec_20261121_095958_1a2b3c51", "owner_id": "u", "state": "running", "x": {"state": 1}},
+        {"session_id": "exec_20261121_095958_1a2b3c52", "session_id": "exec_20261121_095958_1a2b3c53"}
+    ], "boot_id": "b"}"#;
+    let list = parse(doc).expect("the list itself is fine");
+    assert_eq!(list.sessions.len(), 1, "{:?}", list.invalid);
+    assert_eq!(list.sessions.get(0).expect("a session").id, "exec_20261121_095958_1a2b3c51");
+    let problems: Vec<&str> = list.invalid.iter().map(|e| e.problem.as_str()).collect();
+    assert_eq!(
+        problems,
+        [
+            "entry has state twice",
+            "entry has owner_id twice",
+            "entry is not an object: it is an array",
+            "entry is not an object: it is a string",
+            "entry is not an object: it is a boolean",
+            "entry is not an object: it is a number",
+            "entry has session_id twice",
+        ]
+    );
+    // An entry whose id is known still holds its row.
+    let ids: Vec<Option<&str>> = list.invalid.iter().map(|e| e.raw_id.as_deref()).collect();
+    assert_eq!(ids[..2], [Some("exec_20261121_095958_1a2b3c4d"), Some("exec_20261121_095958_1a2b3c4e")]);
+    assert!(ids[2..].iter().all(Option::is_none));
+    assert_eq!(list.invalid[0].kind, InvalidEntryKind::InvalidEntry);
+}
+
+#[test]
 fn a_document_that_is_not_a_session_list_is_rejected_whole() {
     for (doc, needle) in [
         ("[]", "invalid JSON"),
@@ -57,10 +89,17 @@ fn a_document_that_is_not_a_session_list_is_rejected_whole() {
         ("{\"boot_id\": 3, \"sessions\": []}", "boot_id"),
         ("{\"boot_id\": \"b\", \"sessions\": [], \"instance\": \"ctrl-b\"}", "wrong instance"),
         ("{\"boot_id\": \"b\", \"sessions\": [] trailing", "invalid JSON"),
+        ("{\"boot_id\": \"b\", \"sessions\": 3}", "invalid JSON"),
+        ("{\"boot_id\": \"b\", \"sessions\": [], \"sessions\": []}", "duplicate field"),
+        ("{\"boot_id\": \"b\", \"sessions\": [{\"session_id\": \"x\"", "invalid JSON"),
     ] {
         let err = parse(doc).expect_err(doc);
         assert!(err.contains(needle), "{doc}: {err}");
     }
+    let re = Regex::new(DEFAULT_ID_PATTERN).expect("the default pattern");
+    let latin1 = b"{\"boot_id\": \"b\", \"sessions\": [{\"owner_id\": \"Jos\xe9\"}]}";
+    let err = parse_list_for_test(latin1, "ctrl-a", &re).expect_err("not UTF-8");
+    assert!(err.contains("invalid JSON: not UTF-8"), "{err}");
 }
 
 #[test]

@@ -1,9 +1,12 @@
 //! The controller's JSON, converted into domain types by hand. Nothing outside
 //! the controller module sees the wire format.
 //!
-//! Entries are kept as raw JSON slices of the body until each is converted on
-//! its own: one malformed entry then costs only itself, and a large list is never
-//! held twice as a tree of generic JSON values.
+//! The body is read once: each entry of `sessions` is parsed and converted as
+//! the parser reaches it, straight into the list's columns. An entry of any
+//! well-formed shape is never an error of the document, so one malformed
+//! entry costs only itself, and a large list is never held twice, as a tree of
+//! generic JSON values or as slices to parse again. The rest of the top level
+//! is kept as raw slices of the body until read.
 
 use std::borrow::Cow;
 
@@ -17,30 +20,252 @@ use crate::model::{
     PayloadProblem,
 };
 
-#[derive(Deserialize)]
+/// The document's top level. `sessions` is converted entry by entry as the
+/// parser reaches it (see [`Entries`]); the rest is kept raw until read.
+#[derive(Default)]
 struct WireList<'a> {
-    #[serde(borrow)]
     instance: Option<&'a RawValue>,
-    #[serde(borrow)]
     boot_id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    sessions: Option<Vec<&'a RawValue>>,
-    #[serde(borrow)]
+    /// Whether the document has a `sessions` array (a null is none).
+    has_sessions: bool,
     counters: Option<&'a RawValue>,
-    #[serde(borrow)]
     generated_at: Option<&'a RawValue>,
 }
 
-#[derive(Deserialize)]
+/// The top level, read in one pass over the body: every entry is parsed once,
+/// straight into `sessions` (or `invalid`), never kept as a slice to parse again.
+struct ListSeed<'p> {
+    id_pattern: &'p Regex,
+    sessions: &'p mut LiveSessions,
+    invalid: &'p mut Vec<InvalidEntry>,
+}
+
+impl<'de, 'p> serde::de::DeserializeSeed<'de> for ListSeed<'p> {
+    type Value = WireList<'de>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<WireList<'de>, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, 'p> serde::de::Visitor<'de> for ListSeed<'p> {
+    type Value = WireList<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a controller document (an object)")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<WireList<'de>, A::Error> {
+        use serde::de::Error;
+        let ListSeed { id_pattern, sessions, invalid } = self;
+        let mut list = WireList::default();
+        let mut seen = [false; 5];
+        let mut once = |i: usize, name: &'static str| {
+            if std::mem::replace(&mut seen[i], true) {
+                Err(A::Error::duplicate_field(name))
+            } else {
+                Ok(())
+            }
+        };
+        while let Some(key) = map.next_key::<ListKey>()? {
+            match key {
+                ListKey::Instance => {
+                    once(0, "instance")?;
+                    list.instance = Some(map.next_value()?);
+                }
+                ListKey::BootId => {
+                    once(1, "boot_id")?;
+                    list.boot_id = Some(map.next_value()?);
+                }
+                ListKey::Sessions => {
+                    once(2, "sessions")?;
+                    let entries = Entries { id_pattern, sessions: &mut *sessions, invalid: &mut *invalid };
+                    list.has_sessions = map.next_value_seed(entries)?;
+                }
+                ListKey::Counters => {
+                    once(3, "counters")?;
+                    list.counters = Some(map.next_value()?);
+                }
+                ListKey::GeneratedAt => {
+                    once(4, "generated_at")?;
+                    list.generated_at = Some(map.next_value()?);
+                }
+                ListKey::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(list)
+    }
+}
+
+enum ListKey {
+    Instance,
+    BootId,
+    Sessions,
+    Counters,
+    GeneratedAt,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for ListKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ListKey, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ListKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<ListKey, E> {
+                Ok(match v {
+                    "instance" => ListKey::Instance,
+                    "boot_id" => ListKey::BootId,
+                    "sessions" => ListKey::Sessions,
+                    "counters" => ListKey::Counters,
+                    "generated_at" => ListKey::GeneratedAt,
+                    _ => ListKey::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// The `sessions` array, each entry converted as it is read. Yields whether
+/// there was an array (`null` is none).
+struct Entries<'p> {
+    id_pattern: &'p Regex,
+    sessions: &'p mut LiveSessions,
+    invalid: &'p mut Vec<InvalidEntry>,
+}
+
+impl<'de, 'p> serde::de::DeserializeSeed<'de> for Entries<'p> {
+    type Value = bool;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, 'p> serde::de::Visitor<'de> for Entries<'p> {
+    type Value = bool;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of sessions")
+    }
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        while let Some(entry) = seq.next_element::<Entry<'de>>()? {
+            if let Err(e) = convert_session(entry, self.id_pattern, self.sessions) {
+                self.invalid.push(e);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// One entry of the list: its four fields, read in the one pass over it, or
+/// why it is not a session object. Never an error: a well-formed JSON value
+/// of any shape is an entry, so a bad one costs only itself.
+enum Entry<'a> {
+    Session(WireSession<'a>),
+    Unusable(String),
+}
+
+#[derive(Default)]
 struct WireSession<'a> {
-    #[serde(borrow, default)]
     session_id: Option<Field<'a>>,
-    #[serde(borrow, default)]
     owner_id: Option<Field<'a>>,
-    #[serde(borrow, default)]
     state: Option<Field<'a>>,
-    #[serde(borrow, default)]
     started_at: Option<Field<'a>>,
+    /// The first field the entry has twice: which value is meant is unknown.
+    twice: Option<&'static str>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Entry<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Entry<'a>, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Entry<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Entry<'a>, A::Error> {
+                let mut w = WireSession::default();
+                let mut seen = [false; 4];
+                while let Some(key) = map.next_key::<SessionKey>()? {
+                    let (slot, i, name) = match key {
+                        SessionKey::SessionId => (&mut w.session_id, 0, "session_id"),
+                        SessionKey::OwnerId => (&mut w.owner_id, 1, "owner_id"),
+                        SessionKey::State => (&mut w.state, 2, "state"),
+                        SessionKey::StartedAt => (&mut w.started_at, 3, "started_at"),
+                        SessionKey::Other => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = map.next_value()?;
+                    if std::mem::replace(&mut seen[i], true) {
+                        w.twice.get_or_insert(name);
+                    }
+                }
+                Ok(Entry::Session(w))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Entry<'a>, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Entry::Unusable("entry is not an object: it is an array".into()))
+            }
+            fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Entry<'a>, E> {
+                Ok(Entry::Unusable("entry is not an object: it is a string".into()))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Entry<'a>, E> {
+                Ok(Entry::Unusable("entry is not an object: it is a string".into()))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Entry<'a>, E> {
+                Ok(Entry::Unusable("entry is not an object: it is a boolean".into()))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Entry<'a>, E> {
+                Ok(Entry::Unusable("entry is not an object: it is a number".into()))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Entry<'a>, E> {
+                Ok(Entry::Unusable("entry is not an object: it is a number".into()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Entry<'a>, E> {
+                Ok(Entry::Unusable("entry is not an object: it is a number".into()))
+            }
+            fn visit_unit<E>(self) -> Result<Entry<'a>, E> {
+                Ok(Entry::Unusable("entry is not an object: it is null".into()))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+enum SessionKey {
+    SessionId,
+    OwnerId,
+    State,
+    StartedAt,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for SessionKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SessionKey, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = SessionKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<SessionKey, E> {
+                Ok(match v {
+                    "session_id" => SessionKey::SessionId,
+                    "owner_id" => SessionKey::OwnerId,
+                    "state" => SessionKey::State,
+                    "started_at" => SessionKey::StartedAt,
+                    _ => SessionKey::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
 }
 
 /// A field of an entry, read in the one pass over the entry: a string
@@ -214,10 +439,25 @@ pub fn parse_list_for_test(body: &[u8], instance: &str, id_pattern: &Regex) -> R
 }
 
 pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Result<ControllerList, ParseProblem> {
-    let wire: WireList<'_> =
-        serde_json::from_slice(body).map_err(|e| ParseProblem::Invalid(format!("invalid JSON: {e}")))?;
-    let sessions =
-        wire.sessions.ok_or_else(|| ParseProblem::Invalid("the document has no \"sessions\" array".into()))?;
+    // Sized from the entries' `"session_id"` keys (a fast byte search), so
+    // the columns are not reallocated, and held twice, while they fill.
+    let expected = memchr::memmem::find_iter(body, b"\"session_id\"").count();
+    // Room for 48 bytes of id and owner a session; the arena grows past that.
+    // Its strings come from the body, so it never needs more than the body:
+    // a body of bare `"session_id"` keys reserves no more than its size.
+    let mut sessions = LiveSessions::with_capacity(expected, (expected * 48).min(body.len()));
+    let mut invalid = Vec::new();
+    let seed = ListSeed { id_pattern, sessions: &mut sessions, invalid: &mut invalid };
+    // JSON is UTF-8: checked once for the whole body, so the parser reads each
+    // string without checking it again (13% of the parse of a 250,000-entry list).
+    let text = std::str::from_utf8(body).map_err(|e| ParseProblem::Invalid(format!("invalid JSON: not UTF-8: {e}")))?;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let wire = serde::de::DeserializeSeed::deserialize(seed, &mut de)
+        .and_then(|w| de.end().map(|()| w))
+        .map_err(|e| ParseProblem::Invalid(format!("invalid JSON: {e}")))?;
+    if !wire.has_sessions {
+        return Err(ParseProblem::Invalid("the document has no \"sessions\" array".into()));
+    }
     let boot_id = string(wire.boot_id)
         .filter(|b| !b.is_empty())
         .ok_or_else(|| ParseProblem::Invalid("the document has no \"boot_id\" string".into()))?;
@@ -282,20 +522,7 @@ pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Res
             }
         },
     };
-    let mut list = ControllerList {
-        boot_id,
-        generated_at,
-        // Room for 48 bytes of id and owner a session; the arena grows past that.
-        sessions: LiveSessions::with_capacity(sessions.len(), sessions.len() * 48),
-        invalid: Vec::new(),
-        counters,
-        problems,
-    };
-    for value in sessions {
-        if let Err(e) = convert_session(value, id_pattern, &mut list.sessions) {
-            list.invalid.push(e);
-        }
-    }
+    let mut list = ControllerList { boot_id, generated_at, sessions, invalid, counters, problems };
     // Once, here, on the blocking pool the parse runs on: the read and the
     // classifier each walk the list in id order, and a controller lists in
     // creation order, which is id order at best second by second.
@@ -340,12 +567,20 @@ fn printable(s: &str) -> String {
 }
 
 /// One entry of the list, appended to `sessions` if it is usable.
-fn convert_session(value: &RawValue, id_pattern: &Regex, sessions: &mut LiveSessions) -> Result<(), InvalidEntry> {
-    let wire: WireSession<'_> = serde_json::from_str(value.get()).map_err(|e| InvalidEntry {
-        raw_id: None,
-        kind: InvalidEntryKind::InvalidId,
-        problem: format!("entry is not an object: {e}"),
-    })?;
+fn convert_session(entry: Entry<'_>, id_pattern: &Regex, sessions: &mut LiveSessions) -> Result<(), InvalidEntry> {
+    let wire = match entry {
+        Entry::Session(w) => w,
+        Entry::Unusable(problem) => {
+            return Err(InvalidEntry { raw_id: None, kind: InvalidEntryKind::InvalidId, problem })
+        }
+    };
+    if wire.twice == Some("session_id") {
+        return Err(InvalidEntry {
+            raw_id: None,
+            kind: InvalidEntryKind::InvalidId,
+            problem: "entry has session_id twice".into(),
+        });
+    }
     let Some(raw_id) = Field::text(wire.session_id) else {
         return Err(InvalidEntry {
             raw_id: None,
@@ -373,6 +608,10 @@ fn convert_session(value: &RawValue, id_pattern: &Regex, sessions: &mut LiveSess
         kind: InvalidEntryKind::InvalidEntry,
         problem,
     };
+    // Its id is known, so a row with it is still protected as held.
+    if let Some(name) = wire.twice {
+        return Err(bad(format!("entry has {name} twice")));
+    }
     let owner_id = match Field::text(wire.owner_id) {
         Some(s) if !s.is_empty() => match unstorable(&s, MAX_OWNER_BYTES) {
             Some(problem) => return Err(bad(format!("owner_id {problem}"))),
