@@ -449,7 +449,7 @@ pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Res
     let mut invalid = Vec::new();
     let seed = ListSeed { id_pattern, sessions: &mut sessions, invalid: &mut invalid };
     // JSON is UTF-8: checked once for the whole body, so the parser reads each
-    // string without checking it again (13% of the parse of a 250,000-entry list).
+    // string without checking it again (docs/performance.md, fifth run).
     let text = std::str::from_utf8(body).map_err(|e| ParseProblem::Invalid(format!("invalid JSON: not UTF-8: {e}")))?;
     let mut de = serde_json::Deserializer::from_str(text);
     let wire = serde::de::DeserializeSeed::deserialize(seed, &mut de)

@@ -38,7 +38,7 @@ pub const ZOMBIE_BATCH_SIZE: usize = 200;
 /// Stop requests in flight at once, per batch.
 const STOP_CONCURRENCY: usize = 8;
 /// How much earlier than the pass's start its evidence counts as gathered,
-/// for refusing stops of sessions acted on since: more than the error of the
+/// for refusing stops of sessions stopped since: more than the error of the
 /// clock offset measured at the read and of `now()` in the settling
 /// transaction. Too early only defers a stop to the next pass.
 pub const EVIDENCE_MARGIN: chrono::Duration = chrono::Duration::seconds(1);
@@ -65,8 +65,8 @@ pub struct ApplyContext<'a> {
     /// Past this instant nothing more is applied.
     pub deadline: Instant,
     /// When the evidence for this plan began to be gathered, by the
-    /// database's clock: a session audited since has been acted on, and is
-    /// not stopped on this plan.
+    /// database's clock: a session with a stop settled as done since then is
+    /// not stopped again on this plan.
     pub evidence_since: chrono::DateTime<chrono::Utc>,
     /// With several replicas: the lease, checked before every stop request,
     /// and the fence every write of a re-made connection gets.

@@ -553,7 +553,7 @@ impl Reconciler {
         let read = self.read(cfg, instances, report, req, fence.clone()).await?;
         let read_only = read.read_only;
         // The lists were fetched from the pass's start on: a stop of a session
-        // acted on since then rests on stale evidence (see `Store::open_stops`).
+        // stopped since then rests on stale evidence (see `Store::open_stops`).
         let evidence_since = read.db.db_clock(report.started_at) - apply::EVIDENCE_MARGIN;
         let classified = self.classify_read(cfg, read, report, req).await;
         if read_only {
