@@ -260,7 +260,8 @@ impl LiveSessions {
             return;
         }
         // Among equal ids (an ambiguous listing), the first listed stays first.
-        sort_packed(&mut self.text, &mut self.meta);
+        // One core: the lists are parsed and sorted four at once already.
+        sort_packed(&mut self.text, &mut self.meta, Cores::One);
         self.sorted = self.meta.len();
     }
 
@@ -555,7 +556,23 @@ impl ArenaRecord for RowMeta {
     }
 }
 
+/// Whether a sort may take a second core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cores {
+    One,
+    Two,
+}
+
+/// Below this many records one core sorts them: splitting costs a selection
+/// pass and a thread.
+const TWO_CORE_SORT_MIN: usize = 1 << 16;
+
 /// Sorts the records by id, then packs the strings in the records' order.
+///
+/// With [`Cores::Two`] and many records, a selection first puts every record
+/// that sorts before the median on its left and the rest on its right (in
+/// place, in linear time), and each side is then sorted on its own core: no
+/// merge, no buffer. If no second thread can be made, this one sorts all.
 ///
 /// The sort is in place, with no buffer (a stable sort would take half the
 /// records' size again at its peak): the arena offset grows with every push,
@@ -567,11 +584,30 @@ impl ArenaRecord for RowMeta {
 /// comparison when ids arrived in random order). It is skipped, and nothing
 /// moved, if a span is out of bounds, which the pushes that laid them out
 /// rule out.
-fn sort_packed<M: ArenaRecord>(text: &mut String, records: &mut [M]) {
+fn sort_packed<M: ArenaRecord + Send>(text: &mut String, records: &mut [M], cores: Cores) {
     let arena = text.as_str();
     let span = |m: &M| m.start() as usize..m.start() as usize + m.span();
     let id = |m: &M| arena.get(m.start() as usize..m.start() as usize + m.id_len() as usize).unwrap_or_default();
-    records.sort_unstable_by(|a, b| id(a).cmp(id(b)).then(a.start().cmp(&b.start())));
+    let order = |a: &M, b: &M| id(a).cmp(id(b)).then(a.start().cmp(&b.start()));
+    if cores == Cores::Two && records.len() >= TWO_CORE_SORT_MIN {
+        let mid = records.len() / 2;
+        records.select_nth_unstable_by(mid, order);
+        let (left, right) = records.split_at_mut(mid);
+        let both = std::thread::scope(|s| {
+            let other = std::thread::Builder::new()
+                .name("sessiond-sort".into())
+                .spawn_scoped(s, || left.sort_unstable_by(order));
+            right.sort_unstable_by(order);
+            other.is_ok_and(|other| other.join().is_ok())
+        });
+        if !both {
+            // No second thread (or, impossibly, a sort that panicked): this
+            // core sorts them all, the right side already in order.
+            records.sort_unstable_by(order);
+        }
+    } else {
+        records.sort_unstable_by(order);
+    }
     if u32::try_from(arena.len()).is_err() || !records.iter().all(|m| arena.get(span(m)).is_some()) {
         return;
     }
@@ -810,7 +846,9 @@ impl Rows {
         if self.sorted == self.meta.len() {
             return;
         }
-        sort_packed(&mut self.text, &mut self.meta);
+        // Two cores: the read sorts once the `COPY` is done, when PostgreSQL
+        // and the controllers are idle.
+        sort_packed(&mut self.text, &mut self.meta, Cores::Two);
         self.sorted = self.meta.len();
     }
 
@@ -1081,6 +1119,36 @@ mod order_tests {
                 (r.id, r.owner_id, r.controller_instance, r.version),
                 (late.as_str(), None, Some("late"), "v99")
             );
+        }
+    }
+
+    #[test]
+    fn rows_sorted_on_two_cores_are_in_the_same_stable_order() {
+        // Enough rows for the two-core sort, ids from 0 to 70 000 apart, so
+        // many are equal (about 2 each) and some sort across the median.
+        let mut rng = fastrand::Rng::with_seed(17);
+        let n = TWO_CORE_SORT_MIN + rng.usize(0..1000);
+        let pushed: Vec<String> = (0..n).map(|_| format!("exec_{:06}", rng.usize(0..n / 2))).collect();
+        let at = DateTime::<Utc>::UNIX_EPOCH;
+        let mut rows = Rows::default();
+        for (k, id) in pushed.iter().enumerate() {
+            rows.push(SessionRow {
+                id: SessionId(id.clone()),
+                owner_id: Some(format!("owner-{k}")),
+                controller_instance: None,
+                state: RowState::Active,
+                created_at: at,
+                changed_at: at,
+                version: format!("v{k}"),
+            });
+        }
+        let mut want: Vec<usize> = (0..n).collect();
+        want.sort_by(|&a, &b| pushed[a].cmp(&pushed[b]));
+        rows.sort_by_id();
+        for (i, &k) in want.iter().enumerate() {
+            let r = rows.get(i).unwrap_or_else(|| panic!("row {i}"));
+            assert_eq!((r.id, r.version), (pushed[k].as_str(), format!("v{k}").as_str()), "row {i}");
+            assert_eq!(r.owner_id, Some(format!("owner-{k}").as_str()));
         }
     }
 
