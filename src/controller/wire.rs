@@ -33,12 +33,8 @@ struct WireList<'a> {
 }
 
 /// The top level, read in one pass over the body: every entry is parsed once,
-/// straight into `sessions` (or `invalid`), never kept as a slice to parse again.
-struct ListSeed<'p> {
-    id_pattern: &'p Regex,
-    sessions: &'p mut LiveSessions,
-    invalid: &'p mut Vec<InvalidEntry>,
-}
+/// straight into the [`Entries`], never kept as a slice to parse again.
+struct ListSeed<'p>(Entries<'p>);
 
 impl<'de, 'p> serde::de::DeserializeSeed<'de> for ListSeed<'p> {
     type Value = WireList<'de>;
@@ -54,7 +50,7 @@ impl<'de, 'p> serde::de::Visitor<'de> for ListSeed<'p> {
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<WireList<'de>, A::Error> {
         use serde::de::Error;
-        let ListSeed { id_pattern, sessions, invalid } = self;
+        let ListSeed(mut entries) = self;
         let mut list = WireList::default();
         let mut seen = [false; 5];
         let mut once = |i: usize, name: &'static str| {
@@ -76,8 +72,7 @@ impl<'de, 'p> serde::de::Visitor<'de> for ListSeed<'p> {
                 }
                 ListKey::Sessions => {
                     once(2, "sessions")?;
-                    let entries = Entries { id_pattern, sessions: &mut *sessions, invalid: &mut *invalid };
-                    list.has_sessions = map.next_value_seed(entries)?;
+                    list.has_sessions = map.next_value_seed(&mut entries)?;
                 }
                 ListKey::Counters => {
                     once(3, "counters")?;
@@ -96,54 +91,35 @@ impl<'de, 'p> serde::de::Visitor<'de> for ListSeed<'p> {
     }
 }
 
+/// A top-level key; any other is skipped.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
 enum ListKey {
     Instance,
     BootId,
     Sessions,
     Counters,
     GeneratedAt,
+    #[serde(other)]
     Other,
 }
 
-impl<'de> Deserialize<'de> for ListKey {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ListKey, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = ListKey;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a field name")
-            }
-            fn visit_str<E>(self, v: &str) -> Result<ListKey, E> {
-                Ok(match v {
-                    "instance" => ListKey::Instance,
-                    "boot_id" => ListKey::BootId,
-                    "sessions" => ListKey::Sessions,
-                    "counters" => ListKey::Counters,
-                    "generated_at" => ListKey::GeneratedAt,
-                    _ => ListKey::Other,
-                })
-            }
-        }
-        d.deserialize_identifier(V)
-    }
-}
-
-/// The `sessions` array, each entry converted as it is read. Yields whether
-/// there was an array (`null` is none).
+/// Where the `sessions` array goes, each entry converted as it is read. As a
+/// seed it yields whether there was an array (`null` is none).
 struct Entries<'p> {
     id_pattern: &'p Regex,
     sessions: &'p mut LiveSessions,
     invalid: &'p mut Vec<InvalidEntry>,
 }
 
-impl<'de, 'p> serde::de::DeserializeSeed<'de> for Entries<'p> {
+impl<'de> serde::de::DeserializeSeed<'de> for &mut Entries<'_> {
     type Value = bool;
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de, 'p> serde::de::Visitor<'de> for Entries<'p> {
+impl<'de> serde::de::Visitor<'de> for &mut Entries<'_> {
     type Value = bool;
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("an array of sessions")
@@ -153,7 +129,7 @@ impl<'de, 'p> serde::de::Visitor<'de> for Entries<'p> {
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
         while let Some(entry) = seq.next_element::<Entry<'de>>()? {
-            if let Err(e) = convert_session(entry, self.id_pattern, self.sessions) {
+            if let Err(e) = convert_session(entry, self.id_pattern, &mut *self.sessions) {
                 self.invalid.push(e);
             }
         }
@@ -238,34 +214,16 @@ impl<'de: 'a, 'a> Deserialize<'de> for Entry<'a> {
     }
 }
 
+/// A key of an entry; any other is skipped.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
 enum SessionKey {
     SessionId,
     OwnerId,
     State,
     StartedAt,
+    #[serde(other)]
     Other,
-}
-
-impl<'de> Deserialize<'de> for SessionKey {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SessionKey, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = SessionKey;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a field name")
-            }
-            fn visit_str<E>(self, v: &str) -> Result<SessionKey, E> {
-                Ok(match v {
-                    "session_id" => SessionKey::SessionId,
-                    "owner_id" => SessionKey::OwnerId,
-                    "state" => SessionKey::State,
-                    "started_at" => SessionKey::StartedAt,
-                    _ => SessionKey::Other,
-                })
-            }
-        }
-        d.deserialize_identifier(V)
-    }
 }
 
 /// A field of an entry, read in the one pass over the entry: a string
@@ -447,7 +405,7 @@ pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Res
     // a body of bare `"session_id"` keys reserves no more than its size.
     let mut sessions = LiveSessions::with_capacity(expected, (expected * 48).min(body.len()));
     let mut invalid = Vec::new();
-    let seed = ListSeed { id_pattern, sessions: &mut sessions, invalid: &mut invalid };
+    let seed = ListSeed(Entries { id_pattern, sessions: &mut sessions, invalid: &mut invalid });
     // JSON is UTF-8: checked once for the whole body, so the parser reads each
     // string without checking it again (docs/performance.md, fifth run).
     let text = std::str::from_utf8(body).map_err(|e| ParseProblem::Invalid(format!("invalid JSON: not UTF-8: {e}")))?;
