@@ -59,10 +59,6 @@ async fn fingerprint(db: &TestDb) -> String {
     db.client().await.query_one(sql, &[]).await.expect("fingerprint").get(0)
 }
 
-async fn scalar(db: &TestDb, sql: &str) -> i64 {
-    db.client().await.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
-}
-
 #[tokio::test]
 async fn one_entry_or_row_that_cannot_be_stored_costs_only_itself() {
     let db = TestDb::migrated().await;
@@ -100,7 +96,7 @@ async fn one_entry_or_row_that_cannot_be_stored_costs_only_itself() {
     assert!(f.contains(&("invalid_entry".into(), sid(20))), "{f:?}");
     assert!(f.contains(&("invalid_entry".into(), sid(21))), "{f:?}");
     assert_eq!(out.status.code(), Some(1), "a failed repair makes the pass partial");
-    assert_eq!(scalar(&db, "SELECT count(*) FROM sessions WHERE state = 'active'").await, 10);
+    assert_eq!(db.scalar("SELECT count(*) FROM sessions WHERE state = 'active'").await, 10);
     assert_eq!(a.stops().len(), 3);
 }
 
@@ -218,7 +214,7 @@ async fn each_stopped_and_audited_once(db: &TestDb, a: &SimController, ids: &[St
         assert_eq!(audit.len(), 1, "{id} has {audit:?}");
         assert_eq!(audit[0].2, "zombie");
     }
-    assert_eq!(scalar(db, "SELECT count(*) FROM sessiond_stop_intents WHERE settled_at IS NULL").await, 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM sessiond_stop_intents WHERE settled_at IS NULL").await, 0);
 }
 
 /// Config for the stop tests: short timeouts, so abandoned intents expire soon.
@@ -249,7 +245,7 @@ async fn stops_whose_audit_cannot_be_written_are_audited_by_a_later_pass() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(count(&outcomes(&report), "zombie.failed"), 5, "{report}");
     assert_eq!(a.stops().len(), 5, "the stops were sent");
-    assert_eq!(scalar(&db, "SELECT count(*) FROM sessiond_stop_intents WHERE settled_at IS NULL").await, 5);
+    assert_eq!(db.scalar("SELECT count(*) FROM sessiond_stop_intents WHERE settled_at IS NULL").await, 5);
 
     // Once the intents expire, the next pass settles them from the list.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -278,7 +274,7 @@ async fn a_database_connection_killed_while_stops_are_in_flight_loses_no_audit_r
     let watcher = db.client().await;
     let mut open = 0;
     for _ in 0..100 {
-        open = scalar(&db, "SELECT count(*) FROM sessiond_stop_intents WHERE settled_at IS NULL").await;
+        open = db.scalar("SELECT count(*) FROM sessiond_stop_intents WHERE settled_at IS NULL").await;
         if open == 5 {
             break;
         }
@@ -321,7 +317,7 @@ async fn a_daemon_killed_in_the_middle_of_a_stop_batch_leaves_no_stop_unaudited_
 
     let d = Daemon::start(&cfg).await;
     for _ in 0..300 {
-        let audited = scalar(&db, "SELECT count(*) FROM session_audit WHERE trigger = 'reconciler'").await;
+        let audited = db.scalar("SELECT count(*) FROM session_audit WHERE trigger = 'reconciler'").await;
         if audited >= 20 && a.stops().len() >= 20 {
             break;
         }
@@ -348,7 +344,7 @@ async fn a_controller_clock_behind_ours_does_not_turn_the_creation_race_into_ins
     let (_, report) = once(&dir, &config_text(&db, &[&a], "grace = \"30s\"\nconfirmations = 1")).await;
 
     assert_eq!(outcomes(&report), ["unpersisted.repaired"], "only the old one is inserted");
-    assert_eq!(scalar(&db, "SELECT count(*) FROM sessions").await, 1);
+    assert_eq!(db.scalar("SELECT count(*) FROM sessions").await, 1);
 }
 
 #[tokio::test]
@@ -596,7 +592,7 @@ async fn application_write_during_stops(extra: &str) {
             .expect("spawn once"),
     ));
     for _ in 0..100 {
-        if scalar(&db, "SELECT count(*) FROM sessiond_stop_intents WHERE settled_at IS NULL").await == 2 {
+        if db.scalar("SELECT count(*) FROM sessiond_stop_intents WHERE settled_at IS NULL").await == 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -619,14 +615,12 @@ async fn application_write_during_stops(extra: &str) {
     assert_eq!(a.stops().len(), 2, "both stops went out");
     assert_eq!(db.state(&sid(1)).await.as_deref(), Some("active"), "the application's write wins");
     assert_eq!(db.state(&sid(2)).await.as_deref(), Some("active"), "the duplicate's row is not ended");
-    let left: i64 = scalar(
-        &db,
-        "SELECT count(*) FROM session_audit WHERE (details->>'row_updated')::boolean = false AND reason IN ('zombie', 'duplicate')",
+    let left: i64 = db.scalar("SELECT count(*) FROM session_audit WHERE (details->>'row_updated')::boolean = false AND reason IN ('zombie', 'duplicate')",
     )
     .await;
     assert_eq!(left, 2, "both audit rows say the row was left as the application wrote it");
     let ended: i64 =
-        scalar(&db, "SELECT count(*) FROM session_audit WHERE reason = 'duplicate' AND new_state = 'stopped'").await;
+        db.scalar("SELECT count(*) FROM session_audit WHERE reason = 'duplicate' AND new_state = 'stopped'").await;
     assert_eq!(ended, 0, "no audit row says the duplicate's row was ended");
 }
 
@@ -648,7 +642,7 @@ async fn a_pass_stalled_past_its_plans_deadline_sends_nothing_more_and_defers_th
             .expect("once"),
     ));
     for _ in 0..200 {
-        if scalar(&db, "SELECT count(*) FROM sessiond_stop_intents").await == 30 {
+        if db.scalar("SELECT count(*) FROM sessiond_stop_intents").await == 30 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -671,7 +665,7 @@ async fn a_pass_stalled_past_its_plans_deadline_sends_nothing_more_and_defers_th
     assert!(a.stops().len() <= sent, "no stop went out after the deadline: {}", a.stops().len());
     assert_eq!(out.status.code(), Some(1), "a pass that ran out of time is partial");
     assert!(report["error"].as_str().unwrap_or("").contains("deferred"), "{}", report["error"]);
-    let not_sent = scalar(&db, "SELECT count(*) FROM sessiond_stop_intents WHERE outcome = 'not_sent'").await;
+    let not_sent = db.scalar("SELECT count(*) FROM sessiond_stop_intents WHERE outcome = 'not_sent'").await;
     assert_eq!(not_sent as usize, 30 - sent);
 
     // A fresh pass stops the rest.

@@ -19,10 +19,6 @@ async fn store(db: &TestDb) -> Store {
     store
 }
 
-async fn scalar(db: &TestDb, sql: &str) -> i64 {
-    db.client().await.query_one(sql, &[]).await.expect("query").get(0)
-}
-
 /// Moves the lease's expiry into the past, as if its holder had stopped renewing.
 async fn expire(db: &TestDb) {
     db.client()
@@ -77,7 +73,7 @@ async fn a_write_fenced_by_a_lost_lease_writes_nothing_and_one_still_held_writes
     assert!(matches!(stale, Err(StoreError::Fenced { term: 1 })), "{stale:?}");
     assert_eq!(db.state(&sid(1)).await.as_deref(), Some("active"), "the fenced write changed nothing");
     assert_eq!(
-        scalar(&db, "SELECT count(*) FROM session_audit WHERE trigger = 'reconciler'").await,
+        db.scalar("SELECT count(*) FROM session_audit WHERE trigger = 'reconciler'").await,
         0,
         "and audited nothing"
     );
@@ -95,7 +91,7 @@ async fn a_write_fenced_by_a_lost_lease_writes_nothing_and_one_still_held_writes
     let update = RowUpdate { details: serde_json::json!({ "term": 3 }), ..update };
     new.update_rows(&[update], &audit).await.expect("a fenced write under a valid lease");
     assert_eq!(db.state(&sid(1)).await.as_deref(), Some("stopped"));
-    assert_eq!(scalar(&db, "SELECT count(*) FROM session_audit WHERE (details->>'term')::bigint = 3").await, 1);
+    assert_eq!(db.scalar("SELECT count(*) FROM session_audit WHERE (details->>'term')::bigint = 3").await, 1);
 }
 
 #[tokio::test]

@@ -199,14 +199,9 @@ async fn a_stop_recorded_while_another_pass_settles_the_same_session_is_a_confli
     // The second pass holds the row now; the first settles its stop.
     let mut held = false;
     for _ in 0..100 {
-        let waiting: i64 = db
-            .client()
-            .await
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'", &[])
-            .await
-            .expect("activity")
-            .get(0);
-        if waiting == 1 {
+        let sleeping =
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'";
+        if db.scalar(sleeping).await == 1 {
             held = true;
             break;
         }
