@@ -697,8 +697,14 @@ impl<'a, T> Iterator for MergeById<'a, T> {
     type Item = (&'a str, usize, T);
 
     fn next(&mut self) -> Option<Self::Item> {
-        let std::cmp::Reverse(Head { id, run, item }) = self.heap.pop()?;
-        self.refill(run);
+        // The run's next head takes the place of the one given out, and
+        // sinks once: half the heap's work of a pop and then a push.
+        let mut top = self.heap.peek_mut()?;
+        let run = top.0.run;
+        let Head { id, item, .. } = match self.runs.get_mut(run).and_then(Iterator::next) {
+            Some((id, item)) => std::mem::replace(&mut top.0, Head { id, run, item }),
+            None => std::collections::binary_heap::PeekMut::pop(top).0,
+        };
         Some((id, run, item))
     }
 }
