@@ -34,7 +34,7 @@ use serde::Serialize;
 use crate::config::{Policy, ReconcileConfig};
 use crate::model::{
     BootRecords, ControllerList, DbSnapshot, GoneRow, IdRun, InstanceSnapshot, InvalidEntryKind, LiveRef, LookupResult,
-    MergeById, RowRef, RowState, Rows, SessionId, StopOutcome,
+    MergeById, RowRef, RowState, SessionId, StopOutcome,
 };
 use crate::reconcile::boots::Trust;
 
@@ -405,6 +405,7 @@ fn to_chrono(d: std::time::Duration) -> ChronoDuration {
 /// Where a listed id was seen: its first listing, in the order of the
 /// configured instances. 16 bytes, a million of them at the pass's peak: the
 /// id is read from the list itself.
+#[derive(Clone, Copy)]
 struct Held<'a> {
     source: &'a InstanceSnapshot,
     /// The entry's index in its list's sessions, or, when the entry itself
@@ -464,9 +465,10 @@ impl<'a> Listings<'a> {
 /// No entry on the other side of the join.
 const UNMATCHED: u32 = u32::MAX;
 
-/// The rows and the listings matched on id, by one merge of the two sorted
-/// runs. Indices are 32-bit (4 bytes a row and a listing, at the pass's
-/// peak), so each side holds fewer than `u32::MAX` entries.
+/// The rows and the listings matched on id, while the listings are merged
+/// (the rows are walked in id order alongside). Indices are 32-bit (4 bytes
+/// a row and a listing, at the pass's peak), so each side holds fewer than
+/// `u32::MAX` entries.
 struct Join {
     /// For each row (by index in `db.rows`), its id's listing entry.
     listing_of_row: Vec<u32>,
@@ -475,32 +477,6 @@ struct Join {
 }
 
 impl Join {
-    /// `None` if a side has `u32::MAX` entries or more (a pass of four
-    /// billion sessions, far past what fits in memory).
-    fn new(listings: &Listings<'_>, rows: &Rows) -> Option<Join> {
-        if rows.len() >= UNMATCHED as usize || listings.entries.len() >= UNMATCHED as usize {
-            return None;
-        }
-        let mut join = Join {
-            listing_of_row: vec![UNMATCHED; rows.len()],
-            row_of_listing: vec![UNMATCHED; listings.entries.len()],
-        };
-        let entries = &listings.entries;
-        let mut k = 0;
-        for r in rows.by_id() {
-            let Some(id) = rows.id(r) else { continue };
-            while k < entries.len() && entries[k].id() < id {
-                k += 1;
-            }
-            if k < entries.len() && entries[k].id() == id {
-                // Both below `u32::MAX`, checked above.
-                join.listing_of_row[r] = k as u32;
-                join.row_of_listing[k] = r as u32;
-            }
-        }
-        Some(join)
-    }
-
     /// The listing entry of a row's id.
     fn listing<'l, 'a>(&self, listings: &'l Listings<'a>, row: usize) -> Option<&'l Held<'a>> {
         listings.entries.get(*self.listing_of_row.get(row)? as usize)
@@ -616,12 +592,13 @@ fn reachability<'a>(input: &Input<'a>, out: &mut Classification) -> Reach<'a> {
 /// count as held: their rows must never be taken for orphans. An id listed
 /// more than once (twice by one instance, or by two) is ambiguous: it is held,
 /// reported, and never acted on, because nothing says which listing is right.
+/// The rows are joined to the listings in the same walk.
 fn listings<'a>(
     input: &Input<'a>,
     reach: &Reach<'a>,
     out: &mut Classification,
     candidates: &mut Vec<Candidate>,
-) -> Option<Listings<'a>> {
+) -> Option<(Listings<'a>, Join)> {
     let lists = || input.instances.iter().filter(|i| reach.reachable.contains_key(i.name.as_str()));
     // Entries are found by a 32-bit index in their list: a list of 4G
     // entries is not a list in memory, and past it nothing is decided.
@@ -654,8 +631,53 @@ fn listings<'a>(
                 .map(move |(id, j)| (id, Held { source, index: j as u32, unusable: true, ambiguous: false })),
         ));
     }
+    let rows = &input.db.rows;
+    if rows.len() >= UNMATCHED as usize {
+        return None;
+    }
+    // One walk of the merge: the entries, one per id, the ids listed more
+    // than once, and the join with the rows (also in id order), each id read
+    // once, as the merge gives it.
     let mut entries: Vec<Held<'_>> = Vec::with_capacity(count);
-    entries.extend(MergeById::new(runs).map(|(_, _, held)| held));
+    let mut join = Join { listing_of_row: vec![UNMATCHED; rows.len()], row_of_listing: Vec::with_capacity(count) };
+    let mut row_ids = rows.by_id().filter_map(|r| rows.id(r).map(|id| (r, id))).peekable();
+    let mut previous: Option<&str> = None;
+    // The listings of the current id, while it has more than one.
+    let mut repeated: Vec<Held<'_>> = Vec::new();
+    let mut ambiguous: Vec<Vec<Held<'_>>> = Vec::new();
+    for (id, _, held) in MergeById::new(runs) {
+        if previous == Some(id) {
+            if let Some(first) = entries.last_mut() {
+                if repeated.is_empty() {
+                    repeated.push(*first);
+                }
+                first.ambiguous = true;
+            }
+            repeated.push(held);
+            continue;
+        }
+        previous = Some(id);
+        if !repeated.is_empty() {
+            ambiguous.push(std::mem::take(&mut repeated));
+        }
+        // Indices stay below `u32::MAX`: past it nothing is decided.
+        let k = entries.len();
+        if k >= UNMATCHED as usize {
+            return None;
+        }
+        let mut row = UNMATCHED;
+        while row_ids.next_if(|&(_, r)| r < id).is_some() {}
+        while let Some((r, _)) = row_ids.next_if(|&(_, r)| r == id) {
+            // Below `u32::MAX`, checked above.
+            join.listing_of_row[r] = k as u32;
+            row = r as u32;
+        }
+        entries.push(held);
+        join.row_of_listing.push(row);
+    }
+    if !repeated.is_empty() {
+        ambiguous.push(repeated);
+    }
     for inst in lists() {
         let Ok(list) = &inst.result else { continue };
         for bad in &list.invalid {
@@ -676,7 +698,7 @@ fn listings<'a>(
         Some(s) => format!("{} ({})", h.instance(), s.state.as_str()),
         None => format!("{} (unusable entry)", h.instance()),
     };
-    for run in entries.chunk_by(|a, b| a.id() == b.id()).filter(|run| run.len() > 1) {
+    for run in &ambiguous {
         let seen: Vec<String> = run.iter().map(describe).collect();
         candidates.push(note(
             Kind::InvalidEntry,
@@ -685,12 +707,7 @@ fn listings<'a>(
             format!("listed {} times: by {}; nothing is done until one listing remains", seen.len(), seen.join(", ")),
         ));
     }
-    entries.dedup_by(|later, first| {
-        let same = later.id() == first.id();
-        first.ambiguous |= same;
-        same
-    });
-    Some(Listings { entries })
+    Some((Listings { entries }, join))
 }
 
 /// Stage 3: every live row against the lists. Returns the rows a finding here
@@ -1049,7 +1066,7 @@ pub fn classify(input: &Input<'_>) -> Classification {
     let mut candidates: Vec<Candidate> = Vec::new();
     let reach = reachability(input, &mut out);
     let listed = listings(input, &reach, &mut out, &mut candidates);
-    let Some((held, join)) = listed.and_then(|held| Join::new(&held, &input.db.rows).map(|join| (held, join))) else {
+    let Some((held, join)) = listed else {
         // Past 32-bit indices nothing is decided: no finding, no repair, and
         // the streaks of earlier passes kept for the next.
         return Classification { memory: input.memory.clone(), ..Classification::default() };
