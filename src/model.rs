@@ -523,6 +523,12 @@ trait ArenaRecord {
     fn id_len(&self) -> u32;
     /// The bytes of all its strings.
     fn span(&self) -> usize;
+    /// Whether it keeps a sort key (see [`sort_packed`]).
+    const KEYED: bool = false;
+    fn key(&self) -> u64 {
+        0
+    }
+    fn set_key(&mut self, _key: u64) {}
 }
 
 impl ArenaRecord for LiveMeta {
@@ -554,6 +560,13 @@ impl ArenaRecord for RowMeta {
         let len = |n: u32| if n == NULL_LEN { 0 } else { n as usize };
         len(self.id_len) + len(self.owner_len) + len(self.instance_len) + len(self.version_len)
     }
+    const KEYED: bool = true;
+    fn key(&self) -> u64 {
+        self.key
+    }
+    fn set_key(&mut self, key: u64) {
+        self.key = key;
+    }
 }
 
 /// Whether a sort may take a second core.
@@ -576,7 +589,10 @@ const TWO_CORE_SORT_MIN: usize = 1 << 16;
 ///
 /// The sort is in place, with no buffer (a stable sort would take half the
 /// records' size again at its peak): the arena offset grows with every push,
-/// so among equal ids the record pushed first stays first.
+/// so among equal ids the record pushed first stays first. Records that keep
+/// a key (rows) are compared by it first, and by their ids only when keys are
+/// equal: with UUIDs, whose strings sit anywhere in the arena, a comparison
+/// of ids is a cache miss, and most comparisons become one of two integers.
 ///
 /// Packing copies each record's strings into a new arena in the records'
 /// order: a walk in id order then reads the strings in memory order too,
@@ -588,7 +604,10 @@ fn sort_packed<M: ArenaRecord + Send>(text: &mut String, records: &mut [M], core
     let arena = text.as_str();
     let span = |m: &M| m.start() as usize..m.start() as usize + m.span();
     let id = |m: &M| arena.get(m.start() as usize..m.start() as usize + m.id_len() as usize).unwrap_or_default();
-    let order = |a: &M, b: &M| id(a).cmp(id(b)).then(a.start().cmp(&b.start()));
+    if M::KEYED {
+        set_keys(records, id);
+    }
+    let order = |a: &M, b: &M| a.key().cmp(&b.key()).then_with(|| id(a).cmp(id(b))).then(a.start().cmp(&b.start()));
     if cores == Cores::Two && records.len() >= TWO_CORE_SORT_MIN {
         let mid = records.len() / 2;
         records.select_nth_unstable_by(mid, order);
@@ -619,6 +638,28 @@ fn sort_packed<M: ArenaRecord + Send>(text: &mut String, records: &mut [M], core
         packed.push_str(strings);
     }
     *text = packed;
+}
+
+/// Gives each record, as its key, the four bytes of its id that follow the
+/// prefix every id shares (zero past the id's end), big-endian: a key that
+/// sorts lower is an id that sorts lower, so most comparisons read no string.
+fn set_keys<'a, M: ArenaRecord>(records: &mut [M], id: impl Fn(&M) -> &'a str) {
+    let first = records.first().map(|m| id(m).as_bytes()).unwrap_or_default();
+    let mut shared = first.len();
+    for m in records.iter() {
+        let other = id(m).as_bytes();
+        if other.get(..shared) != first.get(..shared) {
+            shared = first.iter().zip(other).take_while(|(a, b)| a == b).count();
+        }
+    }
+    for m in records.iter_mut() {
+        let mut key = [0u8; 8];
+        let tail = id(m).as_bytes().get(shared..).unwrap_or_default();
+        for (k, b) in key.iter_mut().zip(tail) {
+            *k = *b;
+        }
+        m.set_key(u64::from_be_bytes(key));
+    }
 }
 
 /// Indices `0..len` in id order, when `0..sorted` already are: the others are
@@ -717,6 +758,8 @@ const NULL_LEN: u32 = u32::MAX;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct RowMeta {
     start: u32,
+    /// Sort key: see [`sort_packed`].
+    key: u64,
     id_len: u32,
     owner_len: u32,
     instance_len: u32,
@@ -781,6 +824,7 @@ impl Rows {
         self.text.push_str(row.controller_instance.unwrap_or_default());
         self.text.push_str(row.version);
         self.meta.push(RowMeta {
+            key: 0,
             start,
             id_len,
             owner_len,
@@ -1155,6 +1199,45 @@ mod order_tests {
             let r = rows.get(i).unwrap_or_else(|| panic!("row {i}"));
             assert_eq!((r.id, r.version), (pushed[k].as_str(), format!("v{k}").as_str()), "row {i}");
             assert_eq!(r.owner_id, Some(format!("owner-{k}").as_str()));
+        }
+    }
+
+    #[test]
+    fn rows_sort_by_their_keys_as_by_their_ids() {
+        // Ids that share a prefix (or not), of every length around the
+        // eight bytes a key holds, some a prefix of another, some with
+        // multi-byte characters, many equal.
+        let mut rng = fastrand::Rng::with_seed(19);
+        let pieces = ["0", "1", "9", "a", "z", "_", "\u{e9}", "\u{1f600}", "\u{7f}"];
+        for round in 0..600 {
+            let shared = ["", "s", "exec_2026", "\u{e9}\u{e9}"][round % 4];
+            let n = rng.usize(0..60);
+            let pushed: Vec<String> = (0..n)
+                .map(|_| {
+                    let len = rng.usize(0..12);
+                    let tail: String = (0..len).map(|_| pieces[rng.usize(0..pieces.len())]).collect();
+                    format!("{shared}{tail}")
+                })
+                .collect();
+            let mut rows = Rows::default();
+            for (k, id) in pushed.iter().enumerate() {
+                rows.push(SessionRow {
+                    id: SessionId(id.clone()),
+                    owner_id: None,
+                    controller_instance: None,
+                    state: RowState::Active,
+                    created_at: DateTime::<Utc>::UNIX_EPOCH,
+                    changed_at: DateTime::<Utc>::UNIX_EPOCH,
+                    version: format!("v{k}"),
+                });
+            }
+            let mut want: Vec<usize> = (0..n).collect();
+            want.sort_by(|&a, &b| pushed[a].cmp(&pushed[b]));
+            rows.sort_by_id();
+            let got: Vec<(&str, &str)> = rows.iter().map(|r| (r.id, r.version)).collect();
+            let want: Vec<(&str, String)> = want.iter().map(|&k| (pushed[k].as_str(), format!("v{k}"))).collect();
+            let want: Vec<(&str, &str)> = want.iter().map(|(id, v)| (*id, v.as_str())).collect();
+            assert_eq!(got, want, "{pushed:?}");
         }
     }
 
