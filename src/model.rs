@@ -589,10 +589,12 @@ const TWO_CORE_SORT_MIN: usize = 1 << 16;
 ///
 /// The sort is in place, with no buffer (a stable sort would take half the
 /// records' size again at its peak): the arena offset grows with every push,
-/// so among equal ids the record pushed first stays first. Records that keep
-/// a key (rows) are compared by it first, and by their ids only when keys are
+/// so among equal ids the record pushed first stays first. Records are
+/// compared by a key first ([`key_of`]), and by their ids only when keys are
 /// equal: with UUIDs, whose strings sit anywhere in the arena, a comparison
 /// of ids is a cache miss, and most comparisons become one of two integers.
+/// Rows keep their key; a list's records, which have no room for one, are
+/// sorted through temporary pairs ([`sort_by_temporary_keys`]) on one core.
 ///
 /// Packing copies each record's strings into a new arena in the records'
 /// order: a walk in id order then reads the strings in memory order too,
@@ -600,15 +602,21 @@ const TWO_CORE_SORT_MIN: usize = 1 << 16;
 /// comparison when ids arrived in random order). It is skipped, and nothing
 /// moved, if a span is out of bounds, which the pushes that laid them out
 /// rule out.
-fn sort_packed<M: ArenaRecord + Send>(text: &mut String, records: &mut [M], cores: Cores) {
+fn sort_packed<M: ArenaRecord + Send + Copy>(text: &mut String, records: &mut [M], cores: Cores) {
     let arena = text.as_str();
     let span = |m: &M| m.start() as usize..m.start() as usize + m.span();
     let id = |m: &M| arena.get(m.start() as usize..m.start() as usize + m.id_len() as usize).unwrap_or_default();
-    if M::KEYED {
-        set_keys(records, id);
-    }
+    let shared = shared_prefix(records, id);
     let order = |a: &M, b: &M| a.key().cmp(&b.key()).then_with(|| id(a).cmp(id(b))).then(a.start().cmp(&b.start()));
-    if cores == Cores::Two && records.len() >= TWO_CORE_SORT_MIN {
+    if M::KEYED {
+        for m in records.iter_mut() {
+            let key = key_of(id(m), shared);
+            m.set_key(key);
+        }
+    }
+    if !M::KEYED {
+        sort_by_temporary_keys(records, id, shared);
+    } else if cores == Cores::Two && records.len() >= TWO_CORE_SORT_MIN {
         let mid = records.len() / 2;
         records.select_nth_unstable_by(mid, order);
         let (left, right) = records.split_at_mut(mid);
@@ -640,25 +648,61 @@ fn sort_packed<M: ArenaRecord + Send>(text: &mut String, records: &mut [M], core
     *text = packed;
 }
 
-/// Gives each record, as its key, the four bytes of its id that follow the
-/// prefix every id shares (zero past the id's end), big-endian: a key that
-/// sorts lower is an id that sorts lower, so most comparisons read no string.
-fn set_keys<'a, M: ArenaRecord>(records: &mut [M], id: impl Fn(&M) -> &'a str) {
+/// How many leading bytes every record's id shares with every other's.
+fn shared_prefix<'a, M>(records: &[M], id: impl Fn(&M) -> &'a str) -> usize {
     let first = records.first().map(|m| id(m).as_bytes()).unwrap_or_default();
     let mut shared = first.len();
-    for m in records.iter() {
+    for m in records {
         let other = id(m).as_bytes();
         if other.get(..shared) != first.get(..shared) {
             shared = first.iter().zip(other).take_while(|(a, b)| a == b).count();
         }
     }
-    for m in records.iter_mut() {
-        let mut key = [0u8; 8];
-        let tail = id(m).as_bytes().get(shared..).unwrap_or_default();
-        for (k, b) in key.iter_mut().zip(tail) {
-            *k = *b;
+    shared
+}
+
+/// The sort key of an id whose first `shared` bytes every id has: the eight
+/// bytes that follow (zero past the id's end), big-endian. A key that sorts
+/// lower is an id that sorts lower, so most comparisons read no string.
+fn key_of(id: &str, shared: usize) -> u64 {
+    let mut key = [0u8; 8];
+    let tail = id.as_bytes().get(shared..).unwrap_or_default();
+    for (k, b) in key.iter_mut().zip(tail) {
+        *k = *b;
+    }
+    u64::from_be_bytes(key)
+}
+
+/// Sorts records that keep no key (a list's, 28 bytes each) through a
+/// (key, index) pair each, then moves them into that order in place, one
+/// cycle of the permutation at a time. The pairs are temporary (16 bytes a
+/// record), and lists are sorted where they are parsed, before the rows are
+/// read: below the pass's peak.
+fn sort_by_temporary_keys<'a, M: ArenaRecord + Copy>(records: &mut [M], id: impl Fn(&M) -> &'a str, shared: usize) {
+    let by_id = |a: &M, b: &M| id(a).cmp(id(b)).then(a.start().cmp(&b.start()));
+    if u32::try_from(records.len()).is_err() {
+        records.sort_unstable_by(by_id);
+        return;
+    }
+    // Indices below `u32::MAX`, checked above.
+    let mut keyed: Vec<(u64, u32)> =
+        records.iter().enumerate().map(|(i, m)| (key_of(id(m), shared), i as u32)).collect();
+    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| by_id(&records[a.1 as usize], &records[b.1 as usize])));
+    // Position p takes the record at keyed[p].1; a position done is marked
+    // by pointing at itself.
+    for start in 0..keyed.len() {
+        let mut at = start;
+        let first = records[start];
+        loop {
+            let from = keyed[at].1 as usize;
+            keyed[at].1 = at as u32;
+            if from == start {
+                records[at] = first;
+                break;
+            }
+            records[at] = records[from];
+            at = from;
         }
-        m.set_key(u64::from_be_bytes(key));
     }
 }
 
@@ -1203,7 +1247,7 @@ mod order_tests {
     }
 
     #[test]
-    fn rows_sort_by_their_keys_as_by_their_ids() {
+    fn rows_and_lists_sort_by_their_keys_as_by_their_ids() {
         // Ids that share a prefix (or not), of every length around the
         // eight bytes a key holds, some a prefix of another, some with
         // multi-byte characters, many equal.
@@ -1220,7 +1264,14 @@ mod order_tests {
                 })
                 .collect();
             let mut rows = Rows::default();
+            let mut list = LiveSessions::default();
             for (k, id) in pushed.iter().enumerate() {
+                list.push(LiveSession {
+                    id: SessionId(id.clone()),
+                    owner_id: format!("o{k}"),
+                    state: LiveState::Active,
+                    started_at: None,
+                });
                 rows.push(SessionRow {
                     id: SessionId(id.clone()),
                     owner_id: None,
@@ -1234,10 +1285,15 @@ mod order_tests {
             let mut want: Vec<usize> = (0..n).collect();
             want.sort_by(|&a, &b| pushed[a].cmp(&pushed[b]));
             rows.sort_by_id();
+            list.sort_by_id();
             let got: Vec<(&str, &str)> = rows.iter().map(|r| (r.id, r.version)).collect();
-            let want: Vec<(&str, String)> = want.iter().map(|&k| (pushed[k].as_str(), format!("v{k}"))).collect();
-            let want: Vec<(&str, &str)> = want.iter().map(|(id, v)| (*id, v.as_str())).collect();
-            assert_eq!(got, want, "{pushed:?}");
+            let listed: Vec<(&str, &str)> = list.iter().map(|s| (s.id, s.owner_id)).collect();
+            let versions: Vec<(&str, String)> = want.iter().map(|&k| (pushed[k].as_str(), format!("v{k}"))).collect();
+            let versions: Vec<(&str, &str)> = versions.iter().map(|(id, v)| (*id, v.as_str())).collect();
+            assert_eq!(got, versions, "{pushed:?}");
+            let owners: Vec<(&str, String)> = want.iter().map(|&k| (pushed[k].as_str(), format!("o{k}"))).collect();
+            let owners: Vec<(&str, &str)> = owners.iter().map(|(id, o)| (*id, o.as_str())).collect();
+            assert_eq!(listed, owners, "{pushed:?}");
         }
     }
 
