@@ -599,9 +599,8 @@ const TWO_CORE_SORT_MIN: usize = 1 << 16;
 /// Packing copies each record's strings into a new arena in the records'
 /// order: a walk in id order then reads the strings in memory order too,
 /// instead of jumping to wherever each was appended (a cache miss per
-/// comparison when ids arrived in random order). It is skipped, and nothing
-/// moved, if a span is out of bounds, which the pushes that laid them out
-/// rule out.
+/// comparison when ids arrived in random order). With two cores, each half
+/// is packed by the thread that sorted it.
 fn sort_packed<M: ArenaRecord + Send + Copy>(text: &mut String, records: &mut [M], cores: Cores) {
     let arena = text.as_str();
     let span = |m: &M| m.start() as usize..m.start() as usize + m.span();
@@ -614,20 +613,45 @@ fn sort_packed<M: ArenaRecord + Send + Copy>(text: &mut String, records: &mut [M
             m.set_key(key);
         }
     }
+    // Packing is skipped, and nothing moved, if a span is out of bounds,
+    // which the pushes that laid them out rule out.
+    let packable = u32::try_from(arena.len()).is_ok() && records.iter().all(|m| arena.get(span(m)).is_some());
     if !M::KEYED {
         sort_by_temporary_keys(records, id, shared);
     } else if cores == Cores::Two && records.len() >= TWO_CORE_SORT_MIN {
-        let mid = records.len() / 2;
+        let n = records.len();
+        let mid = n / 2;
         records.select_nth_unstable_by(mid, order);
         let (left, right) = records.split_at_mut(mid);
+        // Each half is sorted, then packed into its own part of the new
+        // arena, by its own thread; the new offsets wait in `starts` until
+        // the arena is whole.
+        let left_bytes: usize = left.iter().map(|m| m.span()).sum();
+        let right_bytes: usize = right.iter().map(|m| m.span()).sum();
+        let mut bytes = vec![0u8; if packable { left_bytes + right_bytes } else { 0 }];
+        let mut starts = vec![0u32; if packable { n } else { 0 }];
+        let (left_out, right_out) = bytes.split_at_mut(if packable { left_bytes } else { 0 });
+        let (left_starts, right_starts) = starts.split_at_mut(if packable { mid } else { 0 });
         let both = std::thread::scope(|s| {
-            let other = std::thread::Builder::new()
-                .name("sessiond-sort".into())
-                .spawn_scoped(s, || left.sort_unstable_by(order));
+            let other = std::thread::Builder::new().name("sessiond-sort".into()).spawn_scoped(s, || {
+                left.sort_unstable_by(order);
+                pack_into(left, arena, left_out, left_starts, 0)
+            });
             right.sort_unstable_by(order);
-            other.is_ok_and(|other| other.join().is_ok())
+            let right_packed = pack_into(right, arena, right_out, right_starts, left_bytes);
+            other.is_ok_and(|other| other.join().is_ok_and(|left_packed| left_packed)) && right_packed
         });
-        if !both {
+        if both && packable {
+            // Whole strings copied end to end are UTF-8; were they not, the
+            // arena would stay as it is, and the records too.
+            if let Ok(packed) = String::from_utf8(bytes) {
+                for (record, start) in records.iter_mut().zip(starts) {
+                    record.set_start(start);
+                }
+                *text = packed;
+                return;
+            }
+        } else if !both {
             // No second thread (or, impossibly, a sort that panicked): this
             // core sorts them all, the right side already in order.
             records.sort_unstable_by(order);
@@ -635,7 +659,7 @@ fn sort_packed<M: ArenaRecord + Send + Copy>(text: &mut String, records: &mut [M
     } else {
         records.sort_unstable_by(order);
     }
-    if u32::try_from(arena.len()).is_err() || !records.iter().all(|m| arena.get(span(m)).is_some()) {
+    if !packable {
         return;
     }
     let mut packed = String::with_capacity(arena.len());
@@ -646,6 +670,23 @@ fn sort_packed<M: ArenaRecord + Send + Copy>(text: &mut String, records: &mut [M
         packed.push_str(strings);
     }
     *text = packed;
+}
+
+/// Copies the records' strings end to end into `out`, and where each record's
+/// start there (plus `base`) into `starts`. False if anything did not fit,
+/// which the caller's sizes rule out.
+fn pack_into<M: ArenaRecord>(records: &[M], arena: &str, out: &mut [u8], starts: &mut [u32], base: usize) -> bool {
+    let mut at = 0;
+    for (record, start) in records.iter().zip(starts.iter_mut()) {
+        let from = record.start() as usize;
+        let Some(strings) = arena.as_bytes().get(from..from + record.span()) else { return false };
+        let Some(to) = out.get_mut(at..at + strings.len()) else { return false };
+        to.copy_from_slice(strings);
+        // Below the arena's length, which fits in 32 bits (checked by the caller).
+        *start = (base + at) as u32;
+        at += strings.len();
+    }
+    at == out.len()
 }
 
 /// How many leading bytes every record's id shares with every other's.
