@@ -643,7 +643,7 @@ fn sort_packed<M: ArenaRecord + Send + Copy>(text: &mut String, records: &mut [M
         });
         if both && packable {
             // Whole strings copied end to end are UTF-8; were they not, the
-            // arena would stay as it is, and the records too.
+            // records would keep their offsets, and this core pack them below.
             if let Ok(packed) = String::from_utf8(bytes) {
                 for (record, start) in records.iter_mut().zip(starts) {
                     record.set_start(start);
