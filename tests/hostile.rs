@@ -615,9 +615,9 @@ async fn application_write_during_stops(extra: &str) {
     assert_eq!(a.stops().len(), 2, "both stops went out");
     assert_eq!(db.state(&sid(1)).await.as_deref(), Some("active"), "the application's write wins");
     assert_eq!(db.state(&sid(2)).await.as_deref(), Some("active"), "the duplicate's row is not ended");
-    let left: i64 = db.scalar("SELECT count(*) FROM session_audit WHERE (details->>'row_updated')::boolean = false AND reason IN ('zombie', 'duplicate')",
-    )
-    .await;
+    let left_as_written = "SELECT count(*) FROM session_audit \
+         WHERE (details->>'row_updated')::boolean = false AND reason IN ('zombie', 'duplicate')";
+    let left: i64 = db.scalar(left_as_written).await;
     assert_eq!(left, 2, "both audit rows say the row was left as the application wrote it");
     let ended: i64 =
         db.scalar("SELECT count(*) FROM session_audit WHERE reason = 'duplicate' AND new_state = 'stopped'").await;

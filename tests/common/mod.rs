@@ -188,12 +188,12 @@ impl TestDb {
             .collect()
     }
 
-    /// Audit rows sessiond wrote (trigger `reconciler`).
     /// The one value of a one-row, one-column `bigint` query.
     pub async fn scalar(&self, sql: &str) -> i64 {
         self.client().await.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
     }
 
+    /// Audit rows sessiond wrote (trigger `reconciler`).
     pub async fn audit_count(&self) -> i64 {
         self.client()
             .await
