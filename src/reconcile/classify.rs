@@ -403,8 +403,8 @@ fn to_chrono(d: std::time::Duration) -> ChronoDuration {
 }
 
 /// Where a listed id was seen: its first listing, in the order of the
-/// configured instances. 16 bytes, a million of them at the pass's peak: the
-/// id is read from the list itself.
+/// configured instances. The id is read from the list itself. Kept as a
+/// [`Slot`]; this is the view of one.
 #[derive(Clone, Copy)]
 struct Held<'a> {
     source: &'a InstanceSnapshot,
@@ -449,16 +449,45 @@ impl<'a> Held<'a> {
     }
 }
 
+/// A [`Held`] as the listings keep it: 8 bytes, not 16, a million of them at
+/// the pass's peak. Its instance is its place in the configured instances.
+#[derive(Clone, Copy)]
+struct Slot {
+    index: u32,
+    source: u16,
+    unusable: bool,
+    ambiguous: bool,
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 8);
+
 /// Every id the usable lists hold, one entry per id, sorted by id: one side of
 /// the join. No hash map: the rows are matched to it by one merge.
 struct Listings<'a> {
-    entries: Vec<Held<'a>>,
+    instances: &'a [InstanceSnapshot],
+    entries: Vec<Slot>,
 }
 
 impl<'a> Listings<'a> {
+    /// Entry `k`.
+    fn at(&self, k: usize) -> Option<Held<'a>> {
+        self.entries.get(k).and_then(|s| self.view(*s))
+    }
+
+    fn view(&self, s: Slot) -> Option<Held<'a>> {
+        let source = self.instances.get(s.source as usize)?;
+        Some(Held { source, index: s.index, unusable: s.unusable, ambiguous: s.ambiguous })
+    }
+
+    /// Every entry with its index, in id order.
+    fn iter(&self) -> impl Iterator<Item = (usize, Held<'a>)> + '_ {
+        (0..self.entries.len()).filter_map(|k| self.at(k).map(|h| (k, h)))
+    }
+
     /// For the few lookups outside the merge (stop intents, duplicate groups).
-    fn get(&self, id: &str) -> Option<&Held<'a>> {
-        self.entries.binary_search_by(|h| h.id().cmp(id)).ok().map(|i| &self.entries[i])
+    fn get(&self, id: &str) -> Option<Held<'a>> {
+        let id_of = |s: &Slot| self.view(*s).map_or("", |h| h.id());
+        self.entries.binary_search_by(|s| id_of(s).cmp(id)).ok().and_then(|i| self.at(i))
     }
 }
 
@@ -478,8 +507,8 @@ struct Join {
 
 impl Join {
     /// The listing entry of a row's id.
-    fn listing<'l, 'a>(&self, listings: &'l Listings<'a>, row: usize) -> Option<&'l Held<'a>> {
-        listings.entries.get(*self.listing_of_row.get(row)? as usize)
+    fn listing<'a>(&self, listings: &Listings<'a>, row: usize) -> Option<Held<'a>> {
+        listings.at(*self.listing_of_row.get(row)? as usize)
     }
 
     /// The row of a listing entry's id (`UNMATCHED`, which no row has, if none).
@@ -601,8 +630,12 @@ fn listings<'a>(
 ) -> Option<(Listings<'a>, Join)> {
     let lists = || input.instances.iter().filter(|i| reach.reachable.contains_key(i.name.as_str()));
     // Entries are found by a 32-bit index in their list: a list of 4G
-    // entries is not a list in memory, and past it nothing is decided.
+    // entries is not a list in memory, and past it nothing is decided; nor
+    // past 65 536 instances, which a 16-bit place holds.
     let indexable = |len: usize| len < u32::MAX as usize;
+    if input.instances.len() > usize::from(u16::MAX) + 1 {
+        return None;
+    }
     if !lists()
         .filter_map(|i| i.result.as_ref().ok())
         .all(|l| indexable(l.sessions.len()) && indexable(l.invalid.len()))
@@ -613,13 +646,16 @@ fn listings<'a>(
     // Every listing in id order, by one merge of the lists (each walked in id
     // order): among equal ids, the instances in order, and in an instance its
     // sessions, then its unusable entries.
-    let mut runs: Vec<IdRun<'_, Held<'_>>> = Vec::new();
-    for source in lists() {
-        let Ok(list) = &source.result else { continue };
+    let mut runs: Vec<IdRun<'_, Slot>> = Vec::new();
+    let places = input.instances.iter().enumerate().filter(|(_, i)| reach.reachable.contains_key(i.name.as_str()));
+    for (place, inst) in places {
+        let Ok(list) = &inst.result else { continue };
+        // Below 65 536, checked above.
+        let source = place as u16;
         let sessions = &list.sessions;
         runs.push(Box::new(sessions.by_id().filter_map(move |i| {
-            let held = Held { source, index: i as u32, unusable: false, ambiguous: false };
-            sessions.id(i).map(|id| (id, held))
+            let slot = Slot { source, index: i as u32, unusable: false, ambiguous: false };
+            sessions.id(i).map(|id| (id, slot))
         })));
         let mut invalid: Vec<(&str, usize)> =
             list.invalid.iter().enumerate().filter_map(|(j, bad)| bad.raw_id.as_deref().map(|id| (id, j))).collect();
@@ -628,7 +664,7 @@ fn listings<'a>(
         runs.push(Box::new(
             invalid
                 .into_iter()
-                .map(move |(id, j)| (id, Held { source, index: j as u32, unusable: true, ambiguous: false })),
+                .map(move |(id, j)| (id, Slot { source, index: j as u32, unusable: true, ambiguous: false })),
         ));
     }
     let rows = &input.db.rows;
@@ -638,22 +674,22 @@ fn listings<'a>(
     // One walk of the merge: the entries, one per id, the ids listed more
     // than once, and the join with the rows (also in id order), each id read
     // once, as the merge gives it.
-    let mut entries: Vec<Held<'_>> = Vec::with_capacity(count);
+    let mut listings = Listings { instances: input.instances, entries: Vec::with_capacity(count) };
     let mut join = Join { listing_of_row: vec![UNMATCHED; rows.len()], row_of_listing: Vec::with_capacity(count) };
     let mut row_ids = rows.by_id().filter_map(|r| rows.id(r).map(|id| (r, id))).peekable();
     let mut previous: Option<&str> = None;
     // The listings of the current id, while it has more than one.
-    let mut repeated: Vec<Held<'_>> = Vec::new();
-    let mut ambiguous: Vec<Vec<Held<'_>>> = Vec::new();
-    for (id, _, held) in MergeById::new(runs) {
+    let mut repeated: Vec<Slot> = Vec::new();
+    let mut ambiguous: Vec<Vec<Slot>> = Vec::new();
+    for (id, _, slot) in MergeById::new(runs) {
         if previous == Some(id) {
-            if let Some(first) = entries.last_mut() {
+            if let Some(first) = listings.entries.last_mut() {
                 if repeated.is_empty() {
                     repeated.push(*first);
                 }
                 first.ambiguous = true;
             }
-            repeated.push(held);
+            repeated.push(slot);
             continue;
         }
         previous = Some(id);
@@ -661,7 +697,7 @@ fn listings<'a>(
             ambiguous.push(std::mem::take(&mut repeated));
         }
         // Indices stay below `u32::MAX`: past it nothing is decided.
-        let k = entries.len();
+        let k = listings.entries.len();
         if k >= UNMATCHED as usize {
             return None;
         }
@@ -672,7 +708,7 @@ fn listings<'a>(
             join.listing_of_row[r] = k as u32;
             row = r as u32;
         }
-        entries.push(held);
+        listings.entries.push(slot);
         join.row_of_listing.push(row);
     }
     if !repeated.is_empty() {
@@ -699,15 +735,17 @@ fn listings<'a>(
         None => format!("{} (unusable entry)", h.instance()),
     };
     for run in &ambiguous {
+        let run: Vec<Held<'_>> = run.iter().filter_map(|s| listings.view(*s)).collect();
+        let Some(first) = run.first() else { continue };
         let seen: Vec<String> = run.iter().map(describe).collect();
         candidates.push(note(
             Kind::InvalidEntry,
-            run[0].id(),
-            Some(run[0].instance()),
+            first.id(),
+            Some(first.instance()),
             format!("listed {} times: by {}; nothing is done until one listing remains", seen.len(), seen.join(", ")),
         ));
     }
-    Some((Listings { entries }, join))
+    Some((listings, join))
 }
 
 /// Stage 3: every live row against the lists. Returns the rows a finding here
@@ -854,7 +892,7 @@ fn sessions(
     // Invalid and gone rows are few: the ids the live rows do not cover.
     let invalid: FxHashSet<&str> = input.db.invalid_rows.iter().map(|r| r.id.as_str()).collect();
     let gone: FxHashMap<&str, &GoneRow> = input.db.gone.iter().map(|g| (g.id.as_str(), g)).collect();
-    for (k, h) in held.entries.iter().enumerate() {
+    for (k, h) in held.iter() {
         // An unusable entry, or an id listed more than once: reported above,
         // never acted on.
         let Some(live) = h.usable() else { continue };
@@ -1236,7 +1274,7 @@ impl<'a> ByOwner<'_, 'a> {
     /// the row's own.
     fn owner(&self, row: u32) -> Option<&'a str> {
         let row = row as usize;
-        let listed = self.join.listing(self.held, row).and_then(Held::usable).map(|s| s.owner_id);
+        let listed = self.join.listing(self.held, row).and_then(|h| h.usable()).map(|s| s.owner_id);
         listed.or_else(|| self.input.db.rows.get(row).and_then(|r| r.owner_id))
     }
 
