@@ -628,7 +628,9 @@ fn listings<'a>(
     out: &mut Classification,
     candidates: &mut Vec<Candidate>,
 ) -> Option<(Listings<'a>, Join)> {
-    let lists = || input.instances.iter().filter(|i| reach.reachable.contains_key(i.name.as_str()));
+    // The reachable instances, each with its place in the configuration.
+    let places = || input.instances.iter().enumerate().filter(|(_, i)| reach.reachable.contains_key(i.name.as_str()));
+    let lists = || places().map(|(_, i)| i);
     // Entries are found by a 32-bit index in their list: a list of 4G
     // entries is not a list in memory, and past it nothing is decided; nor
     // past 65 536 instances, which a 16-bit place holds.
@@ -647,8 +649,7 @@ fn listings<'a>(
     // order): among equal ids, the instances in order, and in an instance its
     // sessions, then its unusable entries.
     let mut runs: Vec<IdRun<'_, Slot>> = Vec::new();
-    let places = input.instances.iter().enumerate().filter(|(_, i)| reach.reachable.contains_key(i.name.as_str()));
-    for (place, inst) in places {
+    for (place, inst) in places() {
         let Ok(list) = &inst.result else { continue };
         // Below 65 536, checked above.
         let source = place as u16;
