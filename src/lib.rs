@@ -28,3 +28,11 @@ pub mod store;
 pub mod systemd;
 pub mod tls;
 pub mod web;
+
+/// Runs CPU-heavy work (parsing a list, sorting the rows, classifying) on the
+/// blocking pool, so the runtime's workers go on answering the endpoints. A
+/// panic there is a bug, not an input problem: it is raised again here, as if
+/// `work` had run inline.
+pub(crate) async fn on_blocking_pool<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}

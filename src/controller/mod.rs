@@ -191,9 +191,7 @@ impl ControllerClient {
         let body = self.fetch_body(c).await?;
         // Parsing a large list is CPU work: keep it off the async workers.
         let (config, pattern) = (c.clone(), id_pattern.clone());
-        tokio::task::spawn_blocking(move || parse(&body, &config, &pattern))
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        crate::on_blocking_pool(move || parse(&body, &config, &pattern)).await
     }
 
     /// Fetches one instance's document, whole, within its timeout and size bound.

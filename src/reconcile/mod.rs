@@ -687,7 +687,7 @@ impl Reconciler {
         let for_classify = Arc::clone(cfg);
         let boots_for_classify = boots.clone();
         let watched = self.watched.clone();
-        let (classification, entries) = tokio::task::spawn_blocking(move || {
+        let (classification, entries) = crate::on_blocking_pool(move || {
             let c = classify::classify(&classify::Input {
                 now,
                 config: &for_classify.reconcile,
@@ -706,11 +706,7 @@ impl Reconciler {
             let entries = crate::explain::entries_of(subjects, &instances);
             (c, entries)
         })
-        .await
-        .unwrap_or_else(|e| {
-            // The classifier is total; a panic there is a bug, not an input problem.
-            std::panic::resume_unwind(e.into_panic())
-        });
+        .await;
         self.tick();
         report.stages.classify = classify_started.elapsed().as_secs_f64();
         self.memory = classification.memory;

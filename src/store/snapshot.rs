@@ -72,12 +72,11 @@ impl Store {
             // unsorted; a walk sorts only those. On the blocking pool: at 1M
             // rows the sort holds both cores for 0.1-0.2 s, and the runtime's
             // workers must go on answering `/metrics` meanwhile.
-            let mut rows = tokio::task::spawn_blocking(move || {
+            let mut rows = crate::on_blocking_pool(move || {
                 rows.sort_by_id();
                 rows
             })
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            .await;
             // The live ids without a live row: one merge of the two runs in id
             // order (the rows come in heap order, normally close to id order).
             let mut held = rows.by_id().filter_map(|i| rows.id(i)).peekable();
