@@ -854,6 +854,21 @@ struct RowMeta {
     state: RowState,
 }
 
+impl RowMeta {
+    /// Room not yet filled in [`TwoRuns`].
+    const PLACEHOLDER: RowMeta = RowMeta {
+        start: 0,
+        key: 0,
+        id_len: 0,
+        owner_len: 0,
+        instance_len: 0,
+        version_len: 0,
+        created_at: DateTime::<Utc>::MIN_UTC,
+        changed_at: DateTime::<Utc>::MIN_UTC,
+        state: RowState::Active,
+    };
+}
+
 /// The rows of a snapshot, as columns: every string in one arena, and a
 /// fixed-size record per row. A million rows are two allocations, not four
 /// million, and dropping them is two frees.
@@ -873,6 +888,42 @@ pub struct RowTooLong {
     pub id: String,
 }
 
+/// The id of the last of `meta`, whose strings are in `text`.
+fn last_id<'t>(text: &'t str, meta: &[RowMeta]) -> Option<&'t str> {
+    let m = meta.last()?;
+    text.get(m.start as usize..m.start as usize + m.id_len as usize)
+}
+
+/// Appends a row's strings to `text`, and returns its record.
+fn record(text: &mut String, row: RowRef<'_>) -> Result<RowMeta, RowTooLong> {
+    let len = |s: &str| u32::try_from(s.len()).ok().filter(|n| *n != NULL_LEN);
+    let opt_len = |s: Option<&str>| s.map_or(Some(NULL_LEN), len);
+    let (Some(id_len), Some(owner_len), Some(instance_len), Some(version_len), Ok(start)) = (
+        len(row.id),
+        opt_len(row.owner_id),
+        opt_len(row.controller_instance),
+        len(row.version),
+        u32::try_from(text.len()),
+    ) else {
+        return Err(RowTooLong { id: row.id.chars().take(64).collect() });
+    };
+    text.push_str(row.id);
+    text.push_str(row.owner_id.unwrap_or_default());
+    text.push_str(row.controller_instance.unwrap_or_default());
+    text.push_str(row.version);
+    Ok(RowMeta {
+        key: 0,
+        start,
+        id_len,
+        owner_len,
+        instance_len,
+        version_len,
+        created_at: row.created_at,
+        changed_at: row.changed_at,
+        state: row.state,
+    })
+}
+
 impl Rows {
     /// Room for `rows` more rows with `bytes` more bytes of strings.
     pub fn reserve(&mut self, rows: usize, bytes: usize) {
@@ -890,35 +941,11 @@ impl Rows {
 
     /// Appends a row.
     pub fn push_parts(&mut self, row: RowRef<'_>) -> Result<(), RowTooLong> {
-        let len = |s: &str| u32::try_from(s.len()).ok().filter(|n| *n != NULL_LEN);
-        let opt_len = |s: Option<&str>| s.map_or(Some(NULL_LEN), len);
-        let (Some(id_len), Some(owner_len), Some(instance_len), Some(version_len), Ok(start)) = (
-            len(row.id),
-            opt_len(row.owner_id),
-            opt_len(row.controller_instance),
-            len(row.version),
-            u32::try_from(self.text.len()),
-        ) else {
-            return Err(RowTooLong { id: row.id.chars().take(64).collect() });
-        };
-        if self.sorted == self.meta.len() && self.id(self.sorted.wrapping_sub(1)).is_none_or(|last| last <= row.id) {
+        let in_order = self.sorted == self.meta.len() && last_id(&self.text, &self.meta).is_none_or(|l| l <= row.id);
+        self.meta.push(record(&mut self.text, row)?);
+        if in_order {
             self.sorted += 1;
         }
-        self.text.push_str(row.id);
-        self.text.push_str(row.owner_id.unwrap_or_default());
-        self.text.push_str(row.controller_instance.unwrap_or_default());
-        self.text.push_str(row.version);
-        self.meta.push(RowMeta {
-            key: 0,
-            start,
-            id_len,
-            owner_len,
-            instance_len,
-            version_len,
-            created_at: row.created_at,
-            changed_at: row.changed_at,
-            state: row.state,
-        });
         Ok(())
     }
 
@@ -970,7 +997,10 @@ impl Rows {
 
     /// The id of row `i`, without the rest of the row.
     pub fn id(&self, i: usize) -> Option<&str> {
-        let m = self.meta.get(i)?;
+        self.id_at(self.meta.get(i)?)
+    }
+
+    fn id_at(&self, m: &RowMeta) -> Option<&str> {
         self.text.get(m.start as usize..m.start as usize + m.id_len as usize)
     }
 
@@ -1001,6 +1031,101 @@ impl Rows {
 
     pub fn iter(&self) -> impl Iterator<Item = RowRef<'_>> + '_ {
         (0..self.meta.len()).filter_map(|i| self.get(i))
+    }
+}
+
+/// Rows read as two runs at once: two halves of the table streamed side by
+/// side, their chunks arriving interleaved. The strings share one arena; each
+/// run keeps its records apart, in the order read, until [`TwoRuns::join`]
+/// puts the second after the first. A table whose rows lie in id order stays
+/// in id order, and needs no sort.
+///
+/// Both runs fill one allocation, the first from its start and the second
+/// from its end: records are never held twice, and nothing is allocated
+/// and freed on the side (glibc would keep such memory for the thread that
+/// freed it, and the classifier, on another, would not reuse it).
+#[derive(Debug)]
+pub struct TwoRuns {
+    text: String,
+    /// `first` records at the start, `second` at the end (the last read first).
+    slots: Vec<RowMeta>,
+    first: usize,
+    second: usize,
+    /// How many of each run's records, from its first, are in id order.
+    first_sorted: usize,
+    second_sorted: usize,
+}
+
+/// Which of [`TwoRuns`]'s runs a row belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Run {
+    First,
+    Second,
+}
+
+impl TwoRuns {
+    /// Room for `rows` rows with `bytes` bytes of strings; more grows it.
+    pub fn with_capacity(rows: usize, bytes: usize) -> TwoRuns {
+        TwoRuns {
+            text: String::with_capacity(bytes),
+            slots: vec![RowMeta::PLACEHOLDER; rows],
+            first: 0,
+            second: 0,
+            first_sorted: 0,
+            second_sorted: 0,
+        }
+    }
+
+    fn id_at(&self, i: usize) -> Option<&str> {
+        let m = self.slots.get(i)?;
+        self.text.get(m.start as usize..m.start as usize + m.id_len as usize)
+    }
+
+    pub fn push_parts(&mut self, run: Run, row: RowRef<'_>) -> Result<(), RowTooLong> {
+        if self.first + self.second == self.slots.len() {
+            // Full: twice the room, the second run moved to the new end.
+            let old = self.slots.len();
+            let more = old.max(1024);
+            self.slots.resize(old + more, RowMeta::PLACEHOLDER);
+            self.slots.copy_within(old - self.second..old, old + more - self.second);
+        }
+        let n = self.slots.len();
+        let (at, last, count, sorted) = match run {
+            Run::First => (self.first, self.first.checked_sub(1), self.first, self.first_sorted),
+            Run::Second => {
+                (n - 1 - self.second, (self.second > 0).then_some(n - self.second), self.second, self.second_sorted)
+            }
+        };
+        let in_order = sorted == count && last.and_then(|i| self.id_at(i)).is_none_or(|l| l <= row.id);
+        let record = record(&mut self.text, row)?;
+        if let Some(slot) = self.slots.get_mut(at) {
+            *slot = record;
+        }
+        let (count, sorted) = match run {
+            Run::First => (&mut self.first, &mut self.first_sorted),
+            Run::Second => (&mut self.second, &mut self.second_sorted),
+        };
+        *count += 1;
+        if in_order {
+            *sorted += 1;
+        }
+        Ok(())
+    }
+
+    /// The rows of both runs, the second's after the first's.
+    pub fn join(self) -> Rows {
+        let TwoRuns { text, mut slots, first, second, first_sorted, second_sorted } = self;
+        let n = slots.len();
+        slots[n - second..].reverse();
+        slots.copy_within(n - second.., first);
+        slots.truncate(first + second);
+        let mut rows = Rows { text, meta: slots, sorted: first_sorted };
+        let last = first.checked_sub(1).and_then(|i| rows.id(i));
+        let next = rows.id(first);
+        if first_sorted == first && last.zip(next).is_none_or(|(last, next)| last <= next) {
+            rows.sorted += second_sorted;
+        }
+        rows
     }
 }
 
@@ -1160,6 +1285,68 @@ pub type BootRecords = HashMap<String, BootRecord>;
 #[cfg(test)]
 mod order_tests {
     use super::*;
+
+    fn row<'a>(id: &'a str, version: &'a str) -> RowRef<'a> {
+        RowRef {
+            id,
+            owner_id: Some("o"),
+            controller_instance: None,
+            state: RowState::Active,
+            created_at: DateTime::<Utc>::MIN_UTC,
+            changed_at: DateTime::<Utc>::MIN_UTC,
+            version,
+        }
+    }
+
+    /// Two runs read side by side, from room too small for them: every row
+    /// once, each with its own strings, and in id order once sorted.
+    #[test]
+    fn two_runs_join_to_every_row_once_in_id_order() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for round in 0..300 {
+            let n = rng.usize(0..60);
+            let sorted_input = round % 3 == 0;
+            let mut all = ids(&mut rng, n, false);
+            if sorted_input {
+                all.sort();
+            }
+            let cut = rng.usize(0..=n);
+            if round % 3 == 1 {
+                // Each half in id order, the halves overlapping.
+                all[..cut].sort();
+                all[cut..].sort();
+            }
+            let (first, second) = all.split_at(cut);
+            let mut runs = TwoRuns::with_capacity(rng.usize(0..8), 0);
+            let (mut a, mut b) = (first.iter().enumerate(), second.iter().enumerate());
+            loop {
+                let next =
+                    if rng.bool() { a.next().map(|x| (Run::First, x)) } else { b.next().map(|x| (Run::Second, x)) };
+                let next =
+                    next.or_else(|| a.next().map(|x| (Run::First, x))).or_else(|| b.next().map(|x| (Run::Second, x)));
+                let Some((run, (i, id))) = next else { break };
+                let version = format!("{run:?}{i}");
+                runs.push_parts(run, row(id, &version)).expect("fits");
+            }
+            let mut rows = runs.join();
+            let read: Vec<(String, String)> = rows.iter().map(|r| (r.id.to_owned(), r.version.to_owned())).collect();
+            let expected: Vec<(String, String)> = first
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (id.clone(), format!("First{i}")))
+                .chain(second.iter().enumerate().map(|(i, id)| (id.clone(), format!("Second{i}"))))
+                .collect();
+            assert_eq!(read, expected, "round {round}: the first run, then the second, each in the order read");
+            if sorted_input {
+                assert_eq!(rows.sorted, n, "round {round}: rows read in id order need no sort");
+            }
+            rows.sort_by_id();
+            let walked: Vec<&str> = rows.by_id().filter_map(|i| rows.id(i)).collect();
+            let mut sorted = all.clone();
+            sorted.sort();
+            assert_eq!(walked, sorted, "round {round}");
+        }
+    }
 
     fn session(id: &str) -> LiveSession {
         LiveSession { id: SessionId(id.to_owned()), owner_id: "o".into(), state: LiveState::Active, started_at: None }
