@@ -493,6 +493,8 @@ fn configs_that_cannot_work_are_refused_at_load_and_never_panic() {
         (format!("[daemon]\ninterval = \"100000000000s\"\n{base}"), "daemon.interval"),
         (base.replace("app\"\n", "app\"\nstatement_timeout = \"30d\"\n"), "database.statement_timeout"),
         (base.replace("app\"\n", "app\"\nstatement_timeout = \"500us\"\n"), "database.statement_timeout"),
+        (base.replace("app\"\n", "app\"\nread_connections = 3\n"), "database.read_connections"),
+        (base.replace("app\"\n", "app\"\nread_connections = 0\n"), "database.read_connections"),
         (format!("{base}[sessions]\nid_pattern = '^exec_.*|.*$'\n"), "escapes the anchors"),
         (format!("{base}[sessions]\nid_pattern = '(^a$)'\n"), "anchored"),
     ];

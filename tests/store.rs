@@ -14,7 +14,11 @@ use sessiond::simctl::SimController;
 use sessiond::store::{AuditContext, RowResult, RowUpdate, Store};
 
 async fn store(db: &TestDb) -> Store {
-    let cfg = DatabaseConfig { statement_timeout: Duration::from_secs(5), ..DatabaseConfig::for_url(&db.url) };
+    store_at(&db.url).await
+}
+
+async fn store_at(url: &str) -> Store {
+    let cfg = DatabaseConfig { statement_timeout: Duration::from_secs(5), ..DatabaseConfig::for_url(url) };
     let mut store = Store::connect(&cfg).await.expect("connect");
     let sessions = sessiond::config::SessionsConfig::reference(&cfg.schema);
     store.bind_table(&sessions, &Default::default()).await.expect("bind the reference table");
@@ -237,4 +241,119 @@ async fn a_stop_recorded_while_another_pass_settles_the_same_session_is_a_confli
     let again = sessiond::store::StopIntent { version: version(&db, &sid(1)).await, ..stop() };
     let reopened = a.open_stops(&[again], &audit("c"), Duration::from_secs(60), fresh).await.expect("open c");
     assert!(reopened[0].is_some(), "a stop on fresh evidence is recorded");
+}
+
+/// A table large enough is read on two connections, each streaming half of
+/// its pages. Both read one snapshot: what commits between the first
+/// connection's snapshot and the second's start is seen by neither half.
+#[tokio::test]
+async fn a_table_read_on_two_connections_is_read_on_one_snapshot_every_row_once() {
+    let db = TestDb::migrated().await;
+    read_on_two_connections(&db, &db.url).await;
+}
+
+/// The same through PgBouncer in transaction mode: the two transactions run
+/// on two server connections, and the snapshot passes between them.
+#[tokio::test]
+async fn a_table_read_on_two_connections_through_pgbouncer_is_read_on_one_snapshot() {
+    let db = TestDb::migrated().await;
+    let bouncer = common::Bouncer::start().await;
+    read_on_two_connections(&db, &bouncer.url(&db)).await;
+    drop(bouncer);
+}
+
+/// 3 000 live rows, `sid(0)` to `sid(2999)`, over some 40 pages, inserted
+/// out of id order.
+async fn load_3000(db: &TestDb) {
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO sessions (session_id, owner_id, controller_instance, state, created_at, updated_at)
+             SELECT 'exec_20261121_095958_' || lpad(to_hex((i * 7919) % 3000), 8, '0'), 'u' || i, 'a', 'active',
+                    now() - interval '10 minutes', now() - interval '10 minutes'
+               FROM generate_series(0, 2999) i",
+        )
+        .await
+        .expect("load the rows");
+}
+
+/// The role `docs/sessiond-role.sql` makes reads on two connections. With the
+/// second connection refused (the role's connection limit), the read goes on,
+/// on one: every row, no error.
+#[tokio::test]
+async fn a_read_whose_second_connection_is_refused_goes_on_on_one() {
+    let db = TestDb::migrated().await;
+    let role = common::Role::create(&db, "docs/sessiond-role.sql");
+    load_3000(&db).await;
+    {
+        let mut store = store_at(&role.url(&db.url)).await;
+        store.set_split_read_min_pages(2);
+        let before = store.round_trips();
+        let snapshot = store.snapshot(std::iter::empty(), 0, None).await.expect("read on two connections");
+        let round_trips = store.round_trips() - before;
+        assert_eq!((snapshot.rows.len(), round_trips), (3000, 6 + 3), "the role reads on two connections");
+    }
+    db.client()
+        .await
+        .batch_execute(&format!("ALTER ROLE {} CONNECTION LIMIT 1", role.name))
+        .await
+        .expect("limit the role to one connection");
+    let mut store = store_at(&role.url(&db.url)).await;
+    store.set_split_read_min_pages(2);
+    let before = store.round_trips();
+    let snapshot = store.snapshot(std::iter::empty(), 0, None).await.expect("the read goes on, on one connection");
+    assert_eq!(snapshot.rows.len(), 3000, "every row");
+    assert_eq!(store.round_trips() - before, 6, "one connection's round trips only");
+    drop(store);
+    drop(db);
+}
+
+async fn read_on_two_connections(db: &TestDb, url: &str) {
+    let client = db.client().await;
+    load_3000(db).await;
+    let last = client
+        .query_one("SELECT session_id, xmin::text FROM sessions ORDER BY ctid DESC LIMIT 1", &[])
+        .await
+        .expect("the last row in the table");
+    let (last_id, last_version): (String, String) = (last.get(0), last.get(1));
+
+    let mut store = store_at(url).await;
+    store.set_split_read_min_pages(2);
+    let (exported_tx, exported) = tokio::sync::oneshot::channel();
+    let (resume, resume_rx) = tokio::sync::oneshot::channel();
+    store.hold_split_read(sessiond::store::SplitGate { exported: exported_tx, resume: resume_rx });
+    let before = store.round_trips();
+    let read = tokio::spawn(async move {
+        let snapshot = store.snapshot(std::iter::empty(), 0, None).await;
+        (snapshot, store.round_trips() - before)
+    });
+    exported.await.expect("the read exports its snapshot for the second connection");
+    // Between the two: a new row, and the row in the table's last page ended
+    // (its new version lands in the second half's pages too).
+    client
+        .batch_execute(&format!(
+            "INSERT INTO sessions (session_id, owner_id, controller_instance, state) VALUES ('{}', 'late', 'a', 'active');
+             UPDATE sessions SET state = 'stopped', ended_at = now() WHERE session_id = '{last_id}';",
+            sid(99_999)
+        ))
+        .await
+        .expect("the concurrent writes");
+    resume.send(()).expect("the read waits");
+    let (snapshot, round_trips) = read.await.expect("join");
+    let snapshot = snapshot.expect("read the snapshot");
+
+    let mut ids: Vec<&str> = snapshot.rows.iter().map(|r| r.id).collect();
+    ids.sort_unstable();
+    let read = ids.len();
+    ids.dedup();
+    assert_eq!(read, ids.len(), "no row read twice");
+    let expected: std::collections::BTreeSet<String> = (0..3000).map(sid).collect();
+    let extra: Vec<&&str> = ids.iter().filter(|id| !expected.contains(**id)).collect();
+    assert_eq!(extra, Vec::<&&str>::new(), "a row committed after the snapshot was read");
+    assert_eq!(ids.len(), 3000, "every row of the snapshot");
+    let row = snapshot.rows.iter().find(|r| r.id == last_id).expect("the last row");
+    assert_eq!((row.state, row.version), (RowState::Active, last_version.as_str()), "the row as the snapshot saw it");
+    // One connection: BEGIN, its settings, the clock, the COPY, the intents,
+    // COMMIT; the second adds its BEGIN (with its settings), COPY and COMMIT.
+    assert_eq!(round_trips, 6 + 3, "the halves were read on two connections");
 }

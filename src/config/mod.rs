@@ -110,6 +110,7 @@ pub struct RawDatabase {
     pub statement_timeout: Option<String>,
     pub schema: Option<String>,
     pub ca_file: Option<PathBuf>,
+    pub read_connections: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +257,10 @@ pub struct DatabaseConfig {
     /// or `require`, which then verifies the chain); the system's otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// Connections a pass reads the live rows with: 2 streams a large table's
+    /// two halves at once, on one snapshot (the second connection is opened
+    /// when a table first needs it, and kept); 1 reads it on one.
+    pub read_connections: u32,
 }
 
 /// TLS to PostgreSQL, as libpq's `sslmode`.
@@ -299,6 +304,7 @@ impl DatabaseConfig {
             schema: Ident::parse("public").unwrap_or_else(|_| unreachable!("a valid identifier")),
             sslmode: SslMode::Prefer,
             ca_file: None,
+            read_connections: 2,
         }
     }
 }
@@ -830,6 +836,16 @@ fn validate(file: &Path, raw: RawConfig, overrides: &Overrides) -> Result<Config
         schema,
         sslmode,
         ca_file,
+        read_connections: match raw_db.read_connections.unwrap_or(2) {
+            n @ (1 | 2) => n,
+            n => {
+                return Err(ConfigError::at(
+                    file,
+                    "database.read_connections",
+                    format!("is {n}; it must be 1 (one connection) or 2 (a large table's halves read at once)"),
+                ))
+            }
+        },
     };
 
     if raw.controller.is_empty() {

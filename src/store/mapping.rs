@@ -109,6 +109,13 @@ impl CatalogColumn {
     }
 }
 
+/// Part of a table's pages: those before page `n`, or page `n` and after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pages {
+    Below(u64),
+    From(u64),
+}
+
 /// The mapped table, checked against the catalog, with its statements.
 #[derive(Clone, Debug)]
 pub struct Table {
@@ -294,11 +301,18 @@ impl Table {
     /// Every live row, as `COPY … (FORMAT binary)`: the select list's fields
     /// in the binary wire format, with no per-row protocol message to decode.
     /// `COPY` takes no parameters, so the live values are written as escaped
-    /// literals (they come from the config, never from a controller).
-    pub fn live_rows_copy_sql(&self, live_values: &[&str]) -> String {
+    /// literals (they come from the config, never from a controller). With
+    /// `pages`, only the live rows in those of the table's pages (a TID range
+    /// scan, since PostgreSQL 14).
+    pub fn live_rows_copy_sql(&self, live_values: &[&str], pages: Option<Pages>) -> String {
         let values: Vec<String> = live_values.iter().map(|v| literal(v)).collect();
+        let part = match pages {
+            None => String::new(),
+            Some(Pages::Below(p)) => format!(" AND t.ctid < '({p},0)'::tid"),
+            Some(Pages::From(p)) => format!(" AND t.ctid >= '({p},0)'::tid"),
+        };
         format!(
-            "COPY (SELECT {} FROM {} t WHERE {}) TO STDOUT (FORMAT binary)",
+            "COPY (SELECT {} FROM {} t WHERE {}{part}) TO STDOUT (FORMAT binary)",
             self.select_list(),
             self.table,
             self.live(&format!("ARRAY[{}]", values.join(", ")))
@@ -631,7 +645,7 @@ impl Table {
 
 /// A string as an SQL literal that reads the same whatever
 /// `standard_conforming_strings` is: an `E''` string with `\` and `'` doubled.
-fn literal(s: &str) -> String {
+pub(super) fn literal(s: &str) -> String {
     format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 

@@ -38,7 +38,7 @@ use tokio_postgres::{Client, IsolationLevel, Transaction};
 use crate::config::{DatabaseConfig, Ident, PolicyConfig, SessionsConfig, SslMode};
 use crate::model::{BootRecord, BootRecords, RowState, SessionId, StopOutcome};
 pub use lease::{Fence, LeaseRow};
-pub use mapping::{MappingError, Table};
+pub use mapping::{MappingError, Pages, Table};
 pub use migrate::SCHEMA_VERSION;
 
 /// A database failure, naming the operation that failed.
@@ -221,6 +221,29 @@ pub struct Store {
     table: Option<Table>,
     /// With several replicas: every write checks this lease first.
     fence: Option<Fence>,
+    /// What the second connection of a read on two is opened with, if the
+    /// config allows one (`database.read_connections = 2`).
+    second_cfg: Option<DatabaseConfig>,
+    /// That connection, once a table large enough has needed it.
+    second: Option<Box<Store>>,
+    /// Tables of fewer pages are read on one connection.
+    split_min_pages: i64,
+    /// Tests: holds a read on two connections between its snapshot's export
+    /// and its import.
+    split_gate: Option<SplitGate>,
+}
+
+/// A table of this many pages (16 MiB at PostgreSQL's default 8 kB pages,
+/// some 120 000 rows of the reference table) or more is read on two
+/// connections, if the config allows.
+pub const SPLIT_READ_MIN_PAGES: i64 = 2048;
+
+/// Holds a read on two connections once its snapshot is exported, until told
+/// to go on: for tests that change the table in between.
+#[doc(hidden)]
+pub struct SplitGate {
+    pub exported: tokio::sync::oneshot::Sender<()>,
+    pub resume: tokio::sync::oneshot::Receiver<()>,
 }
 
 impl Drop for Store {
@@ -238,6 +261,14 @@ enum Tx {
     Write,
     /// The lease: it may wait for a repair holding the lease row.
     Lease,
+}
+
+/// A transaction's own bounds: see [`Store::begin`].
+fn local_settings(statement_ms: u128, lock_ms: u128) -> String {
+    format!(
+        "SET LOCAL statement_timeout = {statement_ms}; SET LOCAL lock_timeout = {lock_ms}; \
+         SET LOCAL idle_in_transaction_session_timeout = {statement_ms}; SET LOCAL jit = off"
+    )
 }
 
 /// How long a repair waits for a lock the application holds before giving up
@@ -278,7 +309,23 @@ impl Store {
             round_trips: Arc::new(AtomicU64::new(0)),
             table: None,
             fence: None,
+            second_cfg: (cfg.read_connections > 1).then(|| cfg.clone()),
+            second: None,
+            split_min_pages: SPLIT_READ_MIN_PAGES,
+            split_gate: None,
         })
+    }
+
+    /// Tests: reads tables of `pages` pages or more on two connections.
+    #[doc(hidden)]
+    pub fn set_split_read_min_pages(&mut self, pages: i64) {
+        self.split_min_pages = pages;
+    }
+
+    /// Tests: holds the next read on two connections at `gate`.
+    #[doc(hidden)]
+    pub fn hold_split_read(&mut self, gate: SplitGate) {
+        self.split_gate = Some(gate);
     }
 
     /// Counts this connection's round trips into `counter` from now on, so a
@@ -353,15 +400,26 @@ impl Store {
         // pass `jit_optimize_above_cost`, and the server then spent 50-90 ms a
         // pass compiling the audit lookup (measured at 1M sessions).
         let writer = if matches!(kind, Tx::Write) { "; SET LOCAL sessiond.writer = 'reconciler'" } else { "" };
-        let settings = format!(
-            "SET LOCAL statement_timeout = {statement_ms}; SET LOCAL lock_timeout = {lock_ms}; \
-             SET LOCAL idle_in_transaction_session_timeout = {statement_ms}; SET LOCAL jit = off{writer}"
-        );
+        let settings = format!("{}{writer}", local_settings(statement_ms, lock_ms));
         tokio::time::timeout(timeout, tx.batch_execute(&settings))
             .await
             .map_err(|_| StoreError::Timeout { what, timeout })?
             .map_err(q(what))?;
         Ok(tx)
+    }
+
+    /// Begins, in one round trip, a read-only transaction on `snapshot`, one
+    /// another transaction exported (`pg_export_snapshot()`): it sees exactly
+    /// what that one sees. The transaction is left open on this connection;
+    /// the caller ends it, or drops the connection.
+    async fn begin_on_snapshot(&mut self, what: &'static str, snapshot: &str) -> Result<(), StoreError> {
+        let statement_ms = self.statement_timeout.as_millis();
+        let sql = format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; {}",
+            mapping::literal(snapshot),
+            local_settings(statement_ms, statement_ms)
+        );
+        self.bounded(what, self.client.batch_execute(&sql)).await
     }
 
     /// A read for `sessiond check`, as one unnamed statement.

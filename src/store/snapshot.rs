@@ -6,9 +6,11 @@ use chrono::{DateTime, Utc};
 use futures_util::{pin_mut, TryStreamExt};
 use tokio_postgres::types::{ToSql, Type};
 
-use super::mapping::Kind;
+use super::mapping::{Kind, Pages};
 use super::{q, Store, StoreError, Tx};
-use crate::model::{DbSnapshot, GoneRow, InvalidRow, OpenIntent, RowRef, RowState, Rows, SessionId};
+use crate::model::{
+    DbSnapshot, GoneRow, InvalidRow, OpenIntent, RowRef, RowState, RowTooLong, Rows, Run, SessionId, TwoRuns,
+};
 
 impl Store {
     /// Reads every live row, and the row (in whatever state) of every id in
@@ -26,9 +28,9 @@ impl Store {
         count: usize,
         created_within: Option<std::time::Duration>,
     ) -> Result<DbSnapshot, StoreError> {
-        let table = self.table()?;
+        let table = self.table()?.clone();
         let vocabulary = table.vocabulary.clone();
-        let live_sql = table.live_rows_copy_sql(&vocabulary.live_values());
+        let live_values_text = vocabulary.live_values();
         let by_id_sql = table.rows_by_id_sql();
         let id_kind = table.id.kind;
         let live_values: Vec<String> = vocabulary.live_values().into_iter().map(str::to_owned).collect();
@@ -40,32 +42,93 @@ impl Store {
         let recent_sql = table.recent_creates_sql();
         let timeout = self.timeout;
         let counter = std::sync::Arc::clone(&self.round_trips);
+        // A large table is read on two connections, its halves at once: the
+        // `COPY` is bound by the one server process that runs it.
+        let split = self.second_cfg.clone().map(|cfg| Split {
+            cfg,
+            second: self.second.take(),
+            min_pages: self.split_min_pages,
+            gate: self.split_gate.take(),
+            relation: table.table.to_string(),
+        });
         let tx = self.begin(WHAT, Tx::Read).await?;
+        let mut second_used = None;
         let work = async {
             // The database's clock, against ours: row times move onto our
-            // clock, the one the controller lists were fetched by.
+            // clock, the one the controller lists were fetched by. With a
+            // second connection allowed, the same statement exports the
+            // snapshot and measures the table.
             let sent = Utc::now();
-            let db_now: DateTime<Utc> = tx
-                .query_typed_one("SELECT clock_timestamp()", &[])
-                .await
-                .map_err(q(WHAT))?
-                .try_get(0)
-                .map_err(q(WHAT))?;
+            let first = match &split {
+                Some(split) => tx.query_typed_one(SPLIT_FIRST_SQL, &[(&split.relation, Type::TEXT)]).await,
+                None => tx.query_typed_one("SELECT clock_timestamp()", &[]).await,
+            }
+            .map_err(q(WHAT))?;
+            let db_now: DateTime<Utc> = first.try_get(0).map_err(q(WHAT))?;
             let offset = db_now - (sent + (Utc::now() - sent) / 2);
 
             // Sized for the usual case (about one live row per live session), so
             // the columns are not reallocated, and briefly held twice, while they fill.
-            let mut rows = Rows::default();
             let expected = count + count / 16 + 16;
-            rows.reserve(expected, expected * 48);
             let mut invalid = Vec::new();
-            let stream = tx.copy_out(live_sql.as_str()).await.map_err(q(WHAT))?;
-            pin_mut!(stream);
-            let mut copy = BinaryCopy::default();
-            while let Some(chunk) = stream.try_next().await.map_err(q(WHAT))? {
-                copy.feed(&chunk, |t| push_tuple(t, &vocabulary, offset, &mut rows, &mut invalid))?;
-            }
-            copy.finish()?;
+            let mut statements = 3; // the clock, the live rows, the intents
+            let halves = match split {
+                Some(split) => {
+                    let snapshot: String = first.try_get(1).map_err(q(WHAT))?;
+                    let pages: i64 = first.try_get(2).map_err(q(WHAT))?;
+                    split.second_reader(&snapshot, pages, &counter).await
+                }
+                None => None,
+            };
+            let mut rows = if let Some((second, from_page)) = halves {
+                statements += 2; // the second COPY, its COMMIT (its BEGIN is counted)
+                let first_half = table.live_rows_copy_sql(&live_values_text, Some(Pages::Below(from_page)));
+                let second_half = table.live_rows_copy_sql(&live_values_text, Some(Pages::From(from_page)));
+                let (low, high) = futures_util::try_join!(
+                    tx.copy_out(first_half.as_str()),
+                    second.client.copy_out(second_half.as_str())
+                )
+                .map_err(q(WHAT))?;
+                // One task decodes both, a chunk at a time as each arrives:
+                // the rows of each half in their own run, so rows in id
+                // order in the table stay in id order.
+                let chunks =
+                    futures_util::stream::select(low.map_ok(|c| (Run::First, c)), high.map_ok(|c| (Run::Second, c)));
+                pin_mut!(chunks);
+                let mut runs = TwoRuns::with_capacity(expected, expected * 48);
+                let (mut first_copy, mut second_copy) = (BinaryCopy::default(), BinaryCopy::default());
+                while let Some((run, chunk)) = chunks.try_next().await.map_err(q(WHAT))? {
+                    let copy = match run {
+                        Run::First => &mut first_copy,
+                        Run::Second => &mut second_copy,
+                    };
+                    copy.feed(&chunk, |t| {
+                        push_tuple(t, &vocabulary, offset, &mut |r| runs.push_parts(run, r), &mut invalid)
+                    })?;
+                }
+                first_copy.finish()?;
+                second_copy.finish()?;
+                tokio::time::timeout(timeout, second.client.batch_execute("COMMIT"))
+                    .await
+                    .map_err(|_| StoreError::Timeout { what: WHAT, timeout })?
+                    .map_err(q(WHAT))?;
+                second_used = Some(second);
+                runs.join()
+            } else {
+                let mut rows = Rows::default();
+                rows.reserve(expected, expected * 48);
+                let live_sql = table.live_rows_copy_sql(&live_values_text, None);
+                let stream = tx.copy_out(live_sql.as_str()).await.map_err(q(WHAT))?;
+                pin_mut!(stream);
+                let mut copy = BinaryCopy::default();
+                while let Some(chunk) = stream.try_next().await.map_err(q(WHAT))? {
+                    copy.feed(&chunk, |t| {
+                        push_tuple(t, &vocabulary, offset, &mut |r| rows.push_parts(r), &mut invalid)
+                    })?;
+                }
+                copy.finish()?;
+                rows
+            };
             // Once: the merge below and the classifier's join each walk the
             // rows in id order, and heap order is id order only where rows were
             // inserted in id order. The few rows read by id below stay
@@ -95,7 +158,6 @@ impl Store {
             // An id two lists hold is looked up, and its row read, once.
             missing.dedup();
             drop(held);
-            let mut statements = 3; // the clock, the live rows, the intents
             let live_rows = rows.len();
             if !missing.is_empty() {
                 statements += 1;
@@ -174,7 +236,68 @@ impl Store {
             .map_err(|_| StoreError::Timeout { what: WHAT, timeout })?
             .map_err(q(WHAT))?;
         counter.fetch_add(statements + 1, std::sync::atomic::Ordering::Relaxed);
+        // Kept for the next pass only after a read that went through: a
+        // connection a failed read left mid-transaction is dropped.
+        self.second = second_used;
         Ok(snapshot)
+    }
+}
+
+/// The read's first statement when it may go on two connections: the
+/// database's clock, the snapshot exported for the second, and the table's
+/// size in pages. 0 pages (one connection) for a view, a partitioned or
+/// foreign table, and before PostgreSQL 14, which scans a `ctid` range as a
+/// filter on the whole table.
+const SPLIT_FIRST_SQL: &str = "SELECT clock_timestamp(), pg_export_snapshot(),
+    CASE WHEN current_setting('server_version_num')::int >= 140000
+         THEN pg_relation_size($1::regclass) / current_setting('block_size')::bigint ELSE 0 END";
+
+/// What a read on two connections needs, taken from the store for the read.
+struct Split {
+    cfg: crate::config::DatabaseConfig,
+    second: Option<Box<Store>>,
+    min_pages: i64,
+    gate: Option<super::SplitGate>,
+    relation: String,
+}
+
+impl Split {
+    /// The second connection, in a transaction on `snapshot`, and the page
+    /// where its half begins; or `None` for a read on one connection: a table
+    /// under `min_pages` pages, or a second connection that cannot be had
+    /// (logged: the read goes on, on one).
+    async fn second_reader(
+        self,
+        snapshot: &str,
+        pages: i64,
+        counter: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Option<(Box<Store>, u64)> {
+        let from_page = u64::try_from(pages / 2).ok().filter(|_| pages >= self.min_pages.max(2))?;
+        if let Some(gate) = self.gate {
+            let _ = gate.exported.send(());
+            let _ = gate.resume.await;
+        }
+        let mut second = match self.second {
+            Some(second) if !second.is_closed() => second,
+            _ => match Store::connect(&self.cfg).await {
+                Ok(second) => Box::new(second),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "the live rows are read on one connection: a second (database.read_connections = 2) could not be opened"
+                    );
+                    return None;
+                }
+            },
+        };
+        second.share_round_trips(std::sync::Arc::clone(counter));
+        match second.begin_on_snapshot(WHAT, snapshot).await {
+            Ok(()) => Some((second, from_page)),
+            Err(e) => {
+                tracing::warn!(error = %e, "the live rows are read on one connection: the second could not share the snapshot");
+                None
+            }
+        }
     }
 }
 
@@ -201,7 +324,7 @@ fn convert(
         instance: r.try_get(6).map_err(q(WHAT))?,
         deleted: r.try_get(7).map_err(q(WHAT))?,
     };
-    fields.push(vocabulary, offset, rows, invalid)
+    fields.push(vocabulary, offset, &mut |row| rows.push_parts(row), invalid)
 }
 
 const WHAT: &str = "read the sessions";
@@ -223,7 +346,7 @@ impl Fields<'_> {
         self,
         vocabulary: &crate::config::Vocabulary,
         offset: chrono::Duration,
-        rows: &mut Rows,
+        push: &mut impl FnMut(RowRef<'_>) -> Result<(), RowTooLong>,
         invalid: &mut Vec<InvalidRow>,
     ) -> Result<(), StoreError> {
         let state = if self.deleted { Some(RowState::Deleted) } else { self.state.and_then(|v| vocabulary.read(v)) };
@@ -235,7 +358,7 @@ impl Fields<'_> {
             });
             return Ok(());
         };
-        rows.push_parts(RowRef {
+        push(RowRef {
             id: self.id,
             owner_id: self.owner_id,
             controller_instance: self.instance,
@@ -253,7 +376,7 @@ fn push_tuple(
     t: &[Option<&[u8]>],
     vocabulary: &crate::config::Vocabulary,
     offset: chrono::Duration,
-    rows: &mut Rows,
+    push: &mut impl FnMut(RowRef<'_>) -> Result<(), RowTooLong>,
     invalid: &mut Vec<InvalidRow>,
 ) -> Result<(), StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt { what: WHAT, detail };
@@ -283,7 +406,7 @@ fn push_tuple(
         instance: text("instance", instance)?,
         deleted: matches!(deleted, Some([1])),
     };
-    fields.push(vocabulary, offset, rows, invalid)
+    fields.push(vocabulary, offset, push, invalid)
 }
 
 /// A text field, which must be UTF-8 (the connection's encoding).
