@@ -1083,9 +1083,11 @@ impl TwoRuns {
 
     pub fn push_parts(&mut self, run: Run, row: RowRef<'_>) -> Result<(), RowTooLong> {
         if self.first + self.second == self.slots.len() {
-            // Full: twice the room, the second run moved to the new end.
+            // Full (more rows than the listed sessions, say): an eighth more
+            // room, the second run moved to the new end. Only an eighth:
+            // the room is filled up front, so it all counts in memory.
             let old = self.slots.len();
-            let more = old.max(1024);
+            let more = (old / 8).max(1024);
             self.slots.resize(old + more, RowMeta::PLACEHOLDER);
             self.slots.copy_within(old - self.second..old, old + more - self.second);
         }

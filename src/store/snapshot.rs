@@ -284,7 +284,7 @@ impl Split {
                 Err(e) => {
                     tracing::warn!(
                         error = %e,
-                        "the live rows are read on one connection: a second (database.read_connections = 2) could not be opened"
+                        "the live rows are read on one connection: a second could not be opened (database.read_connections = 1 reads on one without trying)"
                     );
                     return None;
                 }
