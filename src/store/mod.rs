@@ -234,7 +234,7 @@ pub struct Store {
 }
 
 /// A table of this many pages (16 MiB at PostgreSQL's default 8 kB pages,
-/// some 120 000 rows of the reference table) or more is read on two
+/// some 150 000 rows of the reference table with executor ids) or more is read on two
 /// connections, if the config allows.
 pub const SPLIT_READ_MIN_PAGES: i64 = 2048;
 
