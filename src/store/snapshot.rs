@@ -245,9 +245,10 @@ impl Store {
 
 /// The read's first statement when it may go on two connections: the
 /// database's clock, the snapshot exported for the second, and the table's
-/// size in pages. 0 pages (one connection) for a view, a partitioned or
-/// foreign table, and before PostgreSQL 14, which scans a `ctid` range as a
-/// filter on the whole table.
+/// size in pages. 0 pages (one connection) for a partitioned table, whose
+/// parent has none of its own (a view is refused when the table is bound),
+/// and before PostgreSQL 14, which scans a `ctid` range as a filter on the
+/// whole table.
 const SPLIT_FIRST_SQL: &str = "SELECT clock_timestamp(), pg_export_snapshot(),
     CASE WHEN current_setting('server_version_num')::int >= 140000
          THEN pg_relation_size($1::regclass) / current_setting('block_size')::bigint ELSE 0 END";
