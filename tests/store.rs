@@ -308,6 +308,28 @@ async fn a_read_whose_second_connection_is_refused_goes_on_on_one() {
     drop(db);
 }
 
+/// Through PgBouncer with one server connection per database and user, the
+/// first transaction holds it and the second connection's would wait for it
+/// for good: the read goes on, on one, within seconds.
+#[tokio::test]
+async fn a_read_whose_second_connection_gets_no_server_connection_goes_on_on_one() {
+    let db = TestDb::migrated().await;
+    load_3000(&db).await;
+    let bouncer = common::Bouncer::start_with_pool(1).await;
+    let mut store = store_at(&bouncer.url(&db)).await;
+    store.set_split_read_min_pages(2);
+    let before = store.round_trips();
+    let started = std::time::Instant::now();
+    let snapshot = store.snapshot(std::iter::empty(), 0, None).await.expect("the read goes on, on one connection");
+    let took = started.elapsed();
+    assert_eq!(snapshot.rows.len(), 3000, "every row");
+    // One connection's 6, and the second's BEGIN that never got an answer.
+    assert_eq!(store.round_trips() - before, 6 + 1, "the rows were read on one connection");
+    assert!(took < Duration::from_secs(4), "the read waited {took:?} for a server connection");
+    drop(store);
+    drop(bouncer);
+}
+
 async fn read_on_two_connections(db: &TestDb, url: &str) {
     let client = db.client().await;
     load_3000(db).await;

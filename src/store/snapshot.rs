@@ -253,6 +253,10 @@ const SPLIT_FIRST_SQL: &str = "SELECT clock_timestamp(), pg_export_snapshot(),
     CASE WHEN current_setting('server_version_num')::int >= 140000
          THEN pg_relation_size($1::regclass) / current_setting('block_size')::bigint ELSE 0 END";
 
+/// How long the second connection may take to begin its transaction on the
+/// snapshot before the read goes on, on one.
+const SECOND_BEGIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What a read on two connections needs, taken from the store for the read.
 struct Split {
     cfg: crate::config::DatabaseConfig,
@@ -292,10 +296,20 @@ impl Split {
             },
         };
         second.share_round_trips(std::sync::Arc::clone(counter));
-        match second.begin_on_snapshot(WHAT, snapshot).await {
-            Ok(()) => Some((second, from_page)),
-            Err(e) => {
+        // Not long: the first transaction waits meanwhile, and through a
+        // pooler whose server connections are all taken (one of them by the
+        // first transaction) the second would wait for good.
+        match tokio::time::timeout(SECOND_BEGIN_WAIT, second.begin_on_snapshot(WHAT, snapshot)).await {
+            Ok(Ok(())) => Some((second, from_page)),
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "the live rows are read on one connection: the second could not share the snapshot");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    waited = ?SECOND_BEGIN_WAIT,
+                    "the live rows are read on one connection: the second got no server connection in time (a pooler's pool full?); database.read_connections = 1 reads on one without trying"
+                );
                 None
             }
         }

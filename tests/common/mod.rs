@@ -934,6 +934,11 @@ impl Bouncer {
     /// Starts Debian's `pgbouncer` on a free port. It refuses to run as root,
     /// so as root it switches to `postgres` (or `nobody`).
     pub async fn start() -> Bouncer {
+        Bouncer::start_with_pool(20).await
+    }
+
+    /// The same with `pool_size` server connections per database and user.
+    pub async fn start_with_pool(pool_size: u32) -> Bouncer {
         let bin = tool("pgbouncer", "pgbouncer");
         let server = reqwest::Url::parse(&server_url()).expect("the server URL parses");
         let host = server.host_str().unwrap_or("127.0.0.1").to_owned();
@@ -946,7 +951,7 @@ impl Bouncer {
         let ini = format!(
             "[databases]\n* = host={host} port={server_port}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
              listen_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {users}\n\
-             pool_mode = transaction\nmax_client_conn = 500\ndefault_pool_size = 20\n\
+             pool_mode = transaction\nmax_client_conn = 500\ndefault_pool_size = {pool_size}\n\
              server_reset_query =\nignore_startup_parameters = extra_float_digits\n",
             users = dir.join("userlist.txt").display()
         );
