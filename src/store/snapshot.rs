@@ -253,8 +253,10 @@ const SPLIT_FIRST_SQL: &str = "SELECT clock_timestamp(), pg_export_snapshot(),
     CASE WHEN current_setting('server_version_num')::int >= 140000
          THEN pg_relation_size($1::regclass) / current_setting('block_size')::bigint ELSE 0 END";
 
-/// How long the second connection may take to begin its transaction on the
-/// snapshot before the read goes on, on one.
+/// How long the second connection may take to connect, and then to begin its
+/// transaction on the snapshot, before the read goes on, on one; each at most
+/// a quarter of the statement timeout, which also ends a transaction left
+/// idle that long.
 const SECOND_BEGIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a read on two connections needs, taken from the store for the read.
@@ -282,24 +284,33 @@ impl Split {
             let _ = gate.exported.send(());
             let _ = gate.resume.await;
         }
+        // Not long, for each of connecting and beginning: the first
+        // transaction waits meanwhile, and through a pooler whose server
+        // connections are all taken (one of them by the first transaction)
+        // the second would wait for good.
+        let wait = SECOND_BEGIN_WAIT.min(self.cfg.statement_timeout / 4);
         let mut second = match self.second {
             Some(second) if !second.is_closed() => second,
-            _ => match Store::connect(&self.cfg).await {
-                Ok(second) => Box::new(second),
-                Err(e) => {
+            _ => match tokio::time::timeout(wait, Store::connect(&self.cfg)).await {
+                Ok(Ok(second)) => Box::new(second),
+                Ok(Err(e)) => {
                     tracing::warn!(
                         error = %e,
                         "the live rows are read on one connection: a second could not be opened (database.read_connections = 1 reads on one without trying)"
                     );
                     return None;
                 }
+                Err(_) => {
+                    tracing::warn!(
+                        waited = ?wait,
+                        "the live rows are read on one connection: a second could not be opened in time (database.read_connections = 1 reads on one without trying)"
+                    );
+                    return None;
+                }
             },
         };
         second.share_round_trips(std::sync::Arc::clone(counter));
-        // Not long: the first transaction waits meanwhile, and through a
-        // pooler whose server connections are all taken (one of them by the
-        // first transaction) the second would wait for good.
-        match tokio::time::timeout(SECOND_BEGIN_WAIT, second.begin_on_snapshot(WHAT, snapshot)).await {
+        match tokio::time::timeout(wait, second.begin_on_snapshot(WHAT, snapshot)).await {
             Ok(Ok(())) => Some((second, from_page)),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "the live rows are read on one connection: the second could not share the snapshot");
@@ -307,7 +318,7 @@ impl Split {
             }
             Err(_) => {
                 tracing::warn!(
-                    waited = ?SECOND_BEGIN_WAIT,
+                    waited = ?wait,
                     "the live rows are read on one connection: the second got no server connection in time (a pooler's pool full?); database.read_connections = 1 reads on one without trying"
                 );
                 None
