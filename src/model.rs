@@ -855,6 +855,11 @@ struct RowMeta {
 }
 
 impl RowMeta {
+    /// This row's id, in the arena `text` its strings are in.
+    fn id<'t>(&self, text: &'t str) -> Option<&'t str> {
+        text.get(self.start as usize..self.start as usize + self.id_len as usize)
+    }
+
     /// Room not yet filled in [`TwoRuns`].
     const PLACEHOLDER: RowMeta = RowMeta {
         start: 0,
@@ -890,8 +895,7 @@ pub struct RowTooLong {
 
 /// The id of the last of `meta`, whose strings are in `text`.
 fn last_id<'t>(text: &'t str, meta: &[RowMeta]) -> Option<&'t str> {
-    let m = meta.last()?;
-    text.get(m.start as usize..m.start as usize + m.id_len as usize)
+    meta.last()?.id(text)
 }
 
 /// Appends a row's strings to `text`, and returns its record.
@@ -997,11 +1001,7 @@ impl Rows {
 
     /// The id of row `i`, without the rest of the row.
     pub fn id(&self, i: usize) -> Option<&str> {
-        self.id_at(self.meta.get(i)?)
-    }
-
-    fn id_at(&self, m: &RowMeta) -> Option<&str> {
-        self.text.get(m.start as usize..m.start as usize + m.id_len as usize)
+        self.meta.get(i)?.id(&self.text)
     }
 
     /// Puts the rows in id order, equal ids in the order read, so that every
@@ -1077,8 +1077,7 @@ impl TwoRuns {
     }
 
     fn id_at(&self, i: usize) -> Option<&str> {
-        let m = self.slots.get(i)?;
-        self.text.get(m.start as usize..m.start as usize + m.id_len as usize)
+        self.slots.get(i)?.id(&self.text)
     }
 
     pub fn push_parts(&mut self, run: Run, row: RowRef<'_>) -> Result<(), RowTooLong> {

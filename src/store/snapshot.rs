@@ -33,7 +33,7 @@ impl Store {
         let live_values_text = vocabulary.live_values();
         let by_id_sql = table.rows_by_id_sql();
         let id_kind = table.id.kind;
-        let live_values: Vec<String> = vocabulary.live_values().into_iter().map(str::to_owned).collect();
+        let live_values: Vec<String> = live_values_text.iter().copied().map(str::to_owned).collect();
         let intents_sql = format!(
             "SELECT id, session_id, controller, kind, expires_at < now() FROM {} WHERE settled_at IS NULL",
             table.intents
@@ -81,7 +81,7 @@ impl Store {
                 None => None,
             };
             let mut rows = if let Some((second, from_page)) = halves {
-                statements += 2; // the second COPY, its COMMIT (its BEGIN is counted)
+                statements += 1; // the second COPY (its BEGIN and COMMIT count themselves)
                 let first_half = table.live_rows_copy_sql(&live_values_text, Some(Pages::Below(from_page)));
                 let second_half = table.live_rows_copy_sql(&live_values_text, Some(Pages::From(from_page)));
                 let (low, high) = futures_util::try_join!(
@@ -108,10 +108,7 @@ impl Store {
                 }
                 first_copy.finish()?;
                 second_copy.finish()?;
-                tokio::time::timeout(timeout, second.client.batch_execute("COMMIT"))
-                    .await
-                    .map_err(|_| StoreError::Timeout { what: WHAT, timeout })?
-                    .map_err(q(WHAT))?;
+                second.bounded(WHAT, second.client.batch_execute("COMMIT")).await?;
                 second_used = Some(second);
                 runs.join()
             } else {
