@@ -643,12 +643,17 @@ async fn a_pass_stalled_past_its_plans_deadline_sends_nothing_more_and_defers_th
             .spawn()
             .expect("once"),
     ));
-    for _ in 0..200 {
-        if db.scalar("SELECT count(*) FROM sessiond_stop_intents").await == 30 {
+    // Wait for the first wave to reach the controller: a stall that lands
+    // between the intents' commit and the first request's write leaves those
+    // stops neither sent nor answered, and a later pass rightly waits out such
+    // an intent before it sends again, which is not what this test is about.
+    for _ in 0..300 {
+        if db.scalar("SELECT count(*) FROM sessiond_stop_intents").await == 30 && a.stop_requests().len() >= 8 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert_eq!(a.stop_requests().len(), 8, "the first wave reached the controller before the stall");
     // The process stalls (a VM migration) for longer than its plan may live.
     signal(child.child().id(), "STOP");
     tokio::time::sleep(Duration::from_secs(11)).await;
