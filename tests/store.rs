@@ -262,6 +262,92 @@ async fn a_table_read_on_two_connections_through_pgbouncer_is_read_on_one_snapsh
     drop(bouncer);
 }
 
+/// On two connections the lookups by id are split too, each half of the
+/// ids on its own connection: both in the read's snapshot. A row changed
+/// and an audit row written after the snapshot, for ids in the half the
+/// second connection looks up, are seen as they were.
+#[tokio::test]
+async fn lookups_by_id_on_two_connections_see_the_read_snapshot() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    load_3000(&db).await;
+    // Listed ids without a live row, in id order, the two kinds alternating
+    // so that each connection gets some of both: ended rows, and ids with no
+    // row, the first ten of them known to the audit trail.
+    let ended = |k: u32| sid(10_000 + 2 * k);
+    let unknown = |k: u32| sid(10_000 + 2 * k + 1);
+    for k in 0..20 {
+        client
+            .execute(
+                "INSERT INTO sessions (session_id, owner_id, controller_instance, state, ended_at)
+                 VALUES ($1, $1, 'a', 'stopped', now())",
+                &[&ended(k)],
+            )
+            .await
+            .expect("an ended row");
+        if k < 10 {
+            client
+                .execute(
+                    "INSERT INTO session_audit (session_id, old_state, new_state, trigger, actor, reason)
+                     VALUES ($1, 'active', 'stopped', 'app', 'app', 'ended')",
+                    &[&unknown(k)],
+                )
+                .await
+                .expect("an audit row");
+        }
+    }
+    let mut listed: Vec<String> = (0..3000).map(sid).chain((0..20).flat_map(|k| [ended(k), unknown(k)])).collect();
+    listed.sort_unstable();
+
+    let mut store = store(&db).await;
+    store.set_split_read_min_pages(2);
+    let (exported_tx, exported) = tokio::sync::oneshot::channel();
+    let (resume, resume_rx) = tokio::sync::oneshot::channel();
+    store.hold_split_read(sessiond::store::SplitGate { exported: exported_tx, resume: resume_rx });
+    let before = store.round_trips();
+    let read = tokio::spawn(async move {
+        let count = listed.len();
+        let snapshot = store.snapshot(listed.iter().map(String::as_str), count, None).await;
+        (snapshot, store.round_trips() - before)
+    });
+    exported.await.expect("the read exports its snapshot for the second connection");
+    // After the snapshot, for the last ids (the second connection's half):
+    // ended rows made live again, and audit rows for ids that had none.
+    for k in 15..20 {
+        client
+            .execute("UPDATE sessions SET state = 'active', ended_at = NULL WHERE session_id = $1", &[&ended(k)])
+            .await
+            .expect("re-activate");
+        client
+            .execute(
+                "INSERT INTO session_audit (session_id, old_state, new_state, trigger, actor, reason)
+                 VALUES ($1, 'active', 'stopped', 'app', 'app', 'late')",
+                &[&unknown(k)],
+            )
+            .await
+            .expect("a late audit row");
+    }
+    resume.send(()).expect("the read waits");
+    let (snapshot, round_trips) = read.await.expect("join");
+    let snapshot = snapshot.expect("read the snapshot");
+
+    let first_ended = ended(0);
+    let mut by_id: Vec<(&str, RowState)> =
+        snapshot.rows.iter().filter(|r| r.id >= first_ended.as_str()).map(|r| (r.id, r.state)).collect();
+    by_id.sort_unstable();
+    let ended_ids: Vec<String> = (0..20).map(ended).collect();
+    let expected: Vec<(&str, RowState)> = ended_ids.iter().map(|id| (id.as_str(), RowState::Stopped)).collect();
+    assert_eq!(by_id, expected, "every ended row, as the snapshot saw it");
+    let mut gone: Vec<&str> = snapshot.gone.iter().map(|g| g.id.as_str()).collect();
+    gone.sort_unstable();
+    let known: Vec<String> = (0..10).map(unknown).collect();
+    assert_eq!(gone, known, "the audit trail as the snapshot saw it");
+    // One connection: BEGIN, its settings, the clock, the COPY, half of the
+    // lookups (rows, then audit), the intents, COMMIT; the second: its BEGIN
+    // (with its settings), COPY, its half of the lookups, COMMIT.
+    assert_eq!(round_trips, 8 + 5, "the lookups were split between the two connections");
+}
+
 /// 3 000 live rows, `sid(0)` to `sid(2999)`, over some 40 pages, inserted
 /// out of id order.
 async fn load_3000(db: &TestDb) {

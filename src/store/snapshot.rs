@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use futures_util::{pin_mut, TryStreamExt};
 use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::GenericClient;
 
 use super::mapping::{Kind, Pages};
 use super::{q, Store, StoreError, Tx};
@@ -108,7 +109,8 @@ impl Store {
                 }
                 first_copy.finish()?;
                 second_copy.finish()?;
-                second.bounded(WHAT, second.client.batch_execute("COMMIT")).await?;
+                // Its transaction stays open: the second connection looks up
+                // half of the ids below, in the same snapshot.
                 second_used = Some(second);
                 runs.join()
             } else {
@@ -155,15 +157,44 @@ impl Store {
             // An id two lists hold is looked up, and its row read, once.
             missing.dedup();
             drop(held);
-            let live_rows = rows.len();
-            if !missing.is_empty() {
-                statements += 1;
-                let params: [(&(dyn ToSql + Sync), Type); 2] =
-                    [(&missing, Type::TEXT_ARRAY), (&live_values, Type::TEXT_ARRAY)];
-                let stream = tx.query_typed_raw(&by_id_sql, params).await.map_err(q(WHAT))?;
-                pin_mut!(stream);
-                while let Some(r) = stream.try_next().await.map_err(q(WHAT))? {
-                    convert(&r, &vocabulary, offset, &mut rows, &mut invalid)?;
+            // The rows of those ids, and the last audit row of those with no
+            // row at all. With a second connection in the snapshot, each
+            // looks up half of them: the lookups are bound by the server
+            // process that runs them, one index lookup per id.
+            let mut known_invalid: Vec<&str> = invalid.iter().map(|r| r.id.as_str()).collect();
+            known_invalid.sort_unstable();
+            let lookups = Lookups { by_id_sql: &by_id_sql, history_sql: &history_sql, live_values: &live_values };
+            let found = match &second_used {
+                Some(second) if missing.len() >= 2 => {
+                    let (low, high) = missing.split_at(missing.len() / 2);
+                    let (low, high) = futures_util::try_join!(
+                        lookups.run(&tx, low, &known_invalid),
+                        lookups.run(&second.client, high, &known_invalid)
+                    )
+                    .map_err(q(WHAT))?;
+                    vec![low, high]
+                }
+                _ => vec![lookups.run(&tx, &missing, &known_invalid).await.map_err(q(WHAT))?],
+            };
+            drop(known_invalid);
+            if let Some(second) = &second_used {
+                second.bounded(WHAT, second.client.batch_execute("COMMIT")).await?;
+            }
+            let mut gone = Vec::new();
+            for found in found {
+                statements += found.statements;
+                for r in &found.rows {
+                    convert(r, &vocabulary, offset, &mut rows, &mut invalid)?;
+                }
+                for r in &found.history {
+                    let at: DateTime<Utc> = r.try_get(4).map_err(q(WHAT))?;
+                    gone.push(GoneRow {
+                        id: SessionId::from_row(r.try_get::<_, String>(0).map_err(q(WHAT))?),
+                        old_state: r.try_get(1).map_err(q(WHAT))?,
+                        new_state: r.try_get(2).map_err(q(WHAT))?,
+                        trigger: r.try_get(3).map_err(q(WHAT))?,
+                        at: at - offset,
+                    });
                 }
             }
             let mut open_intents = Vec::new();
@@ -175,29 +206,6 @@ impl Store {
                     kind: r.try_get(3).map_err(q(WHAT))?,
                     expired: r.try_get(4).map_err(q(WHAT))?,
                 });
-            }
-            // Live ids with no row at all: does the audit trail know them?
-            let mut gone = Vec::new();
-            if !missing.is_empty() {
-                // Only the rows read by id can be rows of a missing id.
-                let by_id = (live_rows..rows.len()).filter_map(|i| rows.id(i));
-                let mut found: Vec<&str> = by_id.chain(invalid.iter().map(|r| r.id.as_str())).collect();
-                found.sort_unstable();
-                let absent: Vec<&str> = missing.iter().copied().filter(|id| found.binary_search(id).is_err()).collect();
-                if !absent.is_empty() {
-                    statements += 1;
-                    let params: [(&(dyn ToSql + Sync), Type); 1] = [(&absent, Type::TEXT_ARRAY)];
-                    for r in tx.query_typed(&history_sql, &params).await.map_err(q(WHAT))? {
-                        let at: DateTime<Utc> = r.try_get(4).map_err(q(WHAT))?;
-                        gone.push(GoneRow {
-                            id: SessionId::from_row(r.try_get::<_, String>(0).map_err(q(WHAT))?),
-                            old_state: r.try_get(1).map_err(q(WHAT))?,
-                            new_state: r.try_get(2).map_err(q(WHAT))?,
-                            trigger: r.try_get(3).map_err(q(WHAT))?,
-                            at: at - offset,
-                        });
-                    }
-                }
             }
             // Rows created since the previous pass, for rapid creates.
             let mut recent_creates = Vec::new();
@@ -237,6 +245,55 @@ impl Store {
         // connection a failed read left mid-transaction is dropped.
         self.second = second_used;
         Ok(snapshot)
+    }
+}
+
+/// The two lookups by id of a read, on one connection.
+struct Lookups<'a> {
+    by_id_sql: &'a str,
+    history_sql: &'a str,
+    live_values: &'a [String],
+}
+
+/// What [`Lookups::run`] found: the rows (not live) of the ids, and the last
+/// audit row of each id with no row at all.
+struct Found {
+    rows: Vec<tokio_postgres::Row>,
+    history: Vec<tokio_postgres::Row>,
+    statements: u64,
+}
+
+impl Lookups<'_> {
+    /// Looks `ids` up: their rows, then the audit trail of those that have
+    /// none and are not among `known_invalid` (live rows the `COPY` read but
+    /// could not use, sorted). No statement for no ids.
+    async fn run(
+        &self,
+        client: &impl GenericClient,
+        ids: &[&str],
+        known_invalid: &[&str],
+    ) -> Result<Found, tokio_postgres::Error> {
+        let mut found = Found { rows: Vec::new(), history: Vec::new(), statements: 0 };
+        if ids.is_empty() {
+            return Ok(found);
+        }
+        let params: [(&(dyn ToSql + Sync), Type); 2] =
+            [(&ids, Type::TEXT_ARRAY), (&self.live_values, Type::TEXT_ARRAY)];
+        found.rows = client.query_typed(self.by_id_sql, &params).await?;
+        found.statements += 1;
+        let mut with_row: Vec<&str> = found.rows.iter().filter_map(|r| r.try_get::<_, &str>(0).ok()).collect();
+        with_row.sort_unstable();
+        let absent: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| with_row.binary_search(id).is_err() && known_invalid.binary_search(id).is_err())
+            .collect();
+        if !absent.is_empty() {
+            let params: [(&(dyn ToSql + Sync), Type); 1] = [(&absent, Type::TEXT_ARRAY)];
+            found.history = client.query_typed(self.history_sql, &params).await?;
+            found.statements += 1;
+        }
+        Ok(found)
     }
 }
 
