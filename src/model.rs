@@ -206,6 +206,13 @@ impl LiveSessions {
         self.meta.is_empty()
     }
 
+    /// Drops every session, keeping the room.
+    pub fn clear(&mut self) {
+        self.text.clear();
+        self.meta.clear();
+        self.sorted = 0;
+    }
+
     /// Appends a session whose id matched `sessions.id_pattern`. Offsets are
     /// 32-bit: past 4 GiB of ids and owners in one list, the session is not
     /// appended, and the caller keeps it as an unusable entry (held, never

@@ -237,3 +237,295 @@ mod boot_id_scanner {
         }
     }
 }
+
+/// The list parser's fast path (plain entries read without serde) against
+/// serde reading the whole document: the same list, the same findings, the
+/// same error, on generated documents of every shape the contract allows and
+/// many it does not.
+mod fast_path {
+    use proptest::prelude::*;
+    use regex::Regex;
+    use sessiond::config::DEFAULT_ID_PATTERN;
+    use sessiond::controller::{parse_list_for_test, parse_list_with_serde_for_test};
+
+    /// JSON with duplicate keys allowed, numbers as written.
+    #[derive(Clone, Debug)]
+    enum J {
+        Null,
+        Bool(bool),
+        Num(String),
+        Str(String),
+        Arr(Vec<J>),
+        Obj(Vec<(String, J)>),
+    }
+
+    /// Renders `j`, `style` choosing the whitespace after each token and
+    /// which characters of strings are written as `\uXXXX` escapes.
+    fn render(j: &J, style: &mut u64, out: &mut String) {
+        fn next(style: &mut u64) -> u64 {
+            *style ^= *style << 13;
+            *style ^= *style >> 7;
+            *style ^= *style << 17;
+            *style
+        }
+        let ws = |r: u64, out: &mut String| {
+            out.push_str(match r % 16 {
+                0 => " ",
+                1 => "\n  ",
+                2 => "\t",
+                3 => "\r\n",
+                _ => "",
+            })
+        };
+        let string = |s: &str, r: u64, out: &mut String| {
+            if r.is_multiple_of(7) {
+                // Every character escaped (keys included): the same string.
+                out.push('"');
+                for u in s.encode_utf16() {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+                out.push('"');
+            } else {
+                out.push_str(&serde_json::Value::from(s).to_string());
+            }
+        };
+        match j {
+            J::Null => out.push_str("null"),
+            J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            J::Num(n) => out.push_str(n),
+            J::Str(s) => string(s, next(style), out),
+            J::Arr(items) => {
+                out.push('[');
+                ws(next(style), out);
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                        ws(next(style), out);
+                    }
+                    render(item, style, out);
+                    ws(*style, out);
+                }
+                out.push(']');
+            }
+            J::Obj(fields) => {
+                out.push('{');
+                ws(next(style), out);
+                for (i, (k, v)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                        ws(next(style), out);
+                    }
+                    string(k, next(style), out);
+                    ws(next(style), out);
+                    out.push(':');
+                    ws(next(style), out);
+                    render(v, style, out);
+                    ws(*style >> 8, out);
+                }
+                out.push('}');
+            }
+        }
+    }
+
+    fn scalar() -> impl Strategy<Value = J> {
+        prop_oneof![
+            3 => "exec_20261121_0959[0-9]{2}_[0-9a-f]{8}".prop_map(J::Str),
+            2 => prop_oneof![Just("running"), Just("paused"), Just("stopping"), Just("gone")].prop_map(|s| J::Str(s.into())),
+            2 => prop_oneof![Just("2026-11-21T09:59:58Z"), Just("2026-11-21T09:59:58.250+01:00"), Just("yesterday")]
+                .prop_map(|s| J::Str(s.into())),
+            2 => "[a-zé\"\\\\/\u{1}\u{7f}\u{85} ]{0,8}".prop_map(J::Str),
+            1 => Just(J::Null),
+            1 => any::<bool>().prop_map(J::Bool),
+            1 => prop_oneof![Just("12"), Just("-0.5e3"), Just("1e400"), Just("18446744073709551616")]
+                .prop_map(|n| J::Num(n.into())),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = J> {
+        scalar().prop_recursive(3, 16, 3, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..3).prop_map(J::Arr),
+                proptest::collection::vec(("[a-z_]{1,6}", inner), 0..3).prop_map(J::Obj),
+            ]
+        })
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => prop_oneof![Just("session_id"), Just("owner_id"), Just("state"), Just("started_at")],
+            1 => prop_oneof![Just("extra"), Just("session_idx"), Just("State"), Just("")],
+        ]
+        .prop_map(str::to_owned)
+    }
+
+    fn entry() -> impl Strategy<Value = J> {
+        prop_oneof![
+            // The common shape: the four fields, each a plain string.
+            6 => ("exec_20261121_0959[0-9]{2}_[0-9a-f]{8}", "u[0-9]{1,3}", prop_oneof![Just("running"), Just("paused")])
+                .prop_map(|(id, owner, state)| J::Obj(vec![
+                    ("session_id".into(), J::Str(id)),
+                    ("owner_id".into(), J::Str(owner)),
+                    ("state".into(), J::Str(state.into())),
+                    ("started_at".into(), J::Str("2026-11-21T09:59:58Z".into())),
+                ])),
+            // The four fields in any order, each sometimes null or another value.
+            4 => (
+                "exec_20261121_0959[0-9]{2}_[0-9a-f]{8}",
+                "u[0-9]{1,3}",
+                prop_oneof![Just("running"), Just("paused")],
+                prop_oneof![3 => Just(J::Str("2026-11-21T09:59:58Z".into())), 1 => Just(J::Null), 1 => scalar()],
+                proptest::collection::vec(prop_oneof![4 => Just(None), 1 => Just(Some(J::Null)), 1 => scalar().prop_map(Some)], 3),
+            )
+                .prop_map(|(id, owner, state, started, other)| {
+                    let mut fields = vec![
+                        ("session_id".to_owned(), J::Str(id)),
+                        ("owner_id".to_owned(), J::Str(owner)),
+                        ("state".to_owned(), J::Str(state.into())),
+                        ("started_at".to_owned(), started),
+                    ];
+                    for (field, other) in fields.iter_mut().zip(other) {
+                        if let Some(other) = other {
+                            field.1 = other;
+                        }
+                    }
+                    fields
+                })
+                .prop_shuffle()
+                .prop_map(J::Obj),
+            4 => proptest::collection::vec((key(), prop_oneof![4 => scalar(), 1 => value()]), 0..6).prop_map(J::Obj),
+            1 => value(),
+        ]
+    }
+
+    fn document() -> impl Strategy<Value = J> {
+        let top_key = prop_oneof![
+            Just("instance"),
+            Just("boot_id"),
+            Just("generated_at"),
+            Just("counters"),
+            Just("other"),
+            Just("sessions")
+        ];
+        (
+            proptest::collection::vec(entry(), 0..8),
+            proptest::collection::vec((top_key, value()), 0..4),
+            0usize..4,
+            any::<bool>(),
+        )
+            .prop_map(|(entries, others, at, null_sessions)| {
+                let mut fields: Vec<(String, J)> =
+                    vec![("instance".into(), J::Str("ctrl-a".into())), ("boot_id".into(), J::Str("b1".into()))];
+                for (k, v) in others {
+                    // A second instance, boot_id or sessions sometimes: serde refuses those.
+                    fields.push((k.to_owned(), v));
+                }
+                let sessions = if null_sessions && entries.is_empty() { J::Null } else { J::Arr(entries) };
+                fields.insert(at.min(fields.len()), ("sessions".into(), sessions));
+                J::Obj(fields)
+            })
+    }
+
+    /// How a rendered document is damaged, if at all.
+    #[derive(Clone, Debug)]
+    enum Damage {
+        None,
+        Cut(usize),
+        Insert(usize, char),
+        Replace(usize, char),
+        /// The n-th structural character (of those there are) replaced.
+        Structural(usize, char),
+        /// The n-th closing bracket (of those there are) left out.
+        Unclosed(usize),
+    }
+
+    fn damage() -> impl Strategy<Value = Damage> {
+        let c = prop_oneof![
+            Just(','),
+            Just(']'),
+            Just('}'),
+            Just('"'),
+            Just('\\'),
+            Just('\u{1}'),
+            Just(' '),
+            Just('x'),
+            Just('{')
+        ];
+        prop_oneof![
+            6 => Just(Damage::None),
+            1 => any::<usize>().prop_map(Damage::Cut),
+            1 => (any::<usize>(), c.clone()).prop_map(|(at, c)| Damage::Insert(at, c)),
+            1 => (any::<usize>(), c.clone()).prop_map(|(at, c)| Damage::Replace(at, c)),
+            2 => (any::<usize>(), c).prop_map(|(n, c)| Damage::Structural(n, c)),
+            2 => any::<usize>().prop_map(Damage::Unclosed),
+        ]
+    }
+
+    fn damaged(mut text: String, damage: &Damage) -> String {
+        let boundary = |text: &str, at: usize| {
+            let mut at = at % (text.len() + 1);
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            at
+        };
+        match *damage {
+            Damage::None => {}
+            Damage::Cut(at) => text.truncate(boundary(&text, at)),
+            Damage::Insert(at, c) => text.insert(boundary(&text, at), c),
+            Damage::Structural(n, c) => {
+                let places: Vec<usize> =
+                    text.char_indices().filter(|(_, c)| "[]{},:".contains(*c)).map(|(i, _)| i).collect();
+                if let Some(&at) = places.get(n % places.len().max(1)) {
+                    text.replace_range(at..at + 1, &c.to_string());
+                }
+            }
+            Damage::Unclosed(n) => {
+                let places: Vec<usize> =
+                    text.char_indices().filter(|(_, c)| "]}".contains(*c)).map(|(i, _)| i).collect();
+                if let Some(&at) = places.get(n % places.len().max(1)) {
+                    text.remove(at);
+                }
+            }
+            Damage::Replace(at, c) => {
+                let at = boundary(&text, at);
+                if let Some(old) = text[at..].chars().next() {
+                    text.replace_range(at..at + old.len_utf8(), &c.to_string());
+                }
+            }
+        }
+        text
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
+        #[test]
+        fn reads_every_document_as_serde_does(doc in document(), style in 1u64.., damage in damage()) {
+            let mut text = String::new();
+            let mut s = style;
+            render(&doc, &mut s, &mut text);
+            let text = damaged(text, &damage);
+            let re = Regex::new(DEFAULT_ID_PATTERN).expect("the default pattern");
+            let fast = parse_list_for_test(text.as_bytes(), "ctrl-a", &re);
+            let serde = parse_list_with_serde_for_test(text.as_bytes(), "ctrl-a", &re);
+            prop_assert_eq!(fast, serde, "{}", text);
+        }
+    }
+
+    /// Nested deep inside an entry and at the top level: serde_json skips
+    /// what nothing keeps without a depth limit, so an entry serde reads on
+    /// its own reads as it does inside the document.
+    #[test]
+    fn deep_nesting_reads_the_same_either_way() {
+        let re = Regex::new(DEFAULT_ID_PATTERN).expect("the default pattern");
+        for depth in [3, 126, 127, 128, 129, 1000] {
+            let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            let text = format!(
+                r#"{{"boot_id": "b", "x": {nested}, "sessions": [{{"session_id": "x", "extra": {nested}}}, {nested}]}}"#
+            );
+            let fast = parse_list_for_test(text.as_bytes(), "ctrl-a", &re);
+            let serde = parse_list_with_serde_for_test(text.as_bytes(), "ctrl-a", &re);
+            assert!(fast.is_ok(), "depth {depth}: {fast:?}");
+            assert_eq!(fast, serde, "depth {depth}");
+        }
+    }
+}

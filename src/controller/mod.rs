@@ -21,7 +21,7 @@ use regex::Regex;
 use crate::config::ControllerConfig;
 use crate::model::{ControllerList, InstanceSnapshot, SessionId};
 
-pub use wire::{parse_list_for_test, MAX_BOOT_ID_BYTES, MAX_ID_BYTES, MAX_OWNER_BYTES};
+pub use wire::{parse_list_for_test, parse_list_with_serde_for_test, MAX_BOOT_ID_BYTES, MAX_ID_BYTES, MAX_OWNER_BYTES};
 
 /// Why an instance could not be read, or a stop request failed.
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,8 @@
 
 use std::borrow::Cow;
 
+mod fast;
+
 use chrono::{DateTime, Utc};
 use regex::Regex;
 use serde::Deserialize;
@@ -396,6 +398,25 @@ pub fn parse_list_for_test(body: &[u8], instance: &str, id_pattern: &Regex) -> R
     })
 }
 
+/// [`parse_list_for_test`] with serde reading the whole document, no fast
+/// path: what the fast path must agree with (tests).
+#[doc(hidden)]
+pub fn parse_list_with_serde_for_test(
+    body: &[u8],
+    instance: &str,
+    id_pattern: &Regex,
+) -> Result<ControllerList, String> {
+    SERDE_ONLY.with(|only| only.set(true));
+    let parsed = parse_list_for_test(body, instance, id_pattern);
+    SERDE_ONLY.with(|only| only.set(false));
+    parsed
+}
+
+thread_local! {
+    /// Set only by [`parse_list_with_serde_for_test`], for its own call.
+    static SERDE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Result<ControllerList, ParseProblem> {
     // Sized from the number of objects (each entry is one), so the columns
     // are not reallocated, and held twice, while they fill; and no more than
@@ -406,14 +427,23 @@ pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Res
     // Its strings come from the body, so it never needs more than the body.
     let mut sessions = LiveSessions::with_capacity(expected, (expected * 48).min(body.len()));
     let mut invalid = Vec::new();
-    let seed = ListSeed(Entries { id_pattern, sessions: &mut sessions, invalid: &mut invalid });
     // JSON is UTF-8: checked once for the whole body, so the parser reads each
     // string without checking it again (docs/performance.md, fifth run).
     let text = std::str::from_utf8(body).map_err(|e| ParseProblem::Invalid(format!("invalid JSON: not UTF-8: {e}")))?;
-    let mut de = serde_json::Deserializer::from_str(text);
-    let wire = serde::de::DeserializeSeed::deserialize(seed, &mut de)
-        .and_then(|w| de.end().map(|()| w))
-        .map_err(|e| ParseProblem::Invalid(format!("invalid JSON: {e}")))?;
+    let fast = if SERDE_ONLY.with(std::cell::Cell::get) {
+        None
+    } else {
+        fast::scan(text, id_pattern, &mut sessions, &mut invalid)
+    };
+    let wire = match fast {
+        Some(wire) => wire,
+        // Not the common shape, or not JSON at all: serde decides.
+        None => {
+            sessions.clear();
+            invalid.clear();
+            parse_with_serde(text, id_pattern, &mut sessions, &mut invalid)?
+        }
+    };
     if !wire.has_sessions {
         return Err(ParseProblem::Invalid("the document has no \"sessions\" array".into()));
     }
@@ -487,6 +517,21 @@ pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Res
     // creation order, which is id order at best second by second.
     list.sessions.sort_by_id();
     Ok(list)
+}
+
+/// The document's top level read by serde, each entry converted as the
+/// parser reaches it: the reference the fast path is held to.
+fn parse_with_serde<'a>(
+    text: &'a str,
+    id_pattern: &Regex,
+    sessions: &mut LiveSessions,
+    invalid: &mut Vec<InvalidEntry>,
+) -> Result<WireList<'a>, ParseProblem> {
+    let seed = ListSeed(Entries { id_pattern, sessions, invalid });
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde::de::DeserializeSeed::deserialize(seed, &mut de)
+        .and_then(|w| de.end().map(|()| w))
+        .map_err(|e| ParseProblem::Invalid(format!("invalid JSON: {e}")))
 }
 
 /// The longest boot id accepted.
