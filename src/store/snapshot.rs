@@ -163,18 +163,23 @@ impl Store {
             // process that runs them, one index lookup per id.
             let mut known_invalid: Vec<&str> = invalid.iter().map(|r| r.id.as_str()).collect();
             known_invalid.sort_unstable();
-            let lookups = Lookups { by_id_sql: &by_id_sql, history_sql: &history_sql, live_values: &live_values };
+            let lookups = Lookups {
+                by_id_sql: &by_id_sql,
+                history_sql: &history_sql,
+                live_values: &live_values,
+                vocabulary: &vocabulary,
+                offset,
+            };
             let found = match &second_used {
                 Some(second) if missing.len() >= 2 => {
                     let (low, high) = missing.split_at(missing.len() / 2);
                     let (low, high) = futures_util::try_join!(
                         lookups.run(&tx, low, &known_invalid),
                         lookups.run(&second.client, high, &known_invalid)
-                    )
-                    .map_err(q(WHAT))?;
+                    )?;
                     vec![low, high]
                 }
-                _ => vec![lookups.run(&tx, &missing, &known_invalid).await.map_err(q(WHAT))?],
+                _ => vec![lookups.run(&tx, &missing, &known_invalid).await?],
             };
             drop(known_invalid);
             if let Some(second) = &second_used {
@@ -183,9 +188,10 @@ impl Store {
             let mut gone = Vec::new();
             for found in found {
                 statements += found.statements;
-                for r in &found.rows {
-                    convert(r, &vocabulary, offset, &mut rows, &mut invalid)?;
+                for row in found.rows.iter() {
+                    rows.push_parts(row).map_err(|e| StoreError::Corrupt { what: WHAT, detail: e.to_string() })?;
                 }
+                invalid.extend(found.invalid);
                 for r in &found.history {
                     let at: DateTime<Utc> = r.try_get(4).map_err(q(WHAT))?;
                     gone.push(GoneRow {
@@ -253,12 +259,16 @@ struct Lookups<'a> {
     by_id_sql: &'a str,
     history_sql: &'a str,
     live_values: &'a [String],
+    vocabulary: &'a crate::config::Vocabulary,
+    offset: chrono::Duration,
 }
 
-/// What [`Lookups::run`] found: the rows (not live) of the ids, and the last
-/// audit row of each id with no row at all.
+/// What [`Lookups::run`] found: the rows (not live) of the ids, converted as
+/// they streamed in (those whose state the vocabulary does not know in
+/// `invalid`), and the last audit row of each id with no row at all.
 struct Found {
-    rows: Vec<tokio_postgres::Row>,
+    rows: Rows,
+    invalid: Vec<InvalidRow>,
     history: Vec<tokio_postgres::Row>,
     statements: u64,
 }
@@ -272,16 +282,21 @@ impl Lookups<'_> {
         client: &impl GenericClient,
         ids: &[&str],
         known_invalid: &[&str],
-    ) -> Result<Found, tokio_postgres::Error> {
-        let mut found = Found { rows: Vec::new(), history: Vec::new(), statements: 0 };
+    ) -> Result<Found, StoreError> {
+        let mut found = Found { rows: Rows::default(), invalid: Vec::new(), history: Vec::new(), statements: 0 };
         if ids.is_empty() {
             return Ok(found);
         }
         let params: [(&(dyn ToSql + Sync), Type); 2] =
             [(&ids, Type::TEXT_ARRAY), (&self.live_values, Type::TEXT_ARRAY)];
-        found.rows = client.query_typed(self.by_id_sql, &params).await?;
+        let stream = client.query_typed_raw(self.by_id_sql, params).await.map_err(q(WHAT))?;
+        pin_mut!(stream);
+        while let Some(r) = stream.try_next().await.map_err(q(WHAT))? {
+            convert(&r, self.vocabulary, self.offset, &mut found.rows, &mut found.invalid)?;
+        }
         found.statements += 1;
-        let mut with_row: Vec<&str> = found.rows.iter().filter_map(|r| r.try_get::<_, &str>(0).ok()).collect();
+        let read = found.rows.iter().map(|r| r.id).chain(found.invalid.iter().map(|r| r.id.as_str()));
+        let mut with_row: Vec<&str> = read.collect();
         with_row.sort_unstable();
         let absent: Vec<&str> = ids
             .iter()
@@ -290,7 +305,7 @@ impl Lookups<'_> {
             .collect();
         if !absent.is_empty() {
             let params: [(&(dyn ToSql + Sync), Type); 1] = [(&absent, Type::TEXT_ARRAY)];
-            found.history = client.query_typed(self.history_sql, &params).await?;
+            found.history = client.query_typed(self.history_sql, &params).await.map_err(q(WHAT))?;
             found.statements += 1;
         }
         Ok(found)
