@@ -191,11 +191,17 @@ pub struct LiveSessions {
     meta: Vec<LiveMeta>,
     /// How many sessions from the first are in id order.
     sorted: usize,
+    prefix: SharedPrefix,
 }
 
 impl LiveSessions {
     pub fn with_capacity(sessions: usize, bytes: usize) -> LiveSessions {
-        LiveSessions { text: String::with_capacity(bytes), meta: Vec::with_capacity(sessions), sorted: 0 }
+        LiveSessions {
+            text: String::with_capacity(bytes),
+            meta: Vec::with_capacity(sessions),
+            sorted: 0,
+            prefix: SharedPrefix::default(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -211,6 +217,7 @@ impl LiveSessions {
         self.text.clear();
         self.meta.clear();
         self.sorted = 0;
+        self.prefix = SharedPrefix::default();
     }
 
     /// Appends a session whose id matched `sessions.id_pattern`. Offsets are
@@ -239,6 +246,7 @@ impl LiveSessions {
         self.text.push_str(id);
         self.text.push_str(owner_id);
         self.meta.push(LiveMeta { start, id_len, owner_len, started_at, state });
+        self.prefix.push(id);
         Ok(())
     }
 
@@ -268,7 +276,7 @@ impl LiveSessions {
         }
         // Among equal ids (an ambiguous listing), the first listed stays first.
         // One core: the lists are parsed and sorted four at once already.
-        sort_packed(&mut self.text, &mut self.meta, Cores::One);
+        sort_packed(&mut self.text, &mut self.meta, self.prefix.len(), Cores::One);
         self.sorted = self.meta.len();
     }
 
@@ -608,11 +616,13 @@ const TWO_CORE_SORT_MIN: usize = 1 << 16;
 /// instead of jumping to wherever each was appended (a cache miss per
 /// comparison when ids arrived in random order). With two cores, each half
 /// is packed by the thread that sorted it.
-fn sort_packed<M: ArenaRecord + Send + Copy>(text: &mut String, records: &mut [M], cores: Cores) {
+///
+/// `shared` is a number of leading bytes every record's id has (see
+/// [`SharedPrefix`]); the longer, the fewer comparisons read ids.
+fn sort_packed<M: ArenaRecord + Send + Copy>(text: &mut String, records: &mut [M], shared: usize, cores: Cores) {
     let arena = text.as_str();
     let span = |m: &M| m.start() as usize..m.start() as usize + m.span();
     let id = |m: &M| arena.get(m.start() as usize..m.start() as usize + m.id_len() as usize).unwrap_or_default();
-    let shared = shared_prefix(records, id);
     let order = |a: &M, b: &M| a.key().cmp(&b.key()).then_with(|| id(a).cmp(id(b))).then(a.start().cmp(&b.start()));
     if M::KEYED {
         for m in records.iter_mut() {
@@ -696,17 +706,32 @@ fn pack_into<M: ArenaRecord>(records: &[M], arena: &str, out: &mut [u8], starts:
     at == out.len()
 }
 
-/// How many leading bytes every record's id shares with every other's.
-fn shared_prefix<'a, M>(records: &[M], id: impl Fn(&M) -> &'a str) -> usize {
-    let first = records.first().map(|m| id(m).as_bytes()).unwrap_or_default();
-    let mut shared = first.len();
-    for m in records {
-        let other = id(m).as_bytes();
-        if other.get(..shared) != first.get(..shared) {
-            shared = first.iter().zip(other).take_while(|(a, b)| a == b).count();
+/// The leading bytes every id pushed so far shares, kept as ids are pushed,
+/// while each is in cache: found afterwards, by a walk of every record and
+/// its id, it cost the sort of 1M rows 30 ms on one core, a tenth of the
+/// read's time after the `COPY` (docs/performance.md, ninth run).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct SharedPrefix {
+    /// The first id's bytes, cut to what every later id shared with them.
+    bytes: Vec<u8>,
+    seen: bool,
+}
+
+impl SharedPrefix {
+    fn push(&mut self, id: &str) {
+        let id = id.as_bytes();
+        if !self.seen {
+            self.seen = true;
+            self.bytes = id.to_vec();
+        } else if id.get(..self.bytes.len()) != Some(self.bytes.as_slice()) {
+            let n = self.bytes.iter().zip(id).take_while(|(a, b)| a == b).count();
+            self.bytes.truncate(n);
         }
     }
-    shared
+
+    fn len(&self) -> usize {
+        self.bytes.len()
+    }
 }
 
 /// The sort key of an id whose first `shared` bytes every id has: the eight
@@ -890,6 +915,7 @@ pub struct Rows {
     meta: Vec<RowMeta>,
     /// How many rows from the first are in id order.
     sorted: usize,
+    prefix: SharedPrefix,
 }
 
 /// The rows' strings do not fit: offsets are 32-bit, so one pass reads at
@@ -954,6 +980,7 @@ impl Rows {
     pub fn push_parts(&mut self, row: RowRef<'_>) -> Result<(), RowTooLong> {
         let in_order = self.sorted == self.meta.len() && last_id(&self.text, &self.meta).is_none_or(|l| l <= row.id);
         self.meta.push(record(&mut self.text, row)?);
+        self.prefix.push(row.id);
         if in_order {
             self.sorted += 1;
         }
@@ -1020,7 +1047,7 @@ impl Rows {
         }
         // Two cores: the read sorts once the `COPY` is done, when PostgreSQL
         // and the controllers are idle.
-        sort_packed(&mut self.text, &mut self.meta, Cores::Two);
+        sort_packed(&mut self.text, &mut self.meta, self.prefix.len(), Cores::Two);
         self.sorted = self.meta.len();
     }
 
@@ -1061,6 +1088,7 @@ pub struct TwoRuns {
     /// How many of each run's records, from its first, are in id order.
     first_sorted: usize,
     second_sorted: usize,
+    prefix: SharedPrefix,
 }
 
 /// Which of [`TwoRuns`]'s runs a row belongs to.
@@ -1080,6 +1108,7 @@ impl TwoRuns {
             second: 0,
             first_sorted: 0,
             second_sorted: 0,
+            prefix: SharedPrefix::default(),
         }
     }
 
@@ -1109,6 +1138,7 @@ impl TwoRuns {
         if let Some(slot) = self.slots.get_mut(at) {
             *slot = record;
         }
+        self.prefix.push(row.id);
         let (count, sorted) = match run {
             Run::First => (&mut self.first, &mut self.first_sorted),
             Run::Second => (&mut self.second, &mut self.second_sorted),
@@ -1122,12 +1152,12 @@ impl TwoRuns {
 
     /// The rows of both runs, the second's after the first's.
     pub fn join(self) -> Rows {
-        let TwoRuns { text, mut slots, first, second, first_sorted, second_sorted } = self;
+        let TwoRuns { text, mut slots, first, second, first_sorted, second_sorted, prefix } = self;
         let n = slots.len();
         slots[n - second..].reverse();
         slots.copy_within(n - second.., first);
         slots.truncate(first + second);
-        let mut rows = Rows { text, meta: slots, sorted: first_sorted };
+        let mut rows = Rows { text, meta: slots, sorted: first_sorted, prefix };
         let last = first.checked_sub(1).and_then(|i| rows.id(i));
         let next = rows.id(first);
         if first_sorted == first && last.zip(next).is_none_or(|(last, next)| last <= next) {
@@ -1353,6 +1383,40 @@ mod order_tests {
             let mut sorted = all.clone();
             sorted.sort();
             assert_eq!(walked, sorted, "round {round}");
+        }
+    }
+
+    /// The prefix kept as ids arrive is the longest every id shares, for
+    /// rows pushed one by one, rows read as two runs, and lists; the sort
+    /// starts its keys there.
+    #[test]
+    fn the_prefix_kept_as_ids_arrive_is_the_one_every_id_shares() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let shapes = ["exec_20261121_0959", "exec_2026", "exé", "ex\u{e9}t", "", "e"];
+        for round in 0..600 {
+            let n = rng.usize(0..30);
+            let fixed = shapes[rng.usize(0..shapes.len())];
+            let ids: Vec<String> = (0..n)
+                .map(|_| {
+                    let shape = if round % 2 == 0 { fixed } else { shapes[rng.usize(0..shapes.len())] };
+                    format!("{shape}{}", rng.u16(0..300))
+                })
+                .collect();
+            let first = ids.first().map(String::as_bytes).unwrap_or_default();
+            let every = ids.iter().map(|id| first.iter().zip(id.as_bytes()).take_while(|(a, b)| a == b).count());
+            let shared = every.min().unwrap_or(0);
+
+            let mut rows = Rows::default();
+            let mut runs = TwoRuns::with_capacity(rng.usize(0..8), 0);
+            for id in &ids {
+                rows.push_parts(row(id, "1")).expect("fits");
+                let run = if rng.bool() { Run::First } else { Run::Second };
+                runs.push_parts(run, row(id, "1")).expect("fits");
+            }
+            let list: LiveSessions = ids.iter().map(|id| session(id)).collect();
+            assert_eq!(rows.prefix.len(), shared, "round {round}: rows {ids:?}");
+            assert_eq!(runs.join().prefix.len(), shared, "round {round}: two runs {ids:?}");
+            assert_eq!(list.prefix.len(), shared, "round {round}: a list {ids:?}");
         }
     }
 
