@@ -460,6 +460,12 @@ mod fast_path {
         ]
     }
 
+    /// Where the n-th (modulo their number) of these ASCII characters is.
+    fn nth_of(text: &str, chars: &str, n: usize) -> Option<usize> {
+        let places: Vec<usize> = text.char_indices().filter(|(_, c)| chars.contains(*c)).map(|(i, _)| i).collect();
+        places.get(n % places.len().max(1)).copied()
+    }
+
     fn damaged(mut text: String, damage: &Damage) -> String {
         let boundary = |text: &str, at: usize| {
             let mut at = at % (text.len() + 1);
@@ -473,16 +479,12 @@ mod fast_path {
             Damage::Cut(at) => text.truncate(boundary(&text, at)),
             Damage::Insert(at, c) => text.insert(boundary(&text, at), c),
             Damage::Structural(n, c) => {
-                let places: Vec<usize> =
-                    text.char_indices().filter(|(_, c)| "[]{},:".contains(*c)).map(|(i, _)| i).collect();
-                if let Some(&at) = places.get(n % places.len().max(1)) {
+                if let Some(at) = nth_of(&text, "[]{},:", n) {
                     text.replace_range(at..at + 1, &c.to_string());
                 }
             }
             Damage::Unclosed(n) => {
-                let places: Vec<usize> =
-                    text.char_indices().filter(|(_, c)| "]}".contains(*c)).map(|(i, _)| i).collect();
-                if let Some(&at) = places.get(n % places.len().max(1)) {
+                if let Some(at) = nth_of(&text, "]}", n) {
                     text.remove(at);
                 }
             }

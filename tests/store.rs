@@ -286,24 +286,14 @@ async fn lookups_by_id_on_two_connections_see_the_read_snapshot() {
             .await
             .expect("an ended row");
         if k < 10 {
-            client
-                .execute(
-                    "INSERT INTO session_audit (session_id, old_state, new_state, trigger, actor, reason)
-                     VALUES ($1, 'active', 'stopped', 'app', 'app', 'ended')",
-                    &[&unknown(k)],
-                )
-                .await
-                .expect("an audit row");
+            audit_row(&client, &unknown(k), "ended").await;
         }
     }
     let mut listed: Vec<String> = (0..3000).map(sid).chain((0..20).flat_map(|k| [ended(k), unknown(k)])).collect();
     listed.sort_unstable();
 
     let mut store = store(&db).await;
-    store.set_split_read_min_pages(2);
-    let (exported_tx, exported) = tokio::sync::oneshot::channel();
-    let (resume, resume_rx) = tokio::sync::oneshot::channel();
-    store.hold_split_read(sessiond::store::SplitGate { exported: exported_tx, resume: resume_rx });
+    let (exported, resume) = hold_at_export(&mut store);
     let before = store.round_trips();
     let read = tokio::spawn(async move {
         let count = listed.len();
@@ -318,14 +308,7 @@ async fn lookups_by_id_on_two_connections_see_the_read_snapshot() {
             .execute("UPDATE sessions SET state = 'active', ended_at = NULL WHERE session_id = $1", &[&ended(k)])
             .await
             .expect("re-activate");
-        client
-            .execute(
-                "INSERT INTO session_audit (session_id, old_state, new_state, trigger, actor, reason)
-                 VALUES ($1, 'active', 'stopped', 'app', 'app', 'late')",
-                &[&unknown(k)],
-            )
-            .await
-            .expect("a late audit row");
+        audit_row(&client, &unknown(k), "late").await;
     }
     resume.send(()).expect("the read waits");
     let (snapshot, round_trips) = read.await.expect("join");
@@ -346,6 +329,29 @@ async fn lookups_by_id_on_two_connections_see_the_read_snapshot() {
     // lookups (rows, then audit), the intents, COMMIT; the second: its BEGIN
     // (with its settings), COPY, its half of the lookups, COMMIT.
     assert_eq!(round_trips, 8 + 5, "the lookups were split between the two connections");
+}
+
+/// Makes `store` read on two connections from two pages on, and hold its
+/// read once it has exported its snapshot: the receiver hears of it then,
+/// and the read goes on when the sender is sent to.
+fn hold_at_export(store: &mut Store) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
+    store.set_split_read_min_pages(2);
+    let (exported_tx, exported) = tokio::sync::oneshot::channel();
+    let (resume, resume_rx) = tokio::sync::oneshot::channel();
+    store.hold_split_read(sessiond::store::SplitGate { exported: exported_tx, resume: resume_rx });
+    (exported, resume)
+}
+
+/// An audit row for `id`: the application ended it.
+async fn audit_row(client: &tokio_postgres::Client, id: &str, reason: &str) {
+    client
+        .execute(
+            "INSERT INTO session_audit (session_id, old_state, new_state, trigger, actor, reason)
+             VALUES ($1, 'active', 'stopped', 'app', 'app', $2)",
+            &[&id, &reason],
+        )
+        .await
+        .expect("an audit row");
 }
 
 /// 3 000 live rows, `sid(0)` to `sid(2999)`, over some 40 pages, inserted
@@ -426,10 +432,7 @@ async fn read_on_two_connections(db: &TestDb, url: &str) {
     let (last_id, last_version): (String, String) = (last.get(0), last.get(1));
 
     let mut store = store_at(url).await;
-    store.set_split_read_min_pages(2);
-    let (exported_tx, exported) = tokio::sync::oneshot::channel();
-    let (resume, resume_rx) = tokio::sync::oneshot::channel();
-    store.hold_split_read(sessiond::store::SplitGate { exported: exported_tx, resume: resume_rx });
+    let (exported, resume) = hold_at_export(&mut store);
     let before = store.round_trips();
     let read = tokio::spawn(async move {
         let snapshot = store.snapshot(std::iter::empty(), 0, None).await;

@@ -44,11 +44,7 @@ pub(super) fn scan<'a>(
         return c.end().then_some(list);
     }
     loop {
-        c.ws();
-        let key = c.plain_string()?;
-        c.ws();
-        c.expect(b':')?;
-        c.ws();
+        let key = c.key()?;
         let place = match key {
             "instance" => Some(0),
             "boot_id" => Some(1),
@@ -82,12 +78,9 @@ pub(super) fn scan<'a>(
                 c.raw_value()?;
             }
         }
-        c.ws();
-        if c.eat(b',') {
-            continue;
+        if !c.more(b'}')? {
+            break;
         }
-        c.expect(b'}')?;
-        break;
     }
     c.ws();
     c.end().then_some(list)
@@ -153,6 +146,28 @@ impl<'a> Cursor<'a> {
         Some(s)
     }
 
+    /// A member's key (a plain string) and its colon, the cursor then at
+    /// the value.
+    fn key(&mut self) -> Option<&'a str> {
+        self.ws();
+        let key = self.plain_string()?;
+        self.ws();
+        self.expect(b':')?;
+        self.ws();
+        Some(key)
+    }
+
+    /// After a member or an element: `Some(true)` past a comma, `Some(false)`
+    /// past `close`, `None` for anything else.
+    fn more(&mut self, close: u8) -> Option<bool> {
+        self.ws();
+        if self.eat(b',') {
+            return Some(true);
+        }
+        self.expect(close)?;
+        Some(false)
+    }
+
     /// One value of any kind, read by serde_json, which checks it.
     fn raw_value(&mut self) -> Option<&'a RawValue> {
         let rest = self.rest();
@@ -187,12 +202,9 @@ impl<'a> Cursor<'a> {
             if let Err(e) = convert_session(entry, id_pattern, sessions) {
                 invalid.push(e);
             }
-            self.ws();
-            if self.eat(b',') {
-                continue;
+            if !self.more(b']')? {
+                return Some(());
             }
-            self.expect(b']')?;
-            return Some(());
         }
     }
 
@@ -203,11 +215,7 @@ impl<'a> Cursor<'a> {
         let mut w = WireSession::default();
         let mut seen = [false; 4];
         loop {
-            self.ws();
-            let key = self.plain_string()?;
-            self.ws();
-            self.expect(b':')?;
-            self.ws();
+            let key = self.key()?;
             let value = match self.peek()? {
                 b'"' => Some(Field::Str(Cow::Borrowed(self.plain_string()?))),
                 b'n' if self.rest().starts_with("null") => {
@@ -222,11 +230,9 @@ impl<'a> Cursor<'a> {
                 "state" => (&mut w.state, 2, "state"),
                 "started_at" => (&mut w.started_at, 3, "started_at"),
                 _ => {
-                    self.ws();
-                    if self.eat(b',') {
+                    if self.more(b'}')? {
                         continue;
                     }
-                    self.expect(b'}')?;
                     return Some(w);
                 }
             };
@@ -236,12 +242,9 @@ impl<'a> Cursor<'a> {
             if std::mem::replace(&mut seen[i], true) {
                 w.twice.get_or_insert(name);
             }
-            self.ws();
-            if self.eat(b',') {
-                continue;
+            if !self.more(b'}')? {
+                return Some(w);
             }
-            self.expect(b'}')?;
-            return Some(w);
         }
     }
 
