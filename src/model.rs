@@ -212,6 +212,11 @@ impl LiveSessions {
         self.meta.is_empty()
     }
 
+    /// The state of each session, without the rest of it.
+    pub fn states(&self) -> impl ExactSizeIterator<Item = LiveState> + '_ {
+        self.meta.iter().map(|m| m.state)
+    }
+
     /// Drops every session, keeping the room.
     pub fn clear(&mut self) {
         self.text.clear();

@@ -29,7 +29,7 @@ use serde::Serialize;
 
 use crate::config::{Config, Mode};
 use crate::controller::ControllerClient;
-use crate::model::{BootRecords, InstanceSnapshot, RepairResult, RowState};
+use crate::model::{BootRecords, InstanceSnapshot, LiveState, RepairResult, RowState};
 use crate::store::{AuditContext, Outcome, Store, StoreError};
 use classify::{Decision, Finding, Kind, Memory, PassOptions, Probes};
 
@@ -872,10 +872,18 @@ fn normalize_ids(instances: &mut [InstanceSnapshot], kind: crate::store::mapping
 fn instance_report(s: &InstanceSnapshot) -> InstanceReport {
     match &s.result {
         Ok(list) => {
-            let mut live_states = BTreeMap::new();
-            for sess in list.sessions.iter() {
-                *live_states.entry(sess.state.row_state().as_str()).or_default() += 1;
+            // Counted by state, then named: a million sessions, one add each.
+            let (mut creating, mut active, mut paused) = (0u64, 0u64, 0u64);
+            for state in list.sessions.states() {
+                *match state {
+                    LiveState::Creating => &mut creating,
+                    LiveState::Active => &mut active,
+                    LiveState::Paused => &mut paused,
+                } += 1;
             }
+            let counted = [(LiveState::Creating, creating), (LiveState::Active, active), (LiveState::Paused, paused)];
+            let live_states: BTreeMap<&'static str, u64> =
+                counted.into_iter().filter(|(_, n)| *n > 0).map(|(state, n)| (state.row_state().as_str(), n)).collect();
             InstanceReport {
                 name: s.name.clone(),
                 reachable: true,
