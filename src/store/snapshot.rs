@@ -98,13 +98,21 @@ impl Store {
                 pin_mut!(chunks);
                 let mut runs = TwoRuns::with_capacity(expected, expected * 48);
                 let (mut first_copy, mut second_copy) = (BinaryCopy::default(), BinaryCopy::default());
+                let mut instants = Instants::default();
                 while let Some((run, chunk)) = chunks.try_next().await.map_err(q(WHAT))? {
                     let copy = match run {
                         Run::First => &mut first_copy,
                         Run::Second => &mut second_copy,
                     };
                     copy.feed(&chunk, |t| {
-                        push_tuple(t, &vocabulary, offset, &mut |r| runs.push_parts(run, r), &mut invalid)
+                        push_tuple(
+                            t,
+                            &vocabulary,
+                            offset,
+                            &mut instants,
+                            &mut |r| runs.push_parts(run, r),
+                            &mut invalid,
+                        )
                     })?;
                 }
                 first_copy.finish()?;
@@ -120,9 +128,10 @@ impl Store {
                 let stream = tx.copy_out(live_sql.as_str()).await.map_err(q(WHAT))?;
                 pin_mut!(stream);
                 let mut copy = BinaryCopy::default();
+                let mut instants = Instants::default();
                 while let Some(chunk) = stream.try_next().await.map_err(q(WHAT))? {
                     copy.feed(&chunk, |t| {
-                        push_tuple(t, &vocabulary, offset, &mut |r| rows.push_parts(r), &mut invalid)
+                        push_tuple(t, &vocabulary, offset, &mut instants, &mut |r| rows.push_parts(r), &mut invalid)
                     })?;
                 }
                 copy.finish()?;
@@ -471,6 +480,7 @@ fn push_tuple(
     t: &[Option<&[u8]>],
     vocabulary: &crate::config::Vocabulary,
     offset: chrono::Duration,
+    instants: &mut Instants,
     push: &mut impl FnMut(RowRef<'_>) -> Result<(), RowTooLong>,
     invalid: &mut Vec<InvalidRow>,
 ) -> Result<(), StoreError> {
@@ -479,14 +489,14 @@ fn push_tuple(
         return Err(corrupt(format!("a row has {} fields, not the 8 selected", t.len())));
     };
     let id = text("id", id)?.ok_or_else(|| corrupt("a row has a NULL id".into()))?;
-    let instant = |name: &str, v: Option<&[u8]>| -> Result<Option<DateTime<Utc>>, StoreError> {
+    let mut instant = |name: &str, v: Option<&[u8]>| -> Result<Option<DateTime<Utc>>, StoreError> {
         let Some(b) = v else { return Ok(None) };
         let micros = <[u8; 8]>::try_from(b)
             .map(i64::from_be_bytes)
             .map_err(|_| corrupt(format!("the {name} of row {id} is not a timestamptz")))?;
-        postgres_epoch()
-            .checked_add_signed(chrono::Duration::microseconds(micros))
-            .filter(|_| micros != i64::MAX && micros != i64::MIN)
+        Some(micros)
+            .filter(|m| *m != i64::MAX && *m != i64::MIN)
+            .and_then(|m| instants.at(m))
             .map(Some)
             .ok_or_else(|| corrupt(format!("the {name} of row {id} is infinite or out of range")))
     };
@@ -513,9 +523,37 @@ fn text<'b>(name: &str, v: Option<&'b [u8]>) -> Result<Option<&'b str>, StoreErr
     .transpose()
 }
 
-/// 2000-01-01 00:00:00 UTC, where PostgreSQL's binary timestamps count from.
-fn postgres_epoch() -> DateTime<Utc> {
-    DateTime::<Utc>::from_timestamp(946_684_800, 0).unwrap_or_default()
+/// PostgreSQL's binary timestamps, microseconds from 2000-01-01 00:00:00
+/// UTC, as times. The date of the last day seen is kept: a table's times
+/// fall on few days, and finding the date of a day count is most of the
+/// cost of a conversion (two a row).
+#[derive(Debug, Default)]
+struct Instants {
+    /// The last day seen, counted from 2000-01-01, and its date.
+    day: Option<(i64, chrono::NaiveDate)>,
+}
+
+impl Instants {
+    /// The time `micros` after 2000-01-01 00:00:00 UTC; `None` past the
+    /// dates a time can hold.
+    fn at(&mut self, micros: i64) -> Option<DateTime<Utc>> {
+        const DAY: i64 = 86_400_000_000;
+        let (day, in_day) = (micros.div_euclid(DAY), micros.rem_euclid(DAY));
+        let date = match self.day {
+            Some((seen, date)) if seen == day => date,
+            _ => {
+                let epoch = chrono::NaiveDate::from_ymd_opt(2000, 1, 1)?;
+                let days = chrono::Days::new(day.unsigned_abs());
+                let date = if day >= 0 { epoch.checked_add_days(days)? } else { epoch.checked_sub_days(days)? };
+                self.day = Some((day, date));
+                date
+            }
+        };
+        let seconds = u32::try_from(in_day / 1_000_000).ok()?;
+        let nanos = u32::try_from(in_day % 1_000_000 * 1_000).ok()?;
+        let time = chrono::NaiveTime::from_num_seconds_from_midnight_opt(seconds, nanos)?;
+        Some(date.and_time(time).and_utc())
+    }
 }
 
 /// A reader of `COPY … TO STDOUT (FORMAT binary)` as its chunks arrive:
@@ -643,6 +681,40 @@ fn be_i32(b: &[u8]) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Kept dates or not, a time is 2000-01-01 plus the microseconds, as
+    /// chrono's own arithmetic says, for times near and far, before and after
+    /// 2000, on and around day boundaries, and past what a date can hold.
+    #[test]
+    fn binary_timestamps_read_as_the_epoch_plus_their_microseconds() {
+        const DAY: i64 = 86_400_000_000;
+        let epoch = DateTime::<Utc>::from_timestamp(946_684_800, 0).unwrap_or_default();
+        let reference = |m: i64| epoch.checked_add_signed(chrono::Duration::microseconds(m));
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut instants = Instants::default();
+        let mut checked = 0;
+        for round in 0..200_000 {
+            let m = match round % 6 {
+                0 => rng.i64(-300 * 365 * DAY..300 * 365 * DAY),
+                1 => rng.i64(-3..3) * DAY + rng.i64(-2..2),
+                2 => 849 * DAY * 10 + rng.i64(0..3 * DAY),
+                3 => rng.i64(i64::MIN + 1..i64::MAX),
+                4 => [0, -1, 1, DAY - 1, DAY, -DAY, -DAY - 1, i64::MAX - 1, i64::MIN + 1][rng.usize(0..9)],
+                // Around the ends of what a date holds (±262 143 years).
+                _ => rng.i64(-280_000 * 365..280_000 * 365) * DAY + rng.i64(0..DAY),
+            };
+            assert_eq!(instants.at(m), reference(m), "{m} µs");
+            checked += usize::from(reference(m).is_some());
+        }
+        assert!(checked > 150_000, "most times were in range: {checked}");
+        // Times one after another, as a table's are: the kept date is used,
+        // then left for the next day's, or the day before's.
+        let mut m = 849 * DAY * 10 - 5 * DAY;
+        for _ in 0..100_000 {
+            m += rng.i64(-DAY / 4..DAY / 2);
+            assert_eq!(instants.at(m), reference(m), "{m} µs");
+        }
+    }
 
     /// A binary COPY stream of `rows`, each a list of fields (`None` is NULL).
     fn stream(rows: &[Vec<Option<&[u8]>>]) -> Vec<u8> {
