@@ -109,7 +109,7 @@ enum ListKey {
 /// Where the `sessions` array goes, each entry converted as it is read. As a
 /// seed it yields whether there was an array (`null` is none).
 struct Entries<'p> {
-    id_pattern: &'p Regex,
+    ids: IdCheck<'p>,
     sessions: &'p mut LiveSessions,
     invalid: &'p mut Vec<InvalidEntry>,
 }
@@ -131,7 +131,7 @@ impl<'de> serde::de::Visitor<'de> for &mut Entries<'_> {
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
         while let Some(entry) = seq.next_element::<Entry<'de>>()? {
-            if let Err(e) = convert_session(entry, self.id_pattern, &mut *self.sessions) {
+            if let Err(e) = convert_session(entry, self.ids, &mut *self.sessions) {
                 self.invalid.push(e);
             }
         }
@@ -433,7 +433,7 @@ pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Res
     let fast = if SERDE_ONLY.with(std::cell::Cell::get) {
         None
     } else {
-        fast::scan(text, id_pattern, &mut sessions, &mut invalid)
+        fast::scan(text, IdCheck::new(id_pattern), &mut sessions, &mut invalid)
     };
     let wire = match fast {
         Some(wire) => wire,
@@ -441,7 +441,7 @@ pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Res
         None => {
             sessions.clear();
             invalid.clear();
-            parse_with_serde(text, id_pattern, &mut sessions, &mut invalid)?
+            parse_with_serde(text, IdCheck::new(id_pattern), &mut sessions, &mut invalid)?
         }
     };
     if !wire.has_sessions {
@@ -523,11 +523,11 @@ pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Res
 /// parser reaches it: the reference the fast path is held to.
 fn parse_with_serde<'a>(
     text: &'a str,
-    id_pattern: &Regex,
+    ids: IdCheck<'_>,
     sessions: &mut LiveSessions,
     invalid: &mut Vec<InvalidEntry>,
 ) -> Result<WireList<'a>, ParseProblem> {
-    let seed = ListSeed(Entries { id_pattern, sessions, invalid });
+    let seed = ListSeed(Entries { ids, sessions, invalid });
     let mut de = serde_json::Deserializer::from_str(text);
     serde::de::DeserializeSeed::deserialize(seed, &mut de)
         .and_then(|w| de.end().map(|()| w))
@@ -577,15 +577,30 @@ fn printable(s: &str) -> String {
     out
 }
 
-/// Whether a listed id matches `sessions.id_pattern`. The default pattern,
-/// which every entry of every list is checked against unless configured
-/// otherwise, is checked by hand: a tenth of the time the regex takes, the
-/// same answer for every string (a unit test compares them).
-fn id_matches(id_pattern: &Regex, id: &str) -> bool {
-    if id_pattern.as_str() == crate::config::DEFAULT_ID_PATTERN {
-        default_id(id)
-    } else {
-        id_pattern.is_match(id)
+/// How listed ids are checked against `sessions.id_pattern`. The default
+/// pattern, which every entry of every list is checked against unless
+/// configured otherwise, is checked by hand: a tenth of the time the regex
+/// takes, the same answer for every string (a unit test compares them).
+#[derive(Clone, Copy)]
+enum IdCheck<'p> {
+    Default,
+    Pattern(&'p Regex),
+}
+
+impl<'p> IdCheck<'p> {
+    fn new(id_pattern: &'p Regex) -> IdCheck<'p> {
+        if id_pattern.as_str() == crate::config::DEFAULT_ID_PATTERN {
+            IdCheck::Default
+        } else {
+            IdCheck::Pattern(id_pattern)
+        }
+    }
+
+    fn matches(self, id: &str) -> bool {
+        match self {
+            IdCheck::Default => default_id(id),
+            IdCheck::Pattern(p) => p.is_match(id),
+        }
     }
 }
 
@@ -616,7 +631,7 @@ fn default_id(id: &str) -> bool {
 }
 
 /// One entry of the list, appended to `sessions` if it is usable.
-fn convert_session(entry: Entry<'_>, id_pattern: &Regex, sessions: &mut LiveSessions) -> Result<(), InvalidEntry> {
+fn convert_session(entry: Entry<'_>, ids: IdCheck<'_>, sessions: &mut LiveSessions) -> Result<(), InvalidEntry> {
     let wire = match entry {
         Entry::Session(w) => w,
         Entry::Unusable(problem) => {
@@ -644,7 +659,7 @@ fn convert_session(entry: Entry<'_>, id_pattern: &Regex, sessions: &mut LiveSess
             problem: format!("session_id {problem}"),
         });
     }
-    if !id_matches(id_pattern, &raw_id) {
+    if !ids.matches(&raw_id) {
         return Err(InvalidEntry {
             // Exact, so a row with this id is still protected as held.
             raw_id: Some(raw_id.into_owned()),

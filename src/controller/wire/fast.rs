@@ -19,10 +19,9 @@
 
 use std::borrow::Cow;
 
-use regex::Regex;
 use serde_json::value::RawValue;
 
-use super::{convert_session, Entry, Field, WireList, WireSession};
+use super::{convert_session, Entry, Field, IdCheck, WireList, WireSession};
 use crate::model::{InvalidEntry, LiveSessions};
 
 /// Reads `text` into `sessions` and `invalid`, and returns the rest of its
@@ -30,7 +29,7 @@ use crate::model::{InvalidEntry, LiveSessions};
 /// to be dropped).
 pub(super) fn scan<'a>(
     text: &'a str,
-    id_pattern: &Regex,
+    ids: IdCheck<'_>,
     sessions: &mut LiveSessions,
     invalid: &mut Vec<InvalidEntry>,
 ) -> Option<WireList<'a>> {
@@ -62,7 +61,7 @@ pub(super) fn scan<'a>(
         match place {
             Some(2) => {
                 if c.peek() == Some(b'[') {
-                    c.entries(id_pattern, sessions, invalid)?;
+                    c.entries(ids, sessions, invalid)?;
                     list.has_sessions = true;
                 } else if c.rest().starts_with("null") {
                     c.at += 4;
@@ -180,7 +179,7 @@ impl<'a> Cursor<'a> {
     /// The `sessions` array, the cursor at its `[`.
     fn entries(
         &mut self,
-        id_pattern: &Regex,
+        ids: IdCheck<'_>,
         sessions: &mut LiveSessions,
         invalid: &mut Vec<InvalidEntry>,
     ) -> Option<()> {
@@ -199,7 +198,7 @@ impl<'a> Cursor<'a> {
                     self.any_entry()?
                 }
             };
-            if let Err(e) = convert_session(entry, id_pattern, sessions) {
+            if let Err(e) = convert_session(entry, ids, sessions) {
                 invalid.push(e);
             }
             if !self.more(b']')? {
