@@ -737,26 +737,30 @@ fn pack_into<M: ArenaRecord>(records: &[M], arena: &str, out: &mut [u8], starts:
 /// read's time after the `COPY` (docs/performance.md, ninth run).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct SharedPrefix {
-    /// The first id's bytes, cut to what every later id shared with them.
-    bytes: Vec<u8>,
-    seen: bool,
+    /// The first id's bytes, cut to what every later id shared with them;
+    /// `None` before the first.
+    bytes: Option<Vec<u8>>,
 }
 
 impl SharedPrefix {
     fn push(&mut self, id: &str) {
         let id = id.as_bytes();
-        if !self.seen {
-            self.seen = true;
-            self.bytes = id.to_vec();
-        } else if id.get(..self.bytes.len()) != Some(self.bytes.as_slice()) {
-            let n = self.bytes.iter().zip(id).take_while(|(a, b)| a == b).count();
-            self.bytes.truncate(n);
+        match &mut self.bytes {
+            None => self.bytes = Some(id.to_vec()),
+            // One comparison, the usual case: the id shares the prefix.
+            Some(bytes) if id.starts_with(bytes) => {}
+            Some(bytes) => bytes.truncate(common_prefix_len(bytes, id)),
         }
     }
 
     fn len(&self) -> usize {
-        self.bytes.len()
+        self.bytes.as_ref().map_or(0, Vec::len)
     }
+}
+
+/// How many leading bytes `a` and `b` share.
+fn common_prefix_len(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(a, b)| a == b).count()
 }
 
 /// The sort key of an id whose first `shared` bytes every id has: the eight
@@ -895,7 +899,7 @@ impl<'a, T> MergeById<'a, T> {
         if id.starts_with(prefix) {
             return;
         }
-        let shared = prefix.iter().zip(id).take_while(|(a, b)| a == b).count();
+        let shared = common_prefix_len(prefix, id);
         self.prefix = prefix.get(..shared);
         let mut heads = std::mem::take(&mut self.heap).into_vec();
         for head in &mut heads {
