@@ -392,10 +392,7 @@ fn string(v: Option<&RawValue>) -> Option<String> {
 /// Converts a controller document into domain types. Public for the fuzz-style
 /// tests; the daemon only calls it through [`ControllerClient::fetch`].
 pub fn parse_list_for_test(body: &[u8], instance: &str, id_pattern: &Regex) -> Result<ControllerList, String> {
-    parse_list(body, instance, id_pattern).map_err(|p| match p {
-        ParseProblem::Invalid(s) => s,
-        ParseProblem::WrongInstance(found) => format!("wrong instance {found:?}"),
-    })
+    parse_list(body, instance, id_pattern).map_err(ParseProblem::for_test)
 }
 
 /// [`parse_list_for_test`] with serde reading the whole document, no fast
@@ -406,18 +403,37 @@ pub fn parse_list_with_serde_for_test(
     instance: &str,
     id_pattern: &Regex,
 ) -> Result<ControllerList, String> {
-    SERDE_ONLY.with(|only| only.set(true));
-    let parsed = parse_list_for_test(body, instance, id_pattern);
-    SERDE_ONLY.with(|only| only.set(false));
-    parsed
+    parse_list_by(body, instance, id_pattern, Reader::Serde).map_err(ParseProblem::for_test)
 }
 
-thread_local! {
-    /// Set only by [`parse_list_with_serde_for_test`], for its own call.
-    static SERDE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+impl ParseProblem {
+    fn for_test(self) -> String {
+        match self {
+            ParseProblem::Invalid(s) => s,
+            ParseProblem::WrongInstance(found) => format!("wrong instance {found:?}"),
+        }
+    }
+}
+
+/// What reads the document's entries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    /// The fast path, serde for what it does not recognise.
+    Fast,
+    /// Serde alone (tests).
+    Serde,
 }
 
 pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Result<ControllerList, ParseProblem> {
+    parse_list_by(body, instance, id_pattern, Reader::Fast)
+}
+
+fn parse_list_by(
+    body: &[u8],
+    instance: &str,
+    id_pattern: &Regex,
+    reader: Reader,
+) -> Result<ControllerList, ParseProblem> {
     // Sized from the number of objects (each entry is one), so the columns
     // are not reallocated, and held twice, while they fill; and no more than
     // the shortest entry, `{"session_id":""}`, allows in this body. Counting
@@ -430,10 +446,9 @@ pub(super) fn parse_list(body: &[u8], instance: &str, id_pattern: &Regex) -> Res
     // JSON is UTF-8: checked once for the whole body, so the parser reads each
     // string without checking it again (docs/performance.md, fifth run).
     let text = std::str::from_utf8(body).map_err(|e| ParseProblem::Invalid(format!("invalid JSON: not UTF-8: {e}")))?;
-    let fast = if SERDE_ONLY.with(std::cell::Cell::get) {
-        None
-    } else {
-        fast::scan(text, IdCheck::new(id_pattern), &mut sessions, &mut invalid)
+    let fast = match reader {
+        Reader::Fast => fast::scan(text, IdCheck::new(id_pattern), &mut sessions, &mut invalid),
+        Reader::Serde => None,
     };
     let wire = match fast {
         Some(wire) => wire,
