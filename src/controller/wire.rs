@@ -594,8 +594,9 @@ fn printable(s: &str) -> String {
 
 /// How listed ids are checked against `sessions.id_pattern`. The default
 /// pattern, which every entry of every list is checked against unless
-/// configured otherwise, is checked by hand: a tenth of the time the regex
-/// takes, the same answer for every string (a unit test compares them).
+/// configured otherwise, is checked by hand, with the same answer for every
+/// string (a unit test compares them): the regex took 50-60 ns an id, and by
+/// hand the whole parse of an entry fell from 360 to 325 ns.
 #[derive(Clone, Copy)]
 enum IdCheck<'p> {
     Default,
